@@ -1,0 +1,129 @@
+"""The quantized checkpoint: a self-describing folder, all that eval and convert need.
+
+    CKPT/
+      config.json, generation_config.json, tokenizer*   the HF model's own files
+      model.safetensors     every tensor that is not a quantized linear weight (embeddings, norms
+                            with any folded AWQ scales, biases, lm_head), HF names, original dtype
+      quant.safetensors     per quantized linear NAME (HF module name, e.g. model.layers.0.mlp.up_proj):
+                              NAME.codes   uint8 (N, K)      unpacked codes
+                              NAME.scales  fp16  (N, K//G)   d
+                              NAME.offsets fp16  (N, K//G)   m
+                              NAME.pidx    uint8 (N, K//G, P) protected in-group index, 255 = empty (optional)
+                              NAME.pval    fp16  (N, K//G, P) protected exact value (optional)
+      manifest.json         format, method, bits, group_size, slots, calibration, versions,
+                            quantized (list of NAME), per-layer errors, source model
+Written to a temp folder and renamed, so a failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .cache import atomic_path
+from .quantizer import QuantizedWeight
+
+FORMAT = "quant2gguf-ckpt"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+    return {"quant2gguf": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, QuantizedWeight], manifest: dict) -> Path:
+    """Save `model` (its quantized linears' weights are ignored) and `quantized` atomically."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; remove it or choose another -o")
+    with atomic_path(path, is_dir=True) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        skip = {f"{n}.weight" for n in quantized}
+        # tied weights share storage and safetensors refuses aliases: keep the first name
+        plain, seen = {}, set()
+        for k, v in model.state_dict().items():
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if k in skip or key in seen:
+                continue
+            seen.add(key)
+            plain[k] = v.detach().cpu().contiguous().clone()
+        save_file(plain, tmp / "model.safetensors")
+        qt = {}
+        for name, q in quantized.items():
+            qt[f"{name}.codes"] = q.codes.cpu().contiguous()
+            qt[f"{name}.scales"] = q.scales.cpu().contiguous()
+            qt[f"{name}.offsets"] = q.offsets.cpu().contiguous()
+            if q.pidx is not None:
+                qt[f"{name}.pidx"] = q.pidx.cpu().contiguous()
+                qt[f"{name}.pval"] = q.pval.cpu().contiguous()
+        save_file(qt, tmp / "quant.safetensors")
+        man = {"format": FORMAT, "version": VERSION, **manifest, "quantized": sorted(quantized),
+               "versions": versions()}
+        (tmp / MANIFEST).write_text(json.dumps(man, indent=1))
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        man = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a quant2gguf checkpoint (no {MANIFEST}); run `quant2gguf quantize` first")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / MANIFEST} is corrupt ({e}); re-run `quant2gguf quantize`")
+    if man.get("format") != FORMAT or man.get("version") != VERSION:
+        raise ValueError(f"{path}: unknown checkpoint format {man.get('format')} v{man.get('version')}")
+    return man
+
+
+def load_quantized(path: str | os.PathLike) -> tuple[dict, dict[str, QuantizedWeight]]:
+    """The manifest and every quantized linear. Raises ValueError naming a missing tensor."""
+    path = Path(path)
+    man = read_manifest(path)
+    t = load_file(path / "quant.safetensors")
+    out = {}
+    for name in man["quantized"]:
+        missing = [f"{name}.{s}" for s in ("codes", "scales", "offsets") if f"{name}.{s}" not in t]
+        if missing:
+            raise ValueError(f"{path}: checkpoint is missing {', '.join(missing)}; re-run `quant2gguf quantize`")
+        out[name] = QuantizedWeight(t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.offsets"],
+                                    man["bits"], man["group_size"], t.get(f"{name}.pidx"), t.get(f"{name}.pval"))
+    return man, out
+
+
+def load_model(path: str | os.PathLike, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer, manifest, quantized) with every quantized linear set to its deployed
+    dequantized weight, so plain PyTorch evaluates exactly what llama.cpp will run."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    man, quantized = load_quantized(path)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sd = load_file(path / "model.safetensors")
+    for name, q in quantized.items():
+        sd[f"{name}.weight"] = q.dequantize().to(dtype)
+    res = model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    tied = {k for k in res.missing_keys if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    missing = sorted(set(res.missing_keys) - tied)
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensors {missing[:5]}; re-run `quant2gguf quantize`")
+    model = model.to(device=device, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok, man, quantized
