@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models of every supported architecture, built from configs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def tiny_config(arch: str, hidden: int = 128, layers: int = 2):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=hidden // 4, **common)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str, path, hidden: int = 128, layers: int = 2, seed: int = 0):
+    """Save a tiny random model (with a byte-level tokenizer trained on nothing) to `path`."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, hidden, layers))
+    with torch.no_grad():  # random init gives near-identical logits; spread the weights a bit
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_tokenizer():
+    """A 512-token byte-level BPE tokenizer built offline (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The quick brown fox jumps over the lazy dog. 12 + 30 = 42."] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model_dir(request, tmp_path_factory):
+    """A saved tiny random model folder, one per supported architecture."""
+    return make_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
