@@ -82,8 +82,10 @@ def extract_source(dest: Path) -> Path:
     with tarfile.open(sdist) as tf:
         members = []
         for m in tf.getmembers():
-            if m.name.startswith(prefix) and len(m.name) > len(prefix):
-                m.name = m.name[len(prefix):]
+            rel = m.name[len(prefix):]
+            # skip the submodule's `.git` link: it points outside the tree and breaks `git apply`
+            if m.name.startswith(prefix) and rel and rel.split("/")[0] != ".git":
+                m.name = rel
                 members.append(m)
         if not members:
             raise RuntimeError(f"{sdist.name} has no {prefix}: wrong pin in pin.json?")
