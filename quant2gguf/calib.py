@@ -1,0 +1,167 @@
+"""The one layer-by-layer calibration driver, for every architecture in arch.py.
+
+It captures decoder-layer-0 inputs with a forward pre-hook, then walks the layers keeping two
+streams side by side: X (inputs from the full-precision model) and X_hat (inputs when the layers
+before are already quantized). For each layer it computes the FP target Y = F(X), hands a
+LayerContext to the method, writes the method's dequantized weights into the layer and advances
+X_hat through the quantized layer. Activations stay on the compute device unless `offload`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import Arch, decoder_layers, get_module
+from .quantizer import QuantizedWeight, check_weight
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 3
+    group_size: int = 128
+    slots: int = 0  # protected fp16 slots per group (0 = base type)
+
+
+@dataclass
+class LayerContext:
+    index: int
+    layer: nn.Module
+    next_layer: nn.Module | None  # frozen FP layer l+1 (lookahead), on the store device
+    arch: Arch
+    cfg: QuantConfig
+    fp_in: list[torch.Tensor]  # X per batch
+    q_in: list[torch.Tensor]  # X_hat per batch
+    fp_out: list[torch.Tensor]  # Y = F(X), computed before any weight changed
+    kwargs: dict  # other decoder-layer arguments (rotary embeddings, mask)
+    device: torch.device
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    def linear(self, name: str) -> nn.Linear:
+        return get_module(self.layer, name)
+
+    def forward(self, inputs: list[torch.Tensor], layer: nn.Module | None = None,
+                hooks: dict[str, Callable[[torch.Tensor], None]] | None = None, keep: bool = True):
+        """Run `layer` (default: this one) on each batch; hooks[name](x) sees each named linear's input."""
+        return run_layer(layer or self.layer, inputs, self.kwargs, self.device, hooks, keep)
+
+    def set_quantized(self, name: str, q: QuantizedWeight) -> None:
+        """Record the result and make the layer compute with exactly the deployed weights."""
+        lin = self.linear(name)
+        lin.weight.data.copy_(q.dequantize().to(lin.weight.device, lin.weight.dtype))
+        self.quantized[name] = q
+
+
+def _unwrap(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device: torch.device,
+              hooks: dict[str, Callable[[torch.Tensor], None]] | None = None, keep: bool = True):
+    handles = []
+    for name, fn in (hooks or {}).items():
+        handles.append(get_module(layer, name).register_forward_hook(
+            lambda _m, args, _out, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))))
+    try:
+        outs = []
+        for x in inputs:
+            y = _unwrap(layer(x.to(device), **kwargs))
+            if keep:
+                outs.append(y.to(x.device))
+        return outs if keep else None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture_inputs(model, arch: Arch, batches: torch.Tensor, batch_size: int, device: torch.device,
+                   store: torch.device) -> tuple[list[torch.Tensor], dict]:
+    """Decoder-layer-0 inputs per batch and its other arguments, without running later layers."""
+    layers = decoder_layers(model, arch)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    inputs, kwargs = [], {}
+
+    def grab(_m, args, kw):
+        inputs.append((args[0] if args else kw["hidden_states"]).to(store))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+
+    h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    parent, attr = arch.layers.rsplit(".", 1)
+    holder = get_module(model, parent)
+    setattr(holder, attr, nn.ModuleList([layers[0]]))  # run embeddings + layer 0 only
+    try:
+        for b in batches.split(batch_size):
+            base(input_ids=b.to(device), use_cache=False)
+    finally:
+        setattr(holder, attr, layers)
+        h.remove()
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def check_model(model, arch: Arch, group_size: int) -> None:
+    """Every linear must be quantizable at this group size with finite weights (errors name it)."""
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        for name in arch.linears:
+            check_weight(f"{arch.layers}.{i}.{name}", get_module(layer, name).weight.data, group_size)
+
+
+Method = Callable[[LayerContext], dict[str, QuantizedWeight]]
+
+
+@torch.no_grad()
+def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(((x.float() - y.float()) ** 2).sum().item() for x, y in zip(a, b))
+    den = sum((y.float() ** 2).sum().item() for y in b)
+    return num / max(den, 1e-30)
+
+
+def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cfg: QuantConfig,
+                    device: str | torch.device = "cpu", batch_size: int = 4, offload: bool = False,
+                    progress: Callable | None = None) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+    """Quantize every decoder layer in turn. Returns (full-name -> QuantizedWeight, per-layer stats).
+
+    The model is modified in place: its linears end up holding the deployed dequantized weights
+    (and any folded scales the method applied to norms). `offload` keeps layers and activations
+    on CPU between uses, for GPUs too small for the model.
+    """
+    device = torch.device(device)
+    store = torch.device("cpu") if offload else device
+    model.eval()
+    check_model(model, arch, cfg.group_size)
+    layers = decoder_layers(model, arch)
+    if offload:  # only the small non-layer modules (embeddings, rotary, norm) live on the device
+        for child in get_module(model, arch.layers.rsplit(".", 1)[0]).children():
+            if child is not layers:
+                child.to(device)
+    else:
+        model.to(device)
+    layers[0].to(device)
+    fp, kwargs = capture_inputs(model, arch, batches, batch_size, device, store)
+    q = fp  # embeddings are not quantized: X_hat_0 = X_0
+    quantized, stats = {}, []
+    n = len(layers)
+    for i in range(n):
+        layer = layers[i].to(device)
+        fp_out = run_layer(layer, fp, kwargs, device)
+        ctx = LayerContext(i, layer, layers[i + 1] if i + 1 < n else None, arch, cfg, fp, q, fp_out, kwargs, device)
+        result = method(ctx)
+        for name, qw in result.items():
+            if name not in ctx.quantized:
+                ctx.set_quantized(name, qw)
+        q_out = run_layer(layer, q, kwargs, device)
+        st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out)}
+        for name, qw in ctx.quantized.items():
+            quantized[f"{arch.layers}.{i}.{name}"] = qw.to("cpu")
+        stats.append(st)
+        if offload:
+            layers[i].to("cpu")
+        fp, q = fp_out, q_out
+        if progress:
+            progress(i, st)
+    return quantized, stats

@@ -1,0 +1,96 @@
+"""GPTQ baseline (Frantar et al. 2022, arXiv 2210.17323).
+
+Per linear: H = 2 X^T X / n from the quantized-stream inputs, damped by `damp * mean(diag H)`;
+columns are quantized left to right in blocks of 128 through the upper Cholesky factor of H^-1,
+each column's error spread onto the columns not yet quantized. Group parameters are fitted when a
+group starts (on the error-updated weights), or all up front with `static_groups`; act-order
+(columns by decreasing diag H) forces static groups so every group stays G consecutive columns.
+Linears are quantized group by group (arch.py), later groups seeing the earlier ones quantized.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..calib import LayerContext
+from ..quantizer import QuantizedWeight, codes_for, fit_params, search_clip
+
+
+class Hessian:
+    """Accumulates 2 X^T X / n over calibration tokens (a forward-hook callback)."""
+
+    def __init__(self, k: int, device):
+        self.h = torch.zeros(k, k, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def __call__(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.h.addmm_(x.t(), x, alpha=2.0)
+        self.n += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.h / max(self.n, 1)
+
+
+def _group_params(w, h_diag, bits, group_size, clip):
+    ratio = search_clip(w, bits, group_size, x=h_diag) if clip else 1.0
+    return fit_params(w, bits, group_size, ratio)
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, blocksize: int = 128,
+                  damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  clip: bool = False) -> QuantizedWeight:
+    n, k = w.shape
+    W = w.float().clone()
+    H = h.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = static_groups or act_order
+    ng = k // group_size
+    d = torch.zeros(n, ng, dtype=torch.float16, device=w.device)
+    m = torch.zeros_like(d)
+    if static:
+        d, m = _group_params(W, torch.diag(H), bits, group_size, clip)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=w.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group_size
+            if not static and col % group_size == 0:  # group starts: fit on the updated weights
+                sl = slice(i, i + group_size)
+                dg, mg = _group_params(W1[:, sl], torch.diag(H)[i1 + i:i1 + i + group_size], bits, group_size, clip)
+                d[:, g], m[:, g] = dg[:, 0], mg[:, 0]
+            wc = W1[:, i]
+            q = codes_for(wc, d[:, g], m[:, g], bits)
+            deq = d[:, g].float() * q + m[:, g].float()
+            codes[:, col] = q.to(torch.uint8)
+            err = (wc - deq) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return QuantizedWeight(codes, d, m, bits, group_size)
+
+
+def quantize_layer(ctx: LayerContext, act_order: bool = False, damp: float = 0.01, clip: bool = True,
+                   static_groups: bool = False) -> dict[str, QuantizedWeight]:
+    c = ctx.cfg
+    if c.group_size > 128 and not (act_order or static_groups):
+        raise ValueError("GPTQ fits groups within a 128-column block: use group size <= 128 or --act-order")
+    for group in ctx.arch.groups:
+        hs = {name: Hessian(ctx.linear(name).in_features, ctx.device) for name in group.linears}
+        ctx.forward(ctx.q_in, hooks=hs, keep=False)
+        for name in group.linears:
+            q = gptq_quantize(ctx.linear(name).weight.data, hs[name].value(), c.bits, c.group_size,
+                              damp=damp, act_order=act_order, static_groups=static_groups, clip=clip)
+            ctx.set_quantized(name, q)
+        del hs
+    return dict(ctx.quantized)

@@ -1,0 +1,70 @@
+"""Properties of the one reference quantizer, on fresh random weights each run."""
+import pytest
+import torch
+
+from quant2gguf import quantizer as Q
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_error_bound_and_fp16_params(bits, group):
+    w = torch.randn(16, 256) * torch.rand(16, 1) * 3
+    q = Q.quantize(w, bits, group)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1
+    assert q.scales.dtype == torch.float16 and q.offsets.dtype == torch.float16
+    deq = q.dequantize()
+    # min-max RTN: error at most half a step, plus the fp16 rounding of d and m spread over the range
+    d = Q.expand(q.scales.float(), group)
+    slack = (2**bits - 1) * d * 2**-10 + Q.expand(q.offsets.float().abs(), group) * 2**-10
+    assert ((deq - w).abs() <= d / 2 + slack + 1e-6).all()
+    # dequant is exactly fp32(d)*q + fp32(m), computed the way the kernels do it
+    g = q.codes.float().reshape(16, -1, group)
+    manual = (q.scales.float().unsqueeze(-1) * g + q.offsets.float().unsqueeze(-1)).reshape(16, 256)
+    assert torch.equal(deq, manual)
+
+
+def test_codes_round_half_even_and_clamp():
+    d = torch.tensor([1.0], dtype=torch.float16)
+    m = torch.tensor([0.0], dtype=torch.float16)
+    w = torch.tensor([0.5, 1.5, 2.5, -3.0, 99.0])
+    assert Q.codes_for(w, d, m, 3).tolist() == [0.0, 2.0, 2.0, 0.0, 7.0]
+
+
+def test_constant_group_is_exact():
+    w = torch.full((4, 64), 0.25)
+    q = Q.quantize(w, 3, 64)
+    assert torch.equal(q.dequantize(), w) and int(q.codes.max()) == 0
+
+
+def test_protected_positions_exact_and_range_excludes_them():
+    w = torch.randn(8, 128) * 0.02
+    protect = torch.zeros_like(w, dtype=torch.bool)
+    protect[:, 5] = True
+    protect[:, 70] = True
+    w[:, 5] = 40.0  # an outlier that would wreck the range
+    q = Q.quantize(w, 3, 64, protect=protect, slots=2)
+    deq = q.dequantize()
+    assert torch.equal(deq[:, 5], w[:, 5].half().float()) and torch.equal(deq[:, 70], w[:, 70].half().float())
+    assert (q.pidx[:, 0, 0] == 5).all() and (q.pidx[:, 0, 1] == Q.EMPTY).all() and (q.pidx[:, 1, 0] == 6).all()
+    assert (deq - w)[~protect].abs().max() < 0.02  # the outlier did not set the step
+    with pytest.raises(ValueError, match="more than 2"):
+        bad = torch.zeros_like(protect)
+        bad[0, :3] = True
+        Q.quantize(w, 3, 64, protect=bad, slots=2)
+
+
+def test_clip_search_never_worse_than_minmax():
+    w = torch.randn(32, 256)
+    w[0, 0] = 8.0
+    plain = (Q.quantize(w, 3, 128).dequantize() - w).pow(2).sum()
+    clipped = (Q.quantize(w, 3, 128, clip=Q.search_clip(w, 3, 128)).dequantize() - w).pow(2).sum()
+    assert clipped <= plain
+
+
+def test_check_weight_messages():
+    with pytest.raises(ValueError, match=r"blk\.w: input dim 576 is not divisible by group size 128 \(use --group-size 32 or 64\)"):
+        Q.check_weight("blk.w", torch.zeros(4, 576), 128)
+    w = torch.zeros(4, 128)
+    w[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        Q.check_weight("blk.w", w, 64)
