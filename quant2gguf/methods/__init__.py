@@ -1,4 +1,4 @@
 """One file per method; each exposes quantize_layer(ctx, **options) -> {linear name: QuantizedWeight}."""
-from . import gptq, rtn
+from . import awq, gptq, rtn
 
-METHODS = {"rtn": rtn.quantize_layer, "gptq": gptq.quantize_layer}
+METHODS = {"rtn": rtn.quantize_layer, "gptq": gptq.quantize_layer, "awq": awq.quantize_layer}
