@@ -1,0 +1,137 @@
+"""Packed 3-bit matmul (kernels/qmatmul.py, kernels/qlinear.py) against float64 references.
+
+CPU: Triton under TRITON_INTERPRET=1 (set before triton is imported); GPU: real kernels.
+Fresh random inputs every run; outputs are poisoned with NaN before the kernels write them."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from quant2gguf import quantizer as Q  # noqa: E402
+from quant2gguf.kernels import qmatmul as QM  # noqa: E402
+from quant2gguf.kernels.qlinear import QuantLinear, swap_linears  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rand_qw(n, k, g, bits=3, slots=2, p=0.03):
+    w = torch.randn(n, k, device=DEV) * 0.05
+    protect = None
+    if slots:
+        protect = torch.rand(n, k, device=DEV) < p
+        cnt = protect.view(n, k // g, g).cumsum(-1)
+        protect &= (cnt <= slots).view(n, k)  # at most `slots` per group
+    return Q.quantize(w, bits, g, protect=protect, slots=slots)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_pack_roundtrip(g):
+    qw = rand_qw(9, 4 * g, g, slots=3, p=0.05)
+    pw = QM.pack(qw)
+    assert pw.lo.dtype == torch.int32 and pw.hi.dtype == torch.int16 and pw.lo.shape == (9, 4 * g // 16)
+    back = QM.unpack(pw)
+    assert torch.equal(back.codes, qw.codes)
+    assert torch.equal(back.pidx, qw.pidx) and torch.equal(back.pval, qw.pval)
+    assert torch.equal(QM.dequantize_packed(pw), qw.dequantize())
+    codes = torch.randint(0, 8, (3, 64), dtype=torch.uint8, device=DEV)
+    assert torch.equal(QM.unpack_codes(*QM.pack_codes(codes)), codes)
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+# (n, k, g, M, dtype, path, config): shapes with row and K tails relative to the tiles
+CASES = [
+    (40, 384, 128, 1, torch.float16, "gemv", {"BN": 16, "BK": 256, "num_warps": 4}),
+    (37, 320, 64, 1, torch.bfloat16, "gemv", {"BN": 8, "BK": 128, "num_warps": 4}),
+    (24, 96, 32, 3, torch.float32, "gemv", {"BN": 4, "BK": 64, "num_warps": 2}),
+    (33, 256, 128, 8, torch.float16, "gemv", {"BN": 8, "BK": 128, "num_warps": 4}),
+    (48, 192, 64, 5, torch.bfloat16, "gemv", {"BN": 16, "BK": 64, "num_warps": 4}),
+    (40, 384, 128, 37, torch.float16, "gemm", {"BM": 16, "BN": 32, "BK": 64, "num_warps": 4}),
+    (70, 192, 64, 20, torch.bfloat16, "gemm", {"BM": 16, "BN": 64, "BK": 32, "num_warps": 4}),
+    (24, 96, 32, 17, torch.float32, "gemm", {"BM": 32, "BN": 16, "BK": 32, "num_warps": 4}),
+]
+
+
+@pytest.mark.parametrize("n,k,g,M,dtype,path,config", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_qmatmul_matches_float64(n, k, g, M, dtype, path, config, bias):
+    qw = rand_qw(n, k, g, slots=0 if bias else 2)
+    pw = QM.pack(qw)
+    x = torch.randn(M, k, device=DEV).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype) if bias else None
+    ref = x.double() @ qw.dequantize().double().T + (b.double() if bias else 0)
+    out = torch.full((M, n), float("nan"), dtype=dtype, device=DEV)
+    y = QM.qmatmul(x, pw, b, config=config, force=path, out=out)
+    assert y.shape == (M, n) and y.dtype == dtype
+    if pw.prot_rows is None:  # with protected slots the corrected result is a new tensor
+        assert torch.isfinite(out).all(), "kernel left poisoned outputs"
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
+
+
+def test_qmatmul_poison_every_element_written():
+    for path, cfg, M in (("gemv", {"BN": 8, "BK": 128, "num_warps": 4}, 3),
+                         ("gemm", {"BM": 16, "BN": 32, "BK": 64, "num_warps": 4}, 19)):
+        qw = rand_qw(45, 256, 64, slots=0)
+        x = torch.randn(M, 256, device=DEV).half()
+        out = torch.full((M, 45), float("nan"), dtype=torch.float16, device=DEV)
+        QM.qmatmul(x, QM.pack(qw), config=cfg, force=path, out=out)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, x.double() @ qw.dequantize().double().T) < TOL[torch.float16]
+
+
+def test_default_dispatch_and_batch_dims():
+    """No config: the default (autotuned on GPU) path, a 3-D input, and M > 8 splits to GEMM."""
+    qw = rand_qw(64, 256, 128, slots=1)
+    pw = QM.pack(qw)
+    wd = qw.dequantize().double()
+    for shape in ((1, 1, 256), (2, 3, 256), (2, 9, 256)):
+        x = torch.randn(*shape, device=DEV).half()
+        y = QM.qmatmul(x, pw)
+        assert y.shape == (*shape[:-1], 64)
+        assert rel_err(y, x.double() @ wd.T) < TOL[torch.float16]
+
+
+def test_quantlinear_module():
+    qw = rand_qw(32, 128, 64, slots=2)
+    bias = torch.randn(32, device=DEV)
+    ql = QuantLinear.from_quantized(qw, bias)
+    ql = ql.half()  # must not round the packed scales / deltas
+    assert torch.equal(ql.packed.scales, qw.scales) and ql.packed.prot_delta.dtype == torch.float32
+    x = torch.randn(4, 128, device=DEV).half()
+    ref = x.double() @ qw.dequantize().double().T + bias.half().double()
+    assert rel_err(ql(x), ref) < TOL[torch.float16]
+    assert torch.equal(ql.weight, qw.dequantize())
+
+
+def test_swap_linears_tiny_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_model
+    path = make_tiny_model("qwen2", tmp_path / "m", hidden=64, layers=2, seed=int(torch.randint(0, 2**31, (1,))))
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(DEV).eval()
+    quantized = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            w = mod.weight.detach()
+            protect = torch.rand_like(w) < 0.01
+            protect &= (protect.view(w.shape[0], -1, 32).cumsum(-1) <= 1).view(w.shape)
+            quantized[name] = Q.quantize(w, 3, 32, protect=protect, slots=1)
+    with torch.no_grad():  # the dequantized model: same weights in dense linears
+        for name, qw in quantized.items():
+            model.get_submodule(name).weight.copy_(qw.dequantize())
+        ids = torch.randint(0, 512, (1, 12), device=DEV)
+        ref = model(ids).logits.double()  # 12 tokens: GEMM path
+        ref1 = model(ids[:, :5]).logits.double()  # 5 tokens: GEMV path
+        swap_linears(model, quantized)
+        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(quantized)
+        got = model(ids).logits.double()
+        got1 = model(ids[:, :5]).logits.double()
+    assert rel_err(got, ref) < 1e-4 and rel_err(got1, ref1) < 1e-4, (rel_err(got, ref), rel_err(got1, ref1))
