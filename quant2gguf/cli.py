@@ -41,13 +41,17 @@ def quantize(
     seqlen: int = typer.Option(512),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal"),
-    clip: bool = typer.Option(True, help="RTN: search a per-group clip ratio"),
+    clip: bool = typer.Option(True, help="search a per-group clip ratio"),
+    slots: Optional[int] = typer.Option(None, help="protected fp16 weights per group: 0 or 2 (default: 2 for quantlrm)"),
+    base: Optional[str] = typer.Option(None, help="QuantLRM: the model before reasoning fine-tuning (else a pseudo-fine-tune)"),
+    ft_steps: int = typer.Option(16, help="QuantLRM pseudo-fine-tune steps"),
     seed: int = typer.Option(0),
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
     from .pipeline import quantize_model
     _guard(quantize_model, model, out, method=method, bits=bits, group_size=group_size, calib=calib,
-           nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed)
+           nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
+           slots=slots, base=base, ft_steps=ft_steps)
     typer.echo(str(out))
 
 

@@ -12,6 +12,7 @@ from . import checkpoint
 from .arch import get_arch
 from .calib import QuantConfig, quantize_layers
 from .methods import METHODS
+from .methods.quantlrm import importances, pseudo_finetune
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -50,9 +51,13 @@ def _progress_bar(total: int, label: str):
 def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bits: int = 3,
                    group_size: int = 128, calib: str = "news", nsamples: int = 32, seqlen: int = 512,
                    device: str = "auto", seed: int = 0, batch_size: int = 4, offload: bool = False,
-                   **options) -> Path:
+                   slots: int | None = None, base: str | None = None, ft_steps: int = 16,
+                   ft_calib: str = "gsm", **options) -> Path:
     """Quantize a model's decoder linears with `method` and save a checkpoint at `out`.
-    Options go to the method (rtn: clip; gptq: act_order, clip, damp, static_groups)."""
+    Options go to the method (rtn: clip; gptq: act_order, clip, damp, static_groups; awq: clip).
+    `slots` protected fp16 weights per group (default 2 for quantlrm, else 0). QuantLRM takes its
+    weight updates from `base` (the pre-fine-tuning model) or a `ft_steps` pseudo-fine-tune on
+    `ft_calib` reasoning text."""
     from .data import token_batches
 
     out = Path(out)
@@ -70,13 +75,22 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     batches = token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed)
     fn = METHODS[method]
     opts = {k: v for k, v in options.items() if k in fn.__code__.co_varnames}
-    cfg = QuantConfig(bits=bits, group_size=group_size)
+    slots = (2 if method == "quantlrm" else 0) if slots is None else slots
+    if slots not in (0, 2):
+        raise ValueError(f"--slots {slots}: the GGUF types hold 0 or 2 protected weights per group")
+    cfg = QuantConfig(bits=bits, group_size=group_size, slots=slots)
+    extra = {}
+    if method == "quantlrm":
+        deltas = weight_updates(mdl, tok, base, ft_calib, ft_steps, seqlen, seed, dev)
+        opts["importance"] = importances(deltas)
+        extra["importance_source"] = f"base {base}" if base else f"pseudo-finetune {ft_steps} steps on {ft_calib} calib split"
     prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{method} W{bits}G{group_size}")
     with prog:
         quantized, stats = quantize_layers(mdl, arch, batches, functools.partial(fn, **opts), cfg, dev,
                                            batch_size=batch_size, offload=offload, progress=update)
     manifest = {
-        "method": method, "bits": bits, "group_size": group_size, "slots": cfg.slots, "options": opts,
+        "method": method, "bits": bits, "group_size": group_size, "slots": cfg.slots, **extra,
+        "options": {k: v for k, v in opts.items() if k != "importance"},
         "arch": arch.name, "source_model": str(model),
         "calibration": {"source": calib, "split": "calib", "nsamples": int(batches.shape[0]),
                         "seqlen": int(batches.shape[1]), "seed": seed},
@@ -84,6 +98,18 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     }
     mdl.to("cpu")
     return checkpoint.save(out, mdl, tok, quantized, manifest)
+
+
+def weight_updates(model, tok, base, ft_calib, steps, seqlen, seed, device) -> dict:
+    """|W - W_base| per decoder linear: from a base checkpoint, or a short pseudo-fine-tune."""
+    from .data import token_batches
+    if base:
+        ref, _, _ = load_hf(base)
+        names = [n for n, m in model.named_modules() if n in dict(ref.named_modules()) and hasattr(m, "in_features")]
+        return {n: (model.get_submodule(n).weight.detach() - ref.get_submodule(n).weight.detach()).abs()
+                for n in names if ".layers." in n}
+    batches = token_batches(tok, ft_calib, "calib", max(4 * steps, 4), seqlen, seed=seed + 1)
+    return pseudo_finetune(model, batches, steps=steps, device=device)
 
 
 def quickstart(model: str = "smollm2", workdir: str | Path = "out/quickstart", method: str = "gptq",
