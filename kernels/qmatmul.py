@@ -16,7 +16,7 @@ so 16 codes take 6 bytes (3 bits each) plus 4 bytes of d, m per group: 3.25 bpw 
 GEMV (batch M <= 8): a program owns BN rows and all M batch rows and walks K in BK chunks. It
 loads the (BN, BK/16) lo/hi words once and, for each in-word position j (static unroll), builds
 f = 1 + q/8 straight into fp32 bits ((q << 20) | 0x3F800000: shifts and masks, no int->float
-convert), so per group  sum_k w_k x_k = 8d * sum f_k x_k + (m - 8d) * sum x_k.
+convert), so per word of 16 codes (one group's d, m)  sum_k w_k x_k = 8d * sum f_k x_k + (m - 8d) * sum x_k.
 GEMM (M > 8): tiles (BM, BN, BK), the weight tile is dequantized exactly in fp32 (d*q + m), cast
 to the activation dtype and fed to tl.dot with fp32 accumulation.
 Both add the bias in-kernel; the protected correction is a sparse index_add after the kernel.
@@ -59,16 +59,18 @@ class PackedWeight:
     prot_rows: torch.Tensor | None = None  # int32 (nnz,)
     prot_cols: torch.Tensor | None = None  # int32 (nnz,)
     prot_delta: torch.Tensor | None = None  # fp32 (nnz,)
+    prot_val: torch.Tensor | None = None  # fp16 (nnz,): the protected weight itself (dense path)
 
     def to(self, device) -> "PackedWeight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedWeight(mv(self.lo), mv(self.hi), mv(self.scales), mv(self.offsets), self.bits,
                             self.group_size, self.shape, self.slots, mv(self.prot_rows),
-                            mv(self.prot_cols), mv(self.prot_delta))
+                            mv(self.prot_cols), mv(self.prot_delta), mv(self.prot_val))
 
     @property
     def nbytes(self) -> int:
-        ts = [self.lo, self.hi, self.scales, self.offsets, self.prot_rows, self.prot_cols, self.prot_delta]
+        ts = [self.lo, self.hi, self.scales, self.offsets, self.prot_rows, self.prot_cols, self.prot_delta,
+              self.prot_val]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -106,18 +108,20 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
         raise ValueError(f"group size must be a power of two >= 16, got {g}")
     n, k = qw.shape
     lo, hi = pack_codes(qw.codes)
-    rows = cols = delta = None
+    rows = cols = delta = val = None
     if qw.pidx is not None and qw.pidx.numel():
         used = qw.pidx != EMPTY
         base = torch.arange(k // g, device=qw.codes.device).view(1, -1, 1) * g
         c = (base + qw.pidx.long()).masked_select(used)
         r = torch.arange(n, device=qw.codes.device).view(-1, 1, 1).expand_as(qw.pidx).masked_select(used)
         deq = dequantize(qw.codes, qw.scales, qw.offsets, g)  # without protection
-        delta = qw.pval.float().masked_select(used) - deq[r, c]
+        val = qw.pval.masked_select(used)
+        delta = val.float() - deq[r, c]
         order = torch.argsort(r * k + c)  # row-major order: deterministic, cache friendly
-        rows, cols, delta = r[order].to(torch.int32), c[order].to(torch.int32), delta[order].contiguous()
+        rows, cols = r[order].to(torch.int32), c[order].to(torch.int32)
+        delta, val = delta[order].contiguous(), val[order].to(torch.float16).contiguous()
     return PackedWeight(lo, hi, qw.scales.to(torch.float16).contiguous(), qw.offsets.to(torch.float16).contiguous(),
-                        qw.bits, g, (n, k), qw.slots, rows, cols, delta)
+                        qw.bits, g, (n, k), qw.slots, rows, cols, delta, val)
 
 
 def unpack(pw: PackedWeight) -> QuantizedWeight:
@@ -133,7 +137,7 @@ def unpack(pw: PackedWeight) -> QuantizedWeight:
         if pw.prot_rows is not None and pw.prot_rows.numel():
             r, c = pw.prot_rows.long(), pw.prot_cols.long()
             deq = dequantize(codes, pw.scales, pw.offsets, g)
-            val = (pw.prot_delta + deq[r, c]).to(torch.float16)
+            val = pw.prot_val
             grp = r * (k // g) + c // g
             # slot number = rank of this entry within its group (entries are sorted row-major)
             first = torch.ones_like(grp, dtype=torch.bool)
@@ -151,7 +155,7 @@ def dequantize_packed(pw: PackedWeight) -> torch.Tensor:
     w = dequantize(unpack_codes(pw.lo, pw.hi), pw.scales, pw.offsets, pw.group_size)
     if pw.prot_rows is not None and pw.prot_rows.numel():
         r, c = pw.prot_rows.long(), pw.prot_cols.long()
-        w[r, c] = (pw.prot_delta + w[r, c]).to(torch.float16).float()
+        w[r, c] = pw.prot_val.float()
     return w
 
 
@@ -163,7 +167,6 @@ if HAS_TRITON:
                      BN: tl.constexpr, BK: tl.constexpr):
         WPG: tl.constexpr = G // 16  # words per group
         BW: tl.constexpr = BK // 16  # words per chunk
-        NGB: tl.constexpr = BK // G  # groups per chunk
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         rmask = rows < N
         bat = tl.arange(0, MB)
@@ -193,15 +196,12 @@ if HAS_TRITON:
                 f = bits.to(tl.float32, bitcast=True)
                 sfx += f[None, :, :] * xj[:, None, :]
                 sx += xj
-            sfx_g = tl.sum(tl.reshape(sfx, (MB, BN, NGB, WPG)), axis=3)
-            sx_g = tl.sum(tl.reshape(sx, (MB, NGB, WPG)), axis=2)
-            gidx = k0 // G + tl.arange(0, NGB)
-            gofs = rows[:, None] * NG + gidx[None, :]
-            gmask = rmask[:, None] & (gidx < NG)[None, :]
-            d = tl.load(d_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + gofs, mask=gmask, other=0.0).to(tl.float32)
+            # group params per word (WPG consecutive words share them: cached loads, no reshape)
+            gofs = rows[:, None] * NG + (widx // WPG)[None, :]
+            d = tl.load(d_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
             d8 = 8.0 * d
-            acc += tl.sum(d8[None, :, :] * sfx_g + (m - d8)[None, :, :] * sx_g[:, None, :], axis=2)
+            acc += tl.sum(d8[None, :, :] * sfx + (m - d8)[None, :, :] * sx[:, None, :], axis=2)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
         yofs = bat[:, None] * stride_ym + rows[None, :]
@@ -252,6 +252,20 @@ if HAS_TRITON:
         yofs = rm[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptr + yofs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
+    @triton.jit
+    def _dequant_kernel(lo_ptr, hi_ptr, d_ptr, m_ptr, w_ptr, n_words, G: tl.constexpr, BLOCK: tl.constexpr):
+        WPG: tl.constexpr = G // 16
+        wi = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        msk = wi < n_words
+        lo = tl.load(lo_ptr + wi, mask=msk, other=0)
+        hi = tl.load(hi_ptr + wi, mask=msk, other=0).to(tl.int32)
+        j = tl.arange(0, 16)
+        q = ((lo[:, None] >> (2 * j)[None, :]) & 3) | (((hi[:, None] >> j[None, :]) & 1) << 2)
+        d = tl.load(d_ptr + wi // WPG, mask=msk, other=0.0).to(tl.float32)  # row-major groups: word // WPG
+        m = tl.load(m_ptr + wi // WPG, mask=msk, other=0.0).to(tl.float32)
+        w = d[:, None] * q.to(tl.float32) + m[:, None]
+        tl.store(w_ptr + wi[:, None] * 16 + j[None, :], w.to(w_ptr.dtype.element_ty), mask=msk[:, None])
+
     _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
                      for bn, bk, w, s in [(4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1),
                                           (16, 1024, 8, 1), (2, 2048, 4, 1), (8, 512, 4, 3), (4, 512, 2, 1)]]
@@ -277,12 +291,34 @@ def gemv_max_batch() -> int:
     return 8
 
 
+DENSE_MIN_ROWS = 256  # from this many rows on, dequantize to a dense tile and use cuBLAS
+
+
+def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """(N, K) dense weight in `dtype` = fp32 dequantization cast once (Triton kernel where it runs)."""
+    n, k = pw.shape
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=pw.lo.device)
+    if use_triton(pw.lo):
+        nw = n * k // 16
+        blk = 128
+        _dequant_kernel[(triton.cdiv(nw, blk),)](pw.lo, pw.hi, pw.scales, pw.offsets, out, nw,
+                                                 G=pw.group_size, BLOCK=blk, num_warps=4)
+    else:
+        out.copy_(dequantize(unpack_codes(pw.lo, pw.hi), pw.scales, pw.offsets, pw.group_size))
+    if pw.prot_rows is not None and pw.prot_rows.numel():
+        out[pw.prot_rows.long(), pw.prot_cols.long()] = pw.prot_val.to(out.dtype)
+    return out
+
+
 def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             config: dict | None = None, force: str | None = None, out: torch.Tensor | None = None
             ) -> torch.Tensor:
     """y = x @ dequant(pw).T (+ bias), x (..., K) fp16/bf16/fp32 -> (..., N) in x.dtype.
 
-    GEMV kernel for <= 8 rows, GEMM kernel above (`force` = "gemv" | "gemm" overrides). `config`
+    GEMV kernel for <= 8 rows, fused GEMM kernel below DENSE_MIN_ROWS, and from there a dequantize
+    kernel + cuBLAS ("dense"); `force` = "gemv" | "gemm" | "dense" overrides. `config`
     pins the tile meta-parameters (BN, BK[, BM, GROUP_M], num_warps) instead of autotuning;
     `out` (M, N) in x.dtype receives the kernel's result (tests poison it)."""
     n, k = pw.shape
@@ -299,7 +335,13 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     has_bias = bias is not None
     b = bias if has_bias else pw.scales
     g = pw.group_size
-    path = force or ("gemv" if mrows <= gemv_max_batch() else "gemm")
+    path = force or ("gemv" if mrows <= gemv_max_batch() else "gemm" if mrows < DENSE_MIN_ROWS else "dense")
+    if path == "dense":
+        w = dequantize_dense(pw, x.dtype)
+        torch.matmul(x2, w.T, out=y)
+        if bias is not None:
+            y += bias
+        return y.reshape(*lead, n)
     tune = config is None and not interpreting()
     if path == "gemv":
         for m0 in range(0, mrows, 8):

@@ -56,6 +56,8 @@ CASES = [
     (40, 384, 128, 37, torch.float16, "gemm", {"BM": 16, "BN": 32, "BK": 64, "num_warps": 4}),
     (70, 192, 64, 20, torch.bfloat16, "gemm", {"BM": 16, "BN": 64, "BK": 32, "num_warps": 4}),
     (24, 96, 32, 17, torch.float32, "gemm", {"BM": 32, "BN": 16, "BK": 32, "num_warps": 4}),
+    (40, 384, 128, 300, torch.float16, "dense", None),
+    (37, 192, 64, 260, torch.bfloat16, "dense", None),
 ]
 
 
@@ -76,6 +78,16 @@ def test_qmatmul_matches_float64(n, k, g, M, dtype, path, config, bias):
     assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
 
 
+@pytest.mark.parametrize("g", [32, 128])
+def test_dequantize_dense_bit_exact(g):
+    qw = rand_qw(23, 3 * g, g, slots=2)
+    pw = QM.pack(qw)
+    out = torch.full(qw.shape, float("nan"), dtype=torch.float16, device=DEV)
+    QM.dequantize_dense(pw, torch.float16, out=out)
+    assert torch.equal(out, qw.dequantize().half())
+    assert torch.equal(QM.dequantize_dense(pw, torch.float32), qw.dequantize())
+
+
 def test_qmatmul_poison_every_element_written():
     for path, cfg, M in (("gemv", {"BN": 8, "BK": 128, "num_warps": 4}, 3),
                          ("gemm", {"BM": 16, "BN": 32, "BK": 64, "num_warps": 4}, 19)):
@@ -92,7 +104,7 @@ def test_default_dispatch_and_batch_dims():
     qw = rand_qw(64, 256, 128, slots=1)
     pw = QM.pack(qw)
     wd = qw.dequantize().double()
-    for shape in ((1, 1, 256), (2, 3, 256), (2, 9, 256)):
+    for shape in ((1, 1, 256), (2, 3, 256), (2, 9, 256), (2, 130, 256)):
         x = torch.randn(*shape, device=DEV).half()
         y = QM.qmatmul(x, pw)
         assert y.shape == (*shape[:-1], 64)
