@@ -1,0 +1,331 @@
+"""`quant2gguf convert`: a quantized checkpoint folder -> one GGUF file for the patched llama.cpp.
+
+llama.cpp's own converter (the `conversion` model classes of the pinned tree, with that tree's
+gguf-py) writes the metadata, the tokenizer and every tensor that is not a quantized linear. A thin
+subclass of the architecture's converter class takes over the quantized linears: it learns the
+converter's row transform for that tensor (e.g. llama's q/k rope permutation) by passing a tensor
+of element indices through the converter's own `modify_tensors`, applies that permutation to the
+codes, scales, offsets and protected slots, and writes our packed blocks. The file is written to a
+temp name, read back and checked against the checkpoint, then renamed. Rules: docs/GGUF.md.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .cache import atomic_path
+from .quantizer import QuantizedWeight
+
+# --outtype -> the converter's file type; it decides every tensor that is not ours (docs/GGUF.md)
+OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+# (bits, group size, protected slots) -> our ggml type name (ggml_patches/README.md)
+QTYPES = {(3, 128, 0): "Q3_G128", (3, 64, 0): "Q3_G64", (3, 128, 2): "Q3_G128P", (3, 64, 2): "Q3_G64P"}
+SAMPLE_ROWS = 16  # rows per quantized tensor re-dequantized from the written file
+META_PREFIX = "quant2gguf."
+
+
+# ---------------------------------------------------------------- the pinned tree's gguf-py ----
+
+def _load_package(name: str, folder: Path):
+    """Import folder/__init__.py as top-level package `name` (no sys.path change)."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        _drop_modules(name)
+        raise
+    return mod
+
+
+def _drop_modules(name: str) -> None:
+    for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[k]
+
+
+def _ensure_package(name: str, folder: Path):
+    mod = sys.modules.get(name)
+    if mod is not None and Path(mod.__file__).resolve().parent == folder.resolve():
+        return mod
+    _drop_modules(name)
+    return _load_package(name, folder)
+
+
+def vendored_gguf():
+    """The pinned tree's gguf-py, imported as `gguf` for the whole process, with our types registered.
+
+    The PyPI `gguf` release differs from the tree's (constants, tensor name maps), and the
+    converter must run against its own; the tree's is a superset, so it replaces any PyPI one
+    already imported. Everything here that reads or writes GGUF goes through this."""
+    from . import gguf_types, llama
+    mod = _ensure_package("gguf", llama.source_dir() / "gguf-py" / "gguf")
+    gguf_types.register()
+    return mod
+
+
+def converter():
+    """(gguf, conversion): the pinned tree's converter package and its gguf-py."""
+    from . import llama
+    gguf = vendored_gguf()
+    return gguf, _ensure_package("conversion", llama.source_dir() / "conversion")
+
+
+# ------------------------------------------------------------------------------ validation ----
+
+def read_gguf(path: str | Path):
+    """GGUFReader over `path`, or a one-line ValueError for a missing, foreign or truncated file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (magic {magic!r}); pass a .gguf written by `quant2gguf convert`"
+                         " or llama.cpp's converter")
+    gguf = vendored_gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises many kinds on a cut-off or corrupt file
+        raise ValueError(f"{path} is truncated or corrupt, or holds tensor types this llama.cpp does not know "
+                         f"({type(e).__name__}: {e}); re-create it (`quant2gguf convert`)") from None
+
+
+def _type_name(t) -> str:
+    return getattr(t, "name", str(int(t)))
+
+
+def _check_quantized(reader, expected: dict[str, tuple[QuantizedWeight, int]], path: Path) -> None:
+    """Every quantized tensor present with our type and shape, and a sample of its rows dequantizing
+    bit-exactly to the checkpoint's own dequantization (rows already in GGUF order)."""
+    from . import gguf_types
+    tensors = {t.name: t for t in reader.tensors}
+    for name, (q, qtype) in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"{path}: quantized tensor {name} missing after writing; report this as a bug")
+        n, k = q.shape
+        if int(t.tensor_type) != qtype or [int(s) for s in t.shape] != [k, n]:
+            raise ValueError(f"{path}: {name} reads back as {_type_name(t.tensor_type)} {list(t.shape)}, "
+                             f"expected type {qtype} [{k}, {n}]; report this as a bug")
+        rows = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64))
+        data = np.asarray(t.data).reshape(n, -1)[rows]
+        got = np.asarray(gguf_types.dequantize(data, qtype, (len(rows), k)), dtype=np.float32)
+        sub = _take_rows(q, torch.from_numpy(rows))
+        want = sub.dequantize().numpy()
+        if got.shape != want.shape or not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+            bad = int((got != want).sum()) if got.shape == want.shape else got.size
+            raise ValueError(f"{path}: {name} dequantizes differently from the checkpoint ({bad} values); "
+                             "report this as a bug")
+
+
+# ------------------------------------------------------------------- quantized linears -------
+
+def qtype_for(q: QuantizedWeight) -> int:
+    """Our ggml type id for a quantized weight (fewer protected slots than the type holds are padded
+    with empty ones by gguf_types.pack)."""
+    from . import gguf_types
+    slots = 0 if q.slots == 0 else 2 if q.slots <= 2 else q.slots
+    name = QTYPES.get((q.bits, q.group_size, slots))
+    if name is None:
+        have = ", ".join(f"W{b}G{g}" + (f" with {s} protected slots" if s else "") for b, g, s in QTYPES)
+        raise ValueError(f"no GGUF type for W{q.bits}G{q.group_size} with {q.slots} protected slots per group "
+                         f"(types: {have}); re-quantize with one of those settings")
+    return gguf_types.TYPES[name].id
+
+
+def _take_rows(q: QuantizedWeight, rows: torch.Tensor) -> QuantizedWeight:
+    take = lambda t: None if t is None else t[rows].contiguous()  # noqa: E731
+    return QuantizedWeight(take(q.codes), take(q.scales), take(q.offsets), q.bits, q.group_size,
+                           take(q.pidx), take(q.pval))
+
+
+def row_permutation(name: str, idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """From a converter output of the element-index tensor arange(N*K).view(N, K), the source row of
+    each output row. Groups run along the input dim, so only whole-row moves can be applied to
+    packed blocks; anything touching columns is refused."""
+    n, k = shape
+    idx = torch.as_tensor(np.asarray(idx)) if not isinstance(idx, torch.Tensor) else idx
+    if tuple(idx.shape) != (n, k):
+        raise ValueError(f"{name}: llama.cpp's converter reshapes this tensor {shape} -> {tuple(idx.shape)}, which "
+                         "cannot be done on packed groups; leave it unquantized")
+    idx = idx.long()
+    rows = idx[:, 0] // k
+    ok = torch.equal(idx, rows.view(-1, 1) * k + torch.arange(k).view(1, -1))
+    if not ok or not torch.equal(rows.sort().values, torch.arange(n)):
+        raise ValueError(f"{name}: llama.cpp's converter moves columns of this tensor, which cannot be done on "
+                         "packed groups along the input dim; leave it unquantized")
+    return rows
+
+
+def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer_pre: str | None,
+                    extra_kv: dict[str, object]):
+    """A subclass of the architecture's converter class that writes quantized linears as our types."""
+    from . import gguf_types
+
+    class Exporter(base):
+        model_arch = base.model_arch
+
+        def index_tensors(self, remote_hf_model_id=None):
+            tensors = super().index_tensors(remote_hf_model_id)
+            self.q_by_name, self.written = {}, {}
+            for hf, q in quantized.items():
+                # the real weight is never read: modify_tensors writes packed blocks instead
+                item = self.filter_tensors((f"{hf}.weight", lambda: torch.zeros(0)))
+                if item is None:
+                    raise ValueError(f"{hf}: llama.cpp's converter drops this tensor; it cannot be exported")
+                tensors[item[0]] = item[1]
+                self.q_by_name[item[0]] = hf
+            return tensors
+
+        def modify_tensors(self, data_torch, name, bid):
+            hf = self.q_by_name.get(name)
+            if hf is None:
+                return super().modify_tensors(data_torch, name, bid)
+            self._write_quantized(hf, name, bid)
+            return []
+
+        def _write_quantized(self, hf: str, name: str, bid):
+            q = quantized[hf]
+            n, k = q.shape
+            probe = torch.arange(n * k, dtype=torch.int64).view(n, k)
+            outs = list(super().modify_tensors(probe, name, bid))
+            if len(outs) != 1:
+                raise ValueError(f"{hf}: llama.cpp's converter merges or splits this tensor; leave it unquantized")
+            new_name, idx = outs[0]
+            rows = row_permutation(hf, idx, (n, k))
+            if not torch.equal(rows, torch.arange(n)):
+                q = _take_rows(q, rows)
+            qtype = qtype_for(q)
+            packed = np.ascontiguousarray(gguf_types.pack(q), dtype=np.uint8)
+            self.gguf_writer.add_tensor(new_name, packed, raw_dtype=gguf.GGMLQuantizationType(qtype))
+            self.written[new_name] = (q, qtype)
+
+        def get_vocab_base_pre(self, tokenizer):
+            return tokenizer_pre or super().get_vocab_base_pre(tokenizer)
+
+        def prepare_metadata(self, vocab_only):
+            super().prepare_metadata(vocab_only)
+            for key, val in extra_kv.items():
+                if isinstance(val, int):
+                    self.gguf_writer.add_uint32(META_PREFIX + key, val)
+                else:
+                    self.gguf_writer.add_string(META_PREFIX + key, str(val))
+
+    Exporter.__name__ = f"Quant2gguf{base.__name__}"
+    return Exporter
+
+
+# ------------------------------------------------------------------------- checkpoint ---------
+
+def _expected_tensors(ckpt: Path, quantized: dict[str, QuantizedWeight]) -> None:
+    """Raise ValueError if the checkpoint lacks a tensor the model needs or a shape disagrees."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ckpt)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    try:
+        with safe_open(ckpt / "model.safetensors", "pt") as f:
+            plain = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError:
+        raise ValueError(f"{ckpt}: model.safetensors is missing; re-run `quant2gguf quantize`") from None
+    have = dict(plain, **{f"{n}.weight": q.shape for n, q in quantized.items()})
+    missing = sorted(set(shapes) - set(have))
+    if missing:
+        raise ValueError(f"{ckpt}: checkpoint is missing {len(missing)} tensor(s) ({', '.join(missing[:3])}); "
+                         "re-run `quant2gguf quantize`")
+    for n, q in quantized.items():
+        want = shapes.get(f"{n}.weight")
+        g = q.group_size
+        if want != q.shape or tuple(q.scales.shape) != (q.shape[0], q.shape[1] // g) \
+                or tuple(q.offsets.shape) != tuple(q.scales.shape):
+            raise ValueError(f"{ckpt}: {n} codes {q.shape} / scales {tuple(q.scales.shape)} do not fit the model's "
+                             f"{want}; the checkpoint is corrupt, re-run `quant2gguf quantize`")
+
+
+def _model_class(conversion, ckpt: Path):
+    hparams = conversion.ModelBase.load_hparams(ckpt, False)
+    arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+    try:
+        return conversion.get_model_class(arch)
+    except NotImplementedError:
+        raise ValueError(f"{ckpt}: architecture {arch} is not supported by llama.cpp's converter (pinned tree); "
+                         "use a model llama.cpp can run") from None
+
+
+# ------------------------------------------------------------------------------ convert -------
+
+def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None) -> dict:
+    """Write checkpoint `ckpt` as GGUF `out`; returns size, tensor counts per type and bits per weight.
+
+    outtype: type of the tensors not quantized by design (docs/GGUF.md). tokenizer_pre forces
+    llama.cpp's BPE pre-tokenizer name (e.g. "gpt2") for tokenizers its converter does not know."""
+    ckpt = Path(ckpt)
+    man, quantized = checkpoint.load_quantized(ckpt)
+    _expected_tensors(ckpt, quantized)
+    for q in quantized.values():
+        qtype_for(q)  # refuse unsupported settings before any writing
+    kv = {"method": man.get("method", "?"), "bits": int(man["bits"]), "group_size": int(man["group_size"]),
+          "format_version": int(man["version"])}
+    return _write_gguf(ckpt, Path(out), outtype, quantized, tokenizer_pre, kv)
+
+
+def convert_hf(folder: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None) -> dict:
+    """A plain HF model folder -> GGUF with llama.cpp's converter alone (FP16/F32/Q8_0 baselines)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    return _write_gguf(folder, Path(out), outtype, {}, tokenizer_pre, {})
+
+
+def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, QuantizedWeight],
+                tokenizer_pre: str | None, kv: dict) -> dict:
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the .gguf file to write")
+    gguf, conversion = converter()
+    cls = _exporter_class(_model_class(conversion, folder), gguf, quantized, tokenizer_pre, kv)
+    with atomic_path(out) as tmp, torch.inference_mode():
+        model = cls(folder, getattr(gguf.LlamaFileType, OUTTYPES[outtype]), tmp)
+        try:
+            model.write()
+        except NotImplementedError as e:
+            if "pre-tokenizer" in str(e):
+                raise ValueError(f"{folder}: llama.cpp's converter does not recognise this BPE pre-tokenizer; pass "
+                                 "tokenizer_pre (e.g. 'gpt2' for a byte-level BPE) if you know which it is") from None
+            raise ValueError(f"{folder}: llama.cpp's converter cannot convert this model: {e}") from None
+        reader = read_gguf(tmp)
+        _check_quantized(reader, model.written, out)
+        info = _summary(reader, model.written)
+        info["size"] = tmp.stat().st_size
+    info["path"] = str(out)
+    return info
+
+
+def _summary(reader, written: dict) -> dict:
+    counts: dict[str, int] = {}
+    q_bytes = q_params = all_bytes = all_params = 0
+    for t in reader.tensors:
+        tname = _type_name(t.tensor_type)
+        counts[tname] = counts.get(tname, 0) + 1
+        all_bytes += int(t.n_bytes)
+        all_params += int(t.n_elements)
+        if t.name in written:
+            q_bytes += int(t.n_bytes)
+            q_params += int(t.n_elements)
+    return {"path": None, "size": None, "tensors": dict(sorted(counts.items())), "n_quantized": len(written),
+            "params": all_params, "quantized_params": q_params,
+            "bpw_quantized": round(8 * q_bytes / q_params, 4) if q_params else None,
+            "bpw_overall": round(8 * all_bytes / all_params, 4) if all_params else None}

@@ -1,0 +1,198 @@
+"""Run GGUF files through the patched llama.cpp tools: prompt, perplexity/KLD, speed, stock quants.
+
+Every function checks the GGUF in Python first (a foreign or truncated file fails here with one
+line, not deep inside llama.cpp), runs one tool of the cached build (`quant2gguf llama build`),
+and parses what it prints. A failing tool raises RuntimeError with the command and its log tail.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from .cache import atomic_path
+
+LOG_TAIL = 3000  # characters of a failing tool's output kept in the error
+
+
+def _tool(name: str, cuda: bool = False) -> Path:
+    from . import llama
+    return llama.tool(name, cuda=cuda)  # RuntimeError telling to run `quant2gguf llama build`
+
+
+def check_gguf(path: str | Path) -> Path:
+    """Raise ValueError unless `path` is a complete GGUF whose tensor types this build knows."""
+    from .export import read_gguf
+    read_gguf(path)
+    return Path(path)
+
+
+def _run(cmd: list, timeout: float | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(c) for c in cmd]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timed out after {timeout} s: {' '.join(cmd)}") from None
+    if r.returncode:
+        tail = (r.stderr + r.stdout)[-LOG_TAIL:]
+        raise RuntimeError(f"{Path(cmd[0]).name} failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}")
+    return r
+
+
+def _gpu_args(cuda: bool, ngl: int | None = None) -> list:
+    return ["-ngl", str(ngl if ngl is not None else (99 if cuda else 0))]
+
+
+def run_prompt(gguf: str | Path, prompt: str, n: int = 64, threads: int = 2, cuda: bool = False) -> str:
+    """Greedy completion of `prompt` (n new tokens) with llama-completion; returns the new text."""
+    check_gguf(gguf)
+    cmd = [_tool("llama-completion", cuda), "-m", gguf, "-p", prompt, "-n", n, "-t", threads, "--temp", 0,
+           "-no-cnv", "--no-display-prompt", "--simple-io", "--no-warmup", *_gpu_args(cuda)]
+    out = _run(cmd).stdout
+    return out.removesuffix("\n").removesuffix(" [end of text]").strip("\n")
+
+
+# -------------------------------------------------------------------------- perplexity --------
+
+_FLOAT = r"([-+0-9.eE]+|nan|inf)"
+_PATTERNS = {  # key -> regex over llama-perplexity's output (tools/perplexity/perplexity.cpp)
+    "ppl": rf"Final estimate: PPL = {_FLOAT} \+/- {_FLOAT}",
+    "ppl_q": rf"Mean PPL\(Q\)\s*:\s*{_FLOAT}\s*±\s*{_FLOAT}",
+    "ppl_base": rf"Mean PPL\(base\)\s*:\s*{_FLOAT}\s*±\s*{_FLOAT}",
+    "kld": rf"Mean\s+KLD:\s*{_FLOAT}\s*±\s*{_FLOAT}",
+    "rms_dp_pct": rf"RMS Δp\s*:\s*{_FLOAT}\s*±\s*{_FLOAT} %",
+    "same_top_p_pct": rf"Same top p:\s*{_FLOAT}\s*±\s*{_FLOAT} %",
+    "n_chunks": r"(?:calculating perplexity|computing) over (\d+) chunks",
+}
+
+
+def parse_perplexity(text: str) -> dict:
+    """Numbers llama-perplexity printed: ppl (and ppl_err), and in KLD mode ppl_base, kld,
+    rms_dp_pct, same_top_p_pct (each with _err), n_chunks."""
+    res: dict = {}
+    for key, pat in _PATTERNS.items():
+        m = re.search(pat, text)
+        if m is None:
+            continue
+        if key == "n_chunks":
+            res[key] = int(m.group(1))
+            continue
+        res[key], res[key + "_err"] = float(m.group(1)), float(m.group(2))
+    q = (res.pop("ppl_q", None), res.pop("ppl_q_err", None))
+    if "ppl" not in res and q[0] is not None:  # KLD mode prints Mean PPL(Q) instead of a final estimate
+        res["ppl"], res["ppl_err"] = q
+    return res
+
+
+def perplexity(gguf: str | Path, text_file: str | Path | None, ctx: int = 512, chunks: int | None = None,
+               threads: int = 2, kld_base: str | Path | None = None, save_logits: str | Path | None = None,
+               cuda: bool = False, batch: int | None = None) -> dict:
+    """llama-perplexity over `text_file` (chunks of ctx tokens, scored on each chunk's second half).
+
+    save_logits=FILE also stores the tokens and log-probs (a KLD base, see read_logits_file);
+    kld_base=FILE instead scores the tokens stored there and adds KL divergence and top-1
+    agreement against that base (text_file is then not needed)."""
+    check_gguf(gguf)
+    if kld_base and save_logits:
+        raise ValueError("pass kld_base (compare against saved logits) or save_logits (save them), not both")
+    cmd = [_tool("llama-perplexity", cuda), "-m", gguf, "-c", ctx, "-b", batch or ctx, "-t", threads,
+           *_gpu_args(cuda)]
+    if kld_base:
+        if not Path(kld_base).is_file():
+            raise ValueError(f"{kld_base}: no such KLD base file; make it with perplexity(..., save_logits=FILE)")
+        cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
+    else:
+        if text_file is None or not Path(text_file).is_file():
+            raise ValueError(f"{text_file}: no such text file for perplexity")
+        cmd += ["-f", text_file]
+        if save_logits:
+            cmd += ["--kl-divergence-base", save_logits]
+    if chunks:
+        cmd += ["--chunks", chunks]
+    r = _run(cmd)
+    res = parse_perplexity(r.stderr + r.stdout)
+    if "ppl" not in res:
+        raise RuntimeError(f"llama-perplexity printed no perplexity (too little text for ctx={ctx}?): "
+                           f"{' '.join(map(str, cmd))}\n{(r.stderr + r.stdout)[-LOG_TAIL:]}")
+    return {**res, "ctx": ctx}
+
+
+def read_logits_file(path: str | Path, logprobs: bool = False) -> dict:
+    """A llama-perplexity --kl-divergence-base file: n_ctx, n_vocab, n_chunk, the evaluated token
+    ids (int32 (n_chunk, n_ctx), before BOS substitution) and, with logprobs=True, the log-probs
+    llama.cpp computed for the scored positions n_ctx//2 .. n_ctx-2 of each chunk, decoded from
+    their 16-bit form (float32 (n_chunk, n_ctx - 1 - n_ctx//2, n_vocab))."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise ValueError(f"{path} is not a llama-perplexity logits file")
+        n_ctx, n_vocab, n_chunk = (int(v) for v in np.fromfile(f, dtype="<i4", count=3))
+        tokens = np.fromfile(f, dtype="<i4", count=n_chunk * n_ctx)
+        res = {"n_ctx": n_ctx, "n_vocab": n_vocab, "n_chunk": n_chunk}
+        if tokens.size != n_chunk * n_ctx:
+            raise ValueError(f"{path} is truncated")
+        res["tokens"] = tokens.reshape(n_chunk, n_ctx)
+        if logprobs:
+            res["logprobs"] = _decode_logprobs(f, path, n_ctx, n_vocab, n_chunk)
+    return res
+
+
+def _decode_logprobs(f, path: Path, n_ctx: int, n_vocab: int, n_chunk: int) -> np.ndarray:
+    # per position: float32 scale, float32 min log-prob, then uint16 codes padded to an even count
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    n_tok = n_ctx - 1 - n_ctx // 2
+    raw = np.fromfile(f, dtype="<u2", count=n_chunk * n_tok * nv)
+    if raw.size != n_chunk * n_tok * nv:
+        raise ValueError(f"{path} is truncated")
+    raw = raw.reshape(n_chunk, n_tok, nv)
+    head = np.ascontiguousarray(raw[..., :4]).view("<f4")
+    return (head[..., :1] * raw[..., 4:4 + n_vocab] + head[..., 1:2]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- speed --------
+
+def bench(gguf: str | Path, threads: int = 2, n_gen: int = 128, n_prompt: int = 0, reps: int = 3,
+          ngl: int = 0, cuda: bool = False) -> dict:
+    """llama-bench -o json: model size and params, tokens/s (mean, std) of each test (tgN, ppN)."""
+    check_gguf(gguf)
+    cmd = [_tool("llama-bench", cuda), "-m", gguf, "-t", threads, "-n", n_gen, "-p", n_prompt, "-r", reps,
+           "-ngl", ngl, "-o", "json"]
+    r = _run(cmd)
+    try:
+        rows = json.loads(r.stdout[r.stdout.index("["):])
+    except ValueError:
+        raise RuntimeError(f"llama-bench printed no JSON: {' '.join(map(str, cmd))}\n{r.stdout[-LOG_TAIL:]}") from None
+    tests = {}
+    for row in rows:
+        name = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
+        tests[name] = {"tok_s": row["avg_ts"], "std": row["stddev_ts"]}
+    first = rows[0] if rows else {}
+    pick = lambda prefix: next((v["tok_s"] for k, v in tests.items() if k.startswith(prefix)), None)  # noqa: E731
+    return {"tg_tok_s": pick("tg"), "pp_tok_s": pick("pp"),"model_size": first.get("model_size"), "model_n_params": first.get("model_n_params"),
+            "threads": threads, "ngl": ngl, "backend": first.get("backends"), "cpu": first.get("cpu_info"),
+            "gpu": first.get("gpu_info"), "tests": tests}
+
+
+# ---------------------------------------------------------------------- stock baselines -------
+
+def quantize_stock(f16_gguf: str | Path, out: str | Path, type: str, imatrix: str | Path | None = None,
+                   threads: int = 2) -> Path:
+    """llama-quantize f16_gguf -> out as a stock type (Q4_0, Q3_K_S, ...), optionally with an imatrix."""
+    check_gguf(f16_gguf)
+    out = Path(out)
+    cmd = [_tool("llama-quantize")]
+    if imatrix:
+        cmd += ["--imatrix", imatrix]
+    with atomic_path(out) as tmp:
+        _run([*cmd, f16_gguf, tmp, type, threads])
+        check_gguf(tmp)
+    return out
+
+
+def fp16_gguf(hf_folder: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None) -> dict:
+    """The FP16 baseline: a plain HF folder converted by llama.cpp's own converter (pinned tree)."""
+    from .export import convert_hf
+    return convert_hf(hf_folder, out, outtype=outtype, tokenizer_pre=tokenizer_pre)

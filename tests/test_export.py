@@ -1,0 +1,205 @@
+"""`quant2gguf convert` without a llama.cpp build: GGUF contents, bit-exactness, bad input.
+
+The reference for every quantized tensor is llama.cpp's own converter run on the checkpoint's
+dequantized weights at F32: our blocks must dequantize to exactly those values, which checks
+packing and the converter's row transforms (llama's q/k rope permutation) together.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model
+from safetensors.torch import load_file, save_file
+
+from quant2gguf import checkpoint, export, runner
+from quant2gguf.quantizer import quantize
+
+PRE = "gpt2"  # the tiny byte-level BPE tokenizer is GPT-2's pre-tokenizer; the converter can't hash it
+CASES = {  # arch, group size, protected slots -> expected ggml type name
+    "llama-g64": ("llama", 64, 0, "Q3_G64"),
+    "qwen2-g128p": ("qwen2", 128, 2, "Q3_G128P"),
+    "qwen3-g64p1": ("qwen3", 64, 1, "Q3_G64P"),  # one slot is padded to the type's two
+}
+
+
+def make_checkpoint(arch: str, root, group_size: int, slots: int = 0, bits: int = 3):
+    """A tiny random model with every decoder linear RTN-quantized (protected: 1 weight a group)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = make_tiny_model(arch, root / "hf")
+    model, tok = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)
+    quantized = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            w = mod.weight.data
+            protect = None
+            if slots:
+                protect = torch.zeros_like(w, dtype=torch.bool)
+                protect[:, 3::group_size] = True
+            quantized[name] = quantize(w, bits, group_size, protect=protect, slots=slots)
+    man = {"method": "rtn", "bits": bits, "group_size": group_size, "slots": slots}
+    return checkpoint.save(root / "ckpt", model, tok, quantized, man)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def converted(request, tmp_path_factory):
+    arch, g, slots, tname = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = make_checkpoint(arch, root, g, slots)
+    info = export.convert(ckpt, root / "model.gguf", tokenizer_pre=PRE)
+    # llama.cpp's converter alone, on the dequantized weights: the reference
+    model, tok, _, _ = checkpoint.load_model(ckpt)
+    model.save_pretrained(root / "deq")
+    tok.save_pretrained(root / "deq")
+    export.convert_hf(root / "deq", root / "ref.gguf", outtype="f32", tokenizer_pre=PRE)
+    return {"root": root, "ckpt": ckpt, "info": info, "type": tname, "group": g}
+
+
+def _tensors(path):
+    return {t.name: t for t in export.read_gguf(path).tensors}
+
+
+def test_quantized_tensors_bit_exact(converted):
+    from quant2gguf import gguf_types
+    ours, ref = _tensors(converted["info"]["path"]), _tensors(converted["root"] / "ref.gguf")
+    assert set(ours) == set(ref)
+    _, quantized = checkpoint.load_quantized(converted["ckpt"])
+    n_ours = 0
+    for name, t in ours.items():
+        want = np.asarray(ref[name].data, dtype=np.float32)
+        if t.tensor_type.name.startswith("Q3_G"):
+            n_ours += 1
+            assert t.tensor_type.name == converted["type"], name
+            got = np.asarray(gguf_types.dequantize(np.asarray(t.data), int(t.tensor_type), want.shape))
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"{name} differs"
+    assert n_ours == len(quantized) == converted["info"]["n_quantized"]
+
+
+def test_other_tensors_follow_the_rule(converted):
+    """Norms and 1-D tensors F32; embeddings, lm_head and any unquantized matrix at outtype (f16)."""
+    for name, t in _tensors(converted["info"]["path"]).items():
+        if t.tensor_type.name.startswith("Q3_G"):
+            continue
+        want = "F32" if len(t.shape) == 1 or name.endswith("_norm.weight") else "F16"
+        assert t.tensor_type.name == want, name
+
+
+def test_metadata_and_tokenizer(converted):
+    r = export.read_gguf(converted["info"]["path"])
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == PRE
+    assert len(f["tokenizer.ggml.tokens"]) == 512 and len(f["tokenizer.ggml.merges"]) > 0
+    assert f["quant2gguf.method"] == "rtn" and f["quant2gguf.group_size"] == converted["group"]
+    assert f["general.architecture"] in ("llama", "qwen2", "qwen3")
+
+
+def test_summary(converted):
+    info = converted["info"]
+    bpw = {"Q3_G64": 3.5, "Q3_G128P": 3.625, "Q3_G64P": 4.25}[converted["type"]]
+    assert info["bpw_quantized"] == bpw
+    assert info["size"] == (converted["root"] / "model.gguf").stat().st_size
+    assert info["tensors"][converted["type"]] == info["n_quantized"]
+
+
+def test_no_temp_files_left(converted):
+    assert not [p for p in converted["root"].iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------ bad input ----
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return make_checkpoint("llama", root, 64)
+
+
+def _copy(ckpt, dst):
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def _assert_refused(tmp_path, fn, match):
+    with pytest.raises(ValueError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".gguf" or p.name.startswith(".")]
+
+
+def test_missing_quantized_tensor(small_ckpt, tmp_path):
+    bad = _copy(small_ckpt, tmp_path / "ck")
+    t = load_file(bad / "quant.safetensors")
+    del t["model.layers.1.mlp.up_proj.scales"]
+    save_file(t, bad / "quant.safetensors")
+    _assert_refused(tmp_path, lambda: export.convert(bad, tmp_path / "x.gguf", tokenizer_pre=PRE),
+                    "missing model.layers.1.mlp.up_proj.scales")
+
+
+def test_missing_plain_tensor(small_ckpt, tmp_path):
+    bad = _copy(small_ckpt, tmp_path / "ck")
+    t = load_file(bad / "model.safetensors")
+    del t["model.layers.0.input_layernorm.weight"]
+    save_file(t, bad / "model.safetensors")
+    _assert_refused(tmp_path, lambda: export.convert(bad, tmp_path / "x.gguf", tokenizer_pre=PRE),
+                    "missing .*input_layernorm")
+
+
+def test_unsupported_architecture(small_ckpt, tmp_path):
+    bad = _copy(small_ckpt, tmp_path / "ck")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchModelForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _assert_refused(tmp_path, lambda: export.convert(bad, tmp_path / "x.gguf", tokenizer_pre=PRE),
+                    "NoSuchModelForCausalLM is not supported")
+
+
+def test_unsupported_group_size(tmp_path):
+    ckpt = make_checkpoint("llama", tmp_path / "m", 32)
+    _assert_refused(tmp_path, lambda: export.convert(ckpt, tmp_path / "x.gguf", tokenizer_pre=PRE),
+                    "no GGUF type for W3G32")
+
+
+def test_unknown_pre_tokenizer(small_ckpt, tmp_path):
+    _assert_refused(tmp_path, lambda: export.convert(small_ckpt, tmp_path / "x.gguf"), "tokenizer_pre")
+
+
+def test_not_a_checkpoint(tmp_path):
+    _assert_refused(tmp_path, lambda: export.convert(tmp_path, tmp_path / "x.gguf"), "not a quant2gguf checkpoint")
+
+
+def test_truncated_and_foreign_gguf(converted, tmp_path):
+    data = (converted["root"] / "model.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        export.read_gguf(cut)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        runner.check_gguf(cut)
+    foreign = tmp_path / "f.gguf"
+    foreign.write_bytes(b"PK\x03\x04" + data[4:1000])
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        runner.check_gguf(foreign)
+
+
+def test_row_permutation_refuses_column_moves():
+    idx = torch.arange(12).view(3, 4)
+    assert torch.equal(export.row_permutation("w", idx[[2, 0, 1]], (3, 4)), torch.tensor([2, 0, 1]))
+    with pytest.raises(ValueError, match="moves columns"):
+        export.row_permutation("w", idx[:, [1, 0, 2, 3]], (3, 4))
+    with pytest.raises(ValueError, match="reshapes"):
+        export.row_permutation("w", idx.T, (3, 4))
+
+
+def test_parse_perplexity():
+    text = ("perplexity: calculating perplexity over 4 chunks, n_ctx=128\n"
+            "Final estimate: PPL = 28.9213 +/- 0.51234\n")
+    assert runner.parse_perplexity(text) == {"ppl": 28.9213, "ppl_err": 0.51234, "n_chunks": 4}
+    kld = ("Mean PPL(Q)                   :  31.372901 ±   0.571234\n"
+           "Mean PPL(base)                :  28.921300 ±   0.512340\n"
+           "Mean    KLD:   0.094112 ±   0.001234\n"
+           "RMS Δp    :  8.123 ± 0.100 %\nSame top p: 80.912 ± 0.123 %\n")
+    r = runner.parse_perplexity(kld)
+    assert r["ppl"] == 31.372901 and r["ppl_base"] == 28.9213 and r["kld"] == 0.094112
+    assert r["same_top_p_pct"] == 80.912 and r["rms_dp_pct"] == 8.123
