@@ -128,7 +128,7 @@ def test_swap_linears_tiny_model(tmp_path):
 
     from conftest import make_tiny_model
     path = make_tiny_model("qwen2", tmp_path / "m", hidden=64, layers=2, seed=int(torch.randint(0, 2**31, (1,))))
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(DEV).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).float().to(DEV).eval()
     quantized = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
