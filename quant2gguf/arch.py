@@ -20,6 +20,7 @@ class Arch:
     name: str
     layers: str  # attribute path of the decoder layer list, from the CausalLM model
     groups: tuple[Group, ...]
+    kv: tuple[str, str] = ("self_attn.k_proj", "self_attn.v_proj")  # what fills the KV cache
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -38,6 +38,8 @@ class LayerContext:
     kwargs: dict  # other decoder-layer arguments (rotary embeddings, mask)
     device: torch.device
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # method-specific numbers for the manifest
+    prequant: dict[str, torch.Tensor] = field(default_factory=dict)  # weights right before quantization
 
     def linear(self, name: str) -> nn.Linear:
         return get_module(self.layer, name)
@@ -47,9 +49,11 @@ class LayerContext:
         """Run `layer` (default: this one) on each batch; hooks[name](x) sees each named linear's input."""
         return run_layer(layer or self.layer, inputs, self.kwargs, self.device, hooks, keep)
 
-    def set_quantized(self, name: str, q: QuantizedWeight) -> None:
-        """Record the result and make the layer compute with exactly the deployed weights."""
+    def set_quantized(self, name: str, q: QuantizedWeight, prequant: torch.Tensor | None = None) -> None:
+        """Record the result and make the layer compute with exactly the deployed weights.
+        `prequant`: the weights that were rounded (default: the layer's current weights)."""
         lin = self.linear(name)
+        self.prequant[name] = lin.weight.data.clone() if prequant is None else prequant
         lin.weight.data.copy_(q.dequantize().to(lin.weight.device, lin.weight.dtype))
         self.quantized[name] = q
 
@@ -155,7 +159,7 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
             if name not in ctx.quantized:
                 ctx.set_quantized(name, qw)
         q_out = run_layer(layer, q, kwargs, device)
-        st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out)}
+        st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out), **ctx.stats}
         for name, qw in ctx.quantized.items():
             quantized[f"{arch.layers}.{i}.{name}"] = qw.to("cpu")
         stats.append(st)

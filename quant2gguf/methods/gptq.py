@@ -39,7 +39,9 @@ def _group_params(w, h_diag, bits, group_size, clip):
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, blocksize: int = 128,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  clip: bool = False) -> QuantizedWeight:
+                  clip: bool = False, return_prequant: bool = False):
+    """QuantizedWeight, and with return_prequant also the error-updated weights as they were
+    rounded (their fake-quant is exactly the result: the natural start for QAT)."""
     n, k = w.shape
     W = w.float().clone()
     H = h.clone()
@@ -58,6 +60,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    pre = torch.zeros(n, k, dtype=torch.float32, device=w.device) if return_prequant else None
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
@@ -73,11 +76,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             q = codes_for(wc, d[:, g], m[:, g], bits)
             deq = d[:, g].float() * q + m[:, g].float()
             codes[:, col] = q.to(torch.uint8)
+            if pre is not None:
+                pre[:, col] = wc
             err = (wc - deq) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return QuantizedWeight(codes, d, m, bits, group_size)
+    qw = QuantizedWeight(codes, d, m, bits, group_size)
+    return (qw, pre) if return_prequant else qw
 
 
 def quantize_layer(ctx: LayerContext, act_order: bool = False, damp: float = 0.01, clip: bool = True,
@@ -89,8 +95,9 @@ def quantize_layer(ctx: LayerContext, act_order: bool = False, damp: float = 0.0
         hs = {name: Hessian(ctx.linear(name).in_features, ctx.device) for name in group.linears}
         ctx.forward(ctx.q_in, hooks=hs, keep=False)
         for name in group.linears:
-            q = gptq_quantize(ctx.linear(name).weight.data, hs[name].value(), c.bits, c.group_size,
-                              damp=damp, act_order=act_order, static_groups=static_groups, clip=clip)
-            ctx.set_quantized(name, q)
+            q, pre = gptq_quantize(ctx.linear(name).weight.data, hs[name].value(), c.bits, c.group_size,
+                                   damp=damp, act_order=act_order, static_groups=static_groups, clip=clip,
+                                   return_prequant=True)
+            ctx.set_quantized(name, q, prequant=pre)
         del hs
     return dict(ctx.quantized)

@@ -1,0 +1,141 @@
+"""LAQuant: layer-wise weight-only QAT with a one-layer lookahead loss (2026; no public code).
+
+Our specification (METHODS.md), every term switchable:
+
+    Y = F_l(X_l),  Y_hat = F_l^q(X_hat_l)                    FP target vs quantized layer l
+    L = ||Y_hat - Y||^2 + lam * ||F_{l+1}(Y_hat) - F_{l+1}(Y)||^2 + mu * KV(l+1)
+    KV(l+1) = ||K_{l+1}(Y_hat) - K_{l+1}(Y)||^2 + ||V_{l+1}(Y_hat) - V_{l+1}(Y)||^2
+
+F_{l+1} is the frozen FP next layer (K, V: its k/v projections of its normed input, what the KV
+cache holds). Trainable: layer l's latent weights plus per-group scales and offsets, through the
+fused Triton fake-quant (straight-through round, LSQ-style d/m gradients; kernels/fakequant.py).
+Initialised from RTN, GPTQ or AWQ; AdamW with a cosine schedule; weights lr ~1e-5, quantizer lr
+~1e-4. Inputs come from the quantized stream, targets from the FP stream. The result is kept only
+if it lowers the loss on the calibration set against the initialisation (reported in the stats).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call
+
+from ..arch import get_module
+from ..calib import LayerContext, run_layer
+from ..quantizer import EMPTY, QuantizedWeight, codes_for, expand
+from quant2gguf.kernels.fakequant import fake_quant
+
+
+def _targets(ctx: LayerContext, lam: float, mu: float):
+    """Per batch: (Y, F_{l+1}(Y) or None, (K, V) of Y or None), all from the FP stream."""
+    nxt = ctx.next_layer
+    if nxt is None:
+        lam = mu = 0.0
+    else:
+        nxt.to(ctx.device)
+    out = []
+    with torch.no_grad():
+        for y in ctx.fp_out:
+            y = y.to(ctx.device)
+            la = run_layer(nxt, [y], ctx.kwargs, ctx.device)[0] if lam else None
+            kv = _kv(ctx, y) if mu else None
+            out.append((y, la, kv))
+    return out, lam, mu
+
+
+def _kv(ctx: LayerContext, h: torch.Tensor):
+    nxt = ctx.next_layer
+    x = get_module(nxt, ctx.arch.groups[0].prev)(h)
+    return tuple(get_module(nxt, n)(x) for n in ctx.arch.kv)
+
+
+def _loss(ctx, yq, target, lam, mu):
+    y, la, kv = target
+    loss = torch.mean((yq - y) ** 2)
+    if lam:
+        loss = loss + lam * torch.mean((run_layer_grad(ctx.next_layer, yq, ctx.kwargs) - la) ** 2)
+    if mu:
+        for a, b in zip(_kv(ctx, yq), kv):
+            loss = loss + mu * torch.mean((a - b) ** 2)
+    return loss
+
+
+def run_layer_grad(layer, x, kwargs):
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w: float = 1e-5,
+                   lr_q: float = 1e-4, lam: float = 1.0, mu: float = 1.0, batch_size: int = 1
+                   ) -> dict[str, QuantizedWeight]:
+    from . import METHODS
+    c = ctx.cfg
+    names = list(ctx.arch.linears)
+    fp = {n: ctx.linear(n).weight.data.clone() for n in names}
+    start = METHODS[init](ctx)  # sets the layer's weights to the initial dequantized values
+    # latent weights start from the weights the init quantized (FP, after any AWQ scaling): on the
+    # grid itself the straight-through d/m gradients would be exactly zero
+    latent = {n: torch.nn.Parameter(ctx.prequant.get(n, fp[n]).float().to(ctx.device)) for n in names}
+    scales = {n: torch.nn.Parameter(start[n].scales.float().to(ctx.device)) for n in names}
+    offsets = {n: torch.nn.Parameter(start[n].offsets.float().to(ctx.device)) for n in names}
+    pidx = {n: None if start[n].pidx is None else start[n].pidx.to(ctx.device) for n in names}
+    for p in ctx.layer.parameters():
+        p.requires_grad_(False)
+    if ctx.next_layer is not None:
+        for p in ctx.next_layer.parameters():
+            p.requires_grad_(False)
+    targets, lam, mu = _targets(ctx, lam, mu)
+    inputs = [x.to(ctx.device) for x in ctx.q_in]
+
+    def weights():
+        return {f"{n}.weight": fake_quant(latent[n], scales[n], offsets[n], c.bits, c.group_size, pidx[n])
+                for n in names}
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            w = weights()
+            return sum(_loss(ctx, _fwd(ctx, w, x), t, lam, mu).item() for x, t in zip(inputs, targets))
+
+    opt = torch.optim.AdamW([{"params": list(latent.values()), "lr": lr_w},
+                             {"params": list(scales.values()) + list(offsets.values()), "lr": lr_q}],
+                            weight_decay=0.0)
+    steps = max(1, epochs * math.ceil(len(inputs) / batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    with torch.no_grad():
+        start_w = {f"{n}.weight": start[n].dequantize().to(ctx.device) for n in names}
+        before = sum(_loss(ctx, _fwd(ctx, start_w, x), t, lam, mu).item() for x, t in zip(inputs, targets))
+    for _ in range(epochs):
+        for i in torch.randperm(len(inputs)).split(batch_size):
+            w = weights()
+            loss = sum(_loss(ctx, _fwd(ctx, w, inputs[j]), targets[j], lam, mu) for j in i.tolist())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    after = evaluate()
+    result = {n: _export(latent[n].detach(), scales[n].detach(), offsets[n].detach(), pidx[n], c)
+              for n in names} if after < before else start
+    for n, q in result.items():
+        ctx.set_quantized(n, q)
+    ctx.stats.update(qat_loss_before=before, qat_loss_after=after, qat_kept=after < before)
+    return result
+
+
+def _fwd(ctx, w, x):
+    out = functional_call(ctx.layer, w, (x,), dict(ctx.kwargs))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _export(w, d, m, pidx, c) -> QuantizedWeight:
+    """The exact deployed form of what the fake-quant computed."""
+    d16, m16 = d.to(torch.float16), m.to(torch.float16)
+    n, k = w.shape
+    codes = codes_for(w, expand(d16, c.group_size), expand(m16, c.group_size), c.bits).to(torch.uint8)
+    pval = None
+    if pidx is not None:
+        base = torch.arange(k // c.group_size, device=w.device).view(1, -1, 1) * c.group_size
+        col = (base + pidx.long().clamp(max=c.group_size - 1))
+        pval = torch.gather(w.view(n, 1, k).expand(n, k // c.group_size, k), 2, col).to(torch.float16)
+        pval = torch.where(pidx == EMPTY, torch.zeros_like(pval), pval)
+    return QuantizedWeight(codes.cpu(), d16.cpu(), m16.cpu(), c.bits, c.group_size,
+                           None if pidx is None else pidx.cpu(), None if pval is None else pval.cpu())
