@@ -12,7 +12,7 @@ from quant2gguf.quantizer import QuantizedWeight
 
 from .qmatmul import PackedWeight, dequantize_packed, pack, qmatmul, qmatmul_torch, use_triton
 
-_FIELDS = ("lo", "hi", "scales", "offsets", "prot_rows", "prot_cols", "prot_delta", "prot_val")
+_FIELDS = ("qweight", "scales", "offsets", "prot_rows", "prot_cols", "prot_delta", "prot_val")
 # floating buffers are kept as integer bit views so model.to(dtype) / .half() cannot round them
 _VIEW = {"scales": torch.int16, "offsets": torch.int16, "prot_delta": torch.int32, "prot_val": torch.int16}
 _BACK = {"scales": torch.float16, "offsets": torch.float16, "prot_delta": torch.float32, "prot_val": torch.float16}
@@ -43,9 +43,9 @@ class QuantLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(*(self._get(f) for f in _FIELDS[:4]), self.bits, self.group_size,
+        return PackedWeight(*(self._get(f) for f in _FIELDS[:3]), self.bits, self.group_size,
                             (self.out_features, self.in_features), self.slots,
-                            *(self._get(f) for f in _FIELDS[4:]))
+                            *(self._get(f) for f in _FIELDS[3:]))
 
     @property
     def weight(self) -> torch.Tensor:

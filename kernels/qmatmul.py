@@ -1,25 +1,29 @@
 """Packed 3-bit weights on GPU and dequant-matmul kernels (GEMV for decode, GEMM for prefill).
 
-Packing (not ggml's; made for the kernels below). Weight W (N out, K in), codes q in [0, 7],
-K a multiple of 16 and of the group size G (a power of two, 16..128):
+Packing (not ggml's; made for the GEMV below). Weight W (N out, K in), codes q in [0, 7], K a
+multiple of 32, group size G a multiple of 32 (32, 64, 128). Each run of 32 codes q[n, 32c + j]
+is stored in three int32 words, one per plane of `qweight` int32 (3, N, K//32):
 
-    lo : int32 (N, K//16)   bits 2j..2j+1 of lo[n, w] = q[n, 16w + j] & 3        (j = 0..15)
-    hi : int16 (N, K//16)   bit  j        of hi[n, w] = (q[n, 16w + j] >> 2) & 1
+    plane 0 word: bits 3j..3j+2 = q[j]        for j = 0..9,   bits 30..31 = q[30] & 3
+    plane 1 word: bits 3(j-10).. = q[j]       for j = 10..19, bits 30..31 = q[31] & 3
+    plane 2 word: bits 3(j-20).. = q[j]       for j = 20..29, bit 30 = q[30] >> 2, bit 31 = q[31] >> 2
     scales, offsets : fp16 (N, K//G)   d, m of the reference quantizer
-    protected slots : COO lists rows int32 (nnz,), cols int32 (nnz,), delta fp32 (nnz,)
-                      with delta = pval - (d*q + m) at that position (the correction term)
+    protected slots : COO lists rows int32 (nnz,), cols int32 (nnz,), delta fp32 (nnz,) with
+                      delta = pval - (d*q + m) at that position, and the fp16 value pval (nnz,)
 
-so 16 codes take 6 bytes (3 bits each) plus 4 bytes of d, m per group: 3.25 bpw at G=128.
+i.e. exactly 3 bits a code, 3.25 bpw at G=128 with d and m.
 
     y[b, n] = sum_k x[b, k] * (d[n, k//G] * q[n, k] + m[n, k//G]) + sum_{(n,k) in COO} delta * x[b, k]
 
 GEMV (batch M <= 8): a program owns BN rows and all M batch rows and walks K in BK chunks. It
-loads the (BN, BK/16) lo/hi words once and, for each in-word position j (static unroll), builds
-f = 1 + q/8 straight into fp32 bits ((q << 20) | 0x3F800000: shifts and masks, no int->float
-convert), so per word of 16 codes (one group's d, m)  sum_k w_k x_k = 8d * sum f_k x_k + (m - 8d) * sum x_k.
-GEMM (M > 8): tiles (BM, BN, BK), the weight tile is dequantized exactly in fp32 (d*q + m), cast
-to the activation dtype and fed to tl.dot with fp32 accumulation.
-Both add the bias in-kernel; the protected correction is a sparse index_add after the kernel.
+loads the (BN, BK/32) words of the three planes once and, for each position j (static unroll),
+builds f = 1 + q/8 straight in fp32 bits: bits = ((word & (7 << o)) shifted to bit 20) + 0x3F800000,
+two integer instructions (mask, shift-add) and one FMA per weight, no int->float convert. Per
+32-code word (one group's d, m):  sum_k w_k x_k = 8d * sum f_k x_k + (m - 8d) * sum x_k.
+GEMM (9..255 rows): tiles (BM, BN, BK); the weight tile is dequantized exactly in fp32 (d*q + m),
+cast to the activation dtype and fed to tl.dot with fp32 accumulation.
+Dense (>= 256 rows): a Triton kernel dequantizes to (N, K) in the activation dtype, cuBLAS multiplies.
+GEMV/GEMM add the bias in-kernel; the protected correction is a sparse index_add after the kernel.
 """
 from __future__ import annotations
 
@@ -48,8 +52,7 @@ def interpreting() -> bool:
 
 @dataclass
 class PackedWeight:
-    lo: torch.Tensor  # int32 (N, K//16)
-    hi: torch.Tensor  # int16 (N, K//16)
+    qweight: torch.Tensor  # int32 (3, N, K//32)
     scales: torch.Tensor  # fp16 (N, K//G)
     offsets: torch.Tensor  # fp16 (N, K//G)
     bits: int
@@ -63,40 +66,47 @@ class PackedWeight:
 
     def to(self, device) -> "PackedWeight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return PackedWeight(mv(self.lo), mv(self.hi), mv(self.scales), mv(self.offsets), self.bits,
+        return PackedWeight(mv(self.qweight), mv(self.scales), mv(self.offsets), self.bits,
                             self.group_size, self.shape, self.slots, mv(self.prot_rows),
                             mv(self.prot_cols), mv(self.prot_delta), mv(self.prot_val))
 
     @property
     def nbytes(self) -> int:
-        ts = [self.lo, self.hi, self.scales, self.offsets, self.prot_rows, self.prot_cols, self.prot_delta,
+        ts = [self.qweight, self.scales, self.offsets, self.prot_rows, self.prot_cols, self.prot_delta,
               self.prot_val]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def pack_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes (N, K) in [0, 7] -> (lo int32 (N, K//16), hi int16 (N, K//16))."""
+def _to_int32(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (N, K) in [0, 7] -> qweight int32 (3, N, K//32) (layout above)."""
     n, k = codes.shape
-    if k % 16:
-        raise ValueError(f"K={k} must be a multiple of 16 to pack")
-    c = codes.to(torch.int64).reshape(n, k // 16, 16)
+    if k % 32:
+        raise ValueError(f"K={k} must be a multiple of 32 to pack")
+    c = codes.to(torch.int64).reshape(n, k // 32, 32)
     if (c > 7).any():
         raise ValueError("codes above 7 cannot be packed as 3 bits")
-    j = torch.arange(16, device=codes.device, dtype=torch.int64)
-    lo = ((c & 3) << (2 * j)).sum(-1)
-    hi = (((c >> 2) & 1) << j).sum(-1)
-    lo = torch.where(lo >= 2**31, lo - 2**32, lo).to(torch.int32)
-    hi = torch.where(hi >= 2**15, hi - 2**16, hi).to(torch.int16)
-    return lo.contiguous(), hi.contiguous()
+    sh = 3 * torch.arange(10, device=codes.device, dtype=torch.int64)
+    p0 = (c[..., 0:10] << sh).sum(-1) | ((c[..., 30] & 3) << 30)
+    p1 = (c[..., 10:20] << sh).sum(-1) | ((c[..., 31] & 3) << 30)
+    p2 = (c[..., 20:30] << sh).sum(-1) | (((c[..., 30] >> 2) & 1) << 30) | (((c[..., 31] >> 2) & 1) << 31)
+    return torch.stack([_to_int32(p0), _to_int32(p1), _to_int32(p2)]).contiguous()
 
 
-def unpack_codes(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_codes: uint8 (N, K)."""
-    n, kw = lo.shape
-    j = torch.arange(16, device=lo.device, dtype=torch.int64)
-    l = (lo.to(torch.int64).unsqueeze(-1) >> (2 * j)) & 3  # noqa: E741
-    h = (hi.to(torch.int64).unsqueeze(-1) >> j) & 1
-    return (l | (h << 2)).reshape(n, kw * 16).to(torch.uint8)
+    _, n, kw = qweight.shape
+    p = qweight.to(torch.int64) & 0xFFFFFFFF
+    sh = 3 * torch.arange(10, device=qweight.device, dtype=torch.int64)
+    out = torch.empty((n, kw, 32), dtype=torch.int64, device=qweight.device)
+    for i in range(3):
+        out[..., 10 * i:10 * i + 10] = (p[i].unsqueeze(-1) >> sh) & 7
+    out[..., 30] = ((p[0] >> 30) & 3) | (((p[2] >> 30) & 1) << 2)
+    out[..., 31] = ((p[1] >> 30) & 3) | (((p[2] >> 31) & 1) << 2)
+    return out.reshape(n, kw * 32).to(torch.uint8)
 
 
 def pack(qw: QuantizedWeight) -> PackedWeight:
@@ -104,10 +114,10 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
     if qw.bits > 3:
         raise ValueError(f"the packed kernels hold up to 3-bit codes, got {qw.bits} bits")
     g = qw.group_size
-    if g < 16 or g & (g - 1) or g > 1024:
-        raise ValueError(f"group size must be a power of two >= 16, got {g}")
+    if g < 32 or g & (g - 1) or g > 1024:
+        raise ValueError(f"group size must be a power of two >= 32, got {g}")
     n, k = qw.shape
-    lo, hi = pack_codes(qw.codes)
+    qweight = pack_codes(qw.codes)
     rows = cols = delta = val = None
     if qw.pidx is not None and qw.pidx.numel():
         used = qw.pidx != EMPTY
@@ -120,7 +130,7 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
         order = torch.argsort(r * k + c)  # row-major order: deterministic, cache friendly
         rows, cols = r[order].to(torch.int32), c[order].to(torch.int32)
         delta, val = delta[order].contiguous(), val[order].to(torch.float16).contiguous()
-    return PackedWeight(lo, hi, qw.scales.to(torch.float16).contiguous(), qw.offsets.to(torch.float16).contiguous(),
+    return PackedWeight(qweight, qw.scales.to(torch.float16).contiguous(), qw.offsets.to(torch.float16).contiguous(),
                         qw.bits, g, (n, k), qw.slots, rows, cols, delta, val)
 
 
@@ -129,15 +139,13 @@ def unpack(pw: PackedWeight) -> QuantizedWeight:
     ascending in-group index, as quantizer.protect_slots writes them)."""
     n, k = pw.shape
     g = pw.group_size
-    codes = unpack_codes(pw.lo, pw.hi)
+    codes = unpack_codes(pw.qweight)
     pidx = pval = None
     if pw.slots:
         pidx = torch.full((n, k // g, pw.slots), EMPTY, dtype=torch.uint8, device=codes.device)
         pval = torch.zeros((n, k // g, pw.slots), dtype=torch.float16, device=codes.device)
         if pw.prot_rows is not None and pw.prot_rows.numel():
             r, c = pw.prot_rows.long(), pw.prot_cols.long()
-            deq = dequantize(codes, pw.scales, pw.offsets, g)
-            val = pw.prot_val
             grp = r * (k // g) + c // g
             # slot number = rank of this entry within its group (entries are sorted row-major)
             first = torch.ones_like(grp, dtype=torch.bool)
@@ -146,69 +154,117 @@ def unpack(pw: PackedWeight) -> QuantizedWeight:
             start = torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), 0).values
             slot = idx - start
             pidx.view(-1, pw.slots)[grp, slot] = (c % g).to(torch.uint8)
-            pval.view(-1, pw.slots)[grp, slot] = val
+            pval.view(-1, pw.slots)[grp, slot] = pw.prot_val
     return QuantizedWeight(codes, pw.scales, pw.offsets, pw.bits, g, pidx, pval)
 
 
 def dequantize_packed(pw: PackedWeight) -> torch.Tensor:
     """fp32 (N, K), bit-exact with QuantizedWeight.dequantize."""
-    w = dequantize(unpack_codes(pw.lo, pw.hi), pw.scales, pw.offsets, pw.group_size)
+    w = dequantize(unpack_codes(pw.qweight), pw.scales, pw.offsets, pw.group_size)
     if pw.prot_rows is not None and pw.prot_rows.numel():
-        r, c = pw.prot_rows.long(), pw.prot_cols.long()
-        w[r, c] = pw.prot_val.float()
+        w[pw.prot_rows.long(), pw.prot_cols.long()] = pw.prot_val.float()
     return w
 
 
 # ------------------------------------------------------------------------------------------------
 if HAS_TRITON:
     @triton.jit
-    def _gemv_kernel(x_ptr, lo_ptr, hi_ptr, d_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    def _fbits(word, O: tl.constexpr):
+        # the 3-bit field at bit O of `word` as fp32 bits of 1 + q/8 (field moved to bits 20..22)
+        t = word & (7 << O)
+        if O <= 20:
+            r = (t << (20 - O)) + 0x3F800000
+        else:
+            r = (t >> (O - 20)) + 0x3F800000
+        return r
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                      G: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
-        WPG: tl.constexpr = G // 16  # words per group
-        BW: tl.constexpr = BK // 16  # words per chunk
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+                     BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+        # grid (cdiv(N, BN), SPLIT): program (i, s) owns rows [i*BN, (i+1)*BN) and the s-th K slice.
+        # SPLIT > 1: partial sums go to ws (SPLIT, MB, N) fp32; the last program of a row block to
+        # bump cnt[i] (acq_rel atomic) adds them up, writes y and resets cnt[i] to 0 (one launch).
+        WPG: tl.constexpr = G // 32  # words (of 32 codes) per group
+        BW: tl.constexpr = BK // 32  # words per chunk
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < N
         bat = tl.arange(0, MB)
         bmask = bat < M
-        KW = K // 16
+        KW = K // 32
         NG = K // G
-        acc = tl.zeros((MB, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            widx = k0 // 16 + tl.arange(0, BW)
+        PS = N * KW  # plane stride
+        chunk = tl.cdiv(KW, SPLIT * BW) * BW  # words per K slice, a multiple of BW
+        w_lo = pid_k * chunk
+        w_hi = tl.minimum(w_lo + chunk, KW)
+        acc3 = tl.zeros((MB, BN, BW), dtype=tl.float32)  # reduced over BW once, after the loop
+        for w0 in range(w_lo, w_hi, BW):
+            widx = w0 + tl.arange(0, BW)
             wmask = widx < KW
             wofs = rows[:, None] * KW + widx[None, :]
             lmask = rmask[:, None] & wmask[None, :]
-            lo = tl.load(lo_ptr + wofs, mask=lmask, other=0)
-            hi = tl.load(hi_ptr + wofs, mask=lmask, other=0).to(tl.int32)
-            sfx = tl.zeros((MB, BN, BW), dtype=tl.float32)
-            sx = tl.zeros((MB, BW), dtype=tl.float32)
-            xofs = bat[:, None] * stride_xm + widx[None, :] * 16
-            xmask = bmask[:, None] & wmask[None, :]
-            for j in tl.static_range(16):
-                xj = tl.load(x_ptr + xofs + j, mask=xmask, other=0.0).to(tl.float32)
-                # low 2 bits of code j -> mantissa bits 20..21, high bit -> 22: f = 1 + q/8
-                if 2 * j <= 20:
-                    a = (lo << (20 - 2 * j)) & 0x300000
-                else:
-                    a = (lo >> (2 * j - 20)) & 0x300000
-                bits = a | ((hi << (22 - j)) & 0x400000) | 0x3F800000
-                f = bits.to(tl.float32, bitcast=True)
-                sfx += f[None, :, :] * xj[:, None, :]
-                sx += xj
-            # group params per word (WPG consecutive words share them: cached loads, no reshape)
+            a = tl.load(q_ptr + wofs, mask=lmask, other=0)
+            b = tl.load(q_ptr + PS + wofs, mask=lmask, other=0)
+            c = tl.load(q_ptr + 2 * PS + wofs, mask=lmask, other=0)
             gofs = rows[:, None] * NG + (widx // WPG)[None, :]
             d = tl.load(d_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
+            sfx = tl.zeros((MB, BN, BW), dtype=tl.float32)
+            sx = tl.zeros((MB, BW), dtype=tl.float32)
+            xofs = bat[:, None] * stride_xm + widx[None, :] * 32
+            xmask = bmask[:, None] & wmask[None, :]
+            for j in tl.static_range(32):
+                xj = tl.load(x_ptr + xofs + j, mask=xmask, other=0.0).to(tl.float32)
+                if j < 10:
+                    bits = _fbits(a, 3 * j)
+                elif j < 20:
+                    bits = _fbits(b, 3 * (j - 10))
+                elif j < 30:
+                    bits = _fbits(c, 3 * (j - 20))
+                elif j == 30:
+                    bits = ((a >> 10) & 0x300000) + ((c >> 8) & 0x400000) + 0x3F800000
+                else:
+                    bits = ((b >> 10) & 0x300000) + ((c >> 9) & 0x400000) + 0x3F800000
+                f = bits.to(tl.float32, bitcast=True)
+                sfx += f[None, :, :] * xj[:, None, :]
+                sx += xj
             d8 = 8.0 * d
-            acc += tl.sum(d8[None, :, :] * sfx + (m - d8)[None, :, :] * sx[:, None, :], axis=2)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+            acc3 += d8[None, :, :] * sfx + (m - d8)[None, :, :] * sx[:, None, :]
+        acc = tl.sum(acc3, axis=2)
+        omask = bmask[:, None] & rmask[None, :]
         yofs = bat[:, None] * stride_ym + rows[None, :]
-        tl.store(y_ptr + yofs, acc.to(y_ptr.dtype.element_ty), mask=bmask[:, None] & rmask[None, :])
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + yofs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+        else:
+            wsofs = bat[:, None] * N + rows[None, :]
+            tl.store(ws_ptr + pid_k * MB * N + wsofs, acc, mask=omask)
+            tl.debug_barrier()  # all partial stores of this program precede the release below
+            cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if cnt == SPLIT - 1:
+                tot = tl.zeros((MB, BN), dtype=tl.float32)
+                for s in tl.static_range(SPLIT):
+                    tot += tl.load(ws_ptr + s * MB * N + wsofs, mask=omask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + yofs, tot.to(y_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
     @triton.jit
-    def _gemm_kernel(x_ptr, lo_ptr, hi_ptr, d_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    def _code_at(a, b, c, jj):
+        # code at position jj (0..31) of a 32-code run stored in plane words a, b, c (broadcast shapes)
+        pl = jj // 10
+        w = tl.where(pl == 0, a, tl.where(pl == 1, b, c))
+        reg = (w >> (3 * (jj - 10 * pl))) & 7
+        q30 = ((a >> 30) & 3) | (((c >> 30) & 1) << 2)
+        q31 = ((b >> 30) & 3) | (((c >> 31) & 1) << 2)
+        return tl.where(jj < 30, reg, tl.where(jj == 30, q30, q31))
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                      MBUCKET, G: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
@@ -225,8 +281,9 @@ if HAS_TRITON:
         rk = tl.arange(0, BK)
         mmask = rm < M
         nmask = rn < N
-        KW = K // 16
+        KW = K // 32
         NG = K // G
+        PS = N * KW
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + rk
@@ -234,11 +291,11 @@ if HAS_TRITON:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :],
                         other=0.0)
             wmask = kmask[:, None] & nmask[None, :]
-            wofs = rn[None, :] * KW + (k // 16)[:, None]
-            lo = tl.load(lo_ptr + wofs, mask=wmask, other=0)
-            hi = tl.load(hi_ptr + wofs, mask=wmask, other=0).to(tl.int32)
-            sh = (k % 16)[:, None]
-            q = ((lo >> (2 * sh)) & 3) | (((hi >> sh) & 1) << 2)
+            wofs = rn[None, :] * KW + (k // 32)[:, None]
+            a = tl.load(q_ptr + wofs, mask=wmask, other=0)
+            b = tl.load(q_ptr + PS + wofs, mask=wmask, other=0)
+            c = tl.load(q_ptr + 2 * PS + wofs, mask=wmask, other=0)
+            q = _code_at(a, b, c, (k % 32)[:, None])
             gofs = rn[None, :] * NG + (k // G)[:, None]
             d = tl.load(d_ptr + gofs, mask=wmask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + gofs, mask=wmask, other=0.0).to(tl.float32)
@@ -253,22 +310,28 @@ if HAS_TRITON:
         tl.store(y_ptr + yofs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
-    def _dequant_kernel(lo_ptr, hi_ptr, d_ptr, m_ptr, w_ptr, n_words, G: tl.constexpr, BLOCK: tl.constexpr):
-        WPG: tl.constexpr = G // 16
-        wi = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _dequant_kernel(q_ptr, d_ptr, m_ptr, w_ptr, n_words, G: tl.constexpr, BLOCK: tl.constexpr):
+        WPG: tl.constexpr = G // 32
+        wi = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat word index n*KW + c
         msk = wi < n_words
-        lo = tl.load(lo_ptr + wi, mask=msk, other=0)
-        hi = tl.load(hi_ptr + wi, mask=msk, other=0).to(tl.int32)
-        j = tl.arange(0, 16)
-        q = ((lo[:, None] >> (2 * j)[None, :]) & 3) | (((hi[:, None] >> j[None, :]) & 1) << 2)
+        a = tl.load(q_ptr + wi, mask=msk, other=0)
+        b = tl.load(q_ptr + n_words + wi, mask=msk, other=0)
+        c = tl.load(q_ptr + 2 * n_words + wi, mask=msk, other=0)
+        jj = tl.arange(0, 32)
+        q = _code_at(a[:, None], b[:, None], c[:, None], jj[None, :])
         d = tl.load(d_ptr + wi // WPG, mask=msk, other=0.0).to(tl.float32)  # row-major groups: word // WPG
         m = tl.load(m_ptr + wi // WPG, mask=msk, other=0.0).to(tl.float32)
         w = d[:, None] * q.to(tl.float32) + m[:, None]
-        tl.store(w_ptr + wi[:, None] * 16 + j[None, :], w.to(w_ptr.dtype.element_ty), mask=msk[:, None])
+        tl.store(w_ptr + wi[:, None] * 32 + jj[None, :], w.to(w_ptr.dtype.element_ty), mask=msk[:, None])
 
-    _GEMV_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                     for bn, bk, w, s in [(4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1),
-                                          (16, 1024, 8, 1), (2, 2048, 4, 1), (8, 512, 4, 3), (4, 512, 2, 1)]]
+    # (BN, BK, num_warps, SPLIT). Batch 1 wants ~8 rows a thread (x loads amortised) and split-K to
+    # keep enough warps in flight; batch 2..8 wants more rows a thread still (x is per batch row).
+    _GEMV1_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=w, num_stages=1)
+                      for bn, bk, w, sp in [(16, 1024, 4, 1), (32, 1024, 4, 1), (32, 1024, 4, 4), (32, 512, 4, 4),
+                                            (16, 512, 2, 4), (32, 256, 2, 8), (64, 512, 4, 2), (8, 1024, 4, 2)]]
+    _GEMVB_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=w, num_stages=1)
+                      for bn, bk, w, sp in [(16, 512, 2, 8), (16, 512, 2, 4), (32, 512, 2, 4), (64, 256, 2, 4),
+                                            (32, 256, 4, 4), (16, 256, 1, 8)]]
     _GEMM_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
                      for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
                                               (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]]
@@ -276,8 +339,9 @@ if HAS_TRITON:
 
     def _tuned_kernel(name):
         if name not in _tuned:
-            if name == "gemv":
-                _tuned[name] = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "MB", "G"])(_gemv_kernel)
+            if name in ("gemv1", "gemvB"):
+                cfgs = _GEMV1_CONFIGS if name == "gemv1" else _GEMVB_CONFIGS
+                _tuned[name] = triton.autotune(cfgs, key=["N", "K", "MB", "G"])(_gemv_kernel)
             else:
                 _tuned[name] = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "MBUCKET", "G"])(_gemm_kernel)
         return _tuned[name]
@@ -285,6 +349,23 @@ if HAS_TRITON:
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
+
+
+_WS: dict = {}
+SPLIT_MAX = 8  # largest split-K of a GEMV config (sizes the scratch)
+
+
+def _workspace(device, ws_elems: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch (fp32) and per-row-block counters (int32, kept at zero by the kernel).
+    Shared by all GEMV launches on a device: launches on concurrent streams must not overlap."""
+    key = str(device)
+    ws, cnt = _WS.get(key, (None, None))
+    if ws is None or ws.numel() < ws_elems:
+        ws = torch.empty(max(ws_elems, 1 << 16), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < n_counters:
+        cnt = torch.zeros(max(n_counters, 4096), dtype=torch.int32, device=device)
+    _WS[key] = (ws, cnt)
+    return ws, cnt
 
 
 def gemv_max_batch() -> int:
@@ -299,14 +380,14 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: 
     """(N, K) dense weight in `dtype` = fp32 dequantization cast once (Triton kernel where it runs)."""
     n, k = pw.shape
     if out is None:
-        out = torch.empty((n, k), dtype=dtype, device=pw.lo.device)
-    if use_triton(pw.lo):
-        nw = n * k // 16
-        blk = 128
-        _dequant_kernel[(triton.cdiv(nw, blk),)](pw.lo, pw.hi, pw.scales, pw.offsets, out, nw,
+        out = torch.empty((n, k), dtype=dtype, device=pw.qweight.device)
+    if use_triton(pw.qweight):
+        nw = n * k // 32
+        blk = 64
+        _dequant_kernel[(triton.cdiv(nw, blk),)](pw.qweight, pw.scales, pw.offsets, out, nw,
                                                  G=pw.group_size, BLOCK=blk, num_warps=4)
     else:
-        out.copy_(dequantize(unpack_codes(pw.lo, pw.hi), pw.scales, pw.offsets, pw.group_size))
+        out.copy_(dequantize(unpack_codes(pw.qweight), pw.scales, pw.offsets, pw.group_size))
     if pw.prot_rows is not None and pw.prot_rows.numel():
         out[pw.prot_rows.long(), pw.prot_cols.long()] = pw.prot_val.to(out.dtype)
     return out
@@ -347,16 +428,21 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         for m0 in range(0, mrows, 8):
             xs, ys = x2[m0:m0 + 8], y[m0:m0 + 8]
             mb = _next_pow2(xs.shape[0])
-            args = (xs, pw.lo, pw.hi, pw.scales, pw.offsets, b, ys, xs.shape[0], n, k, xs.stride(0), ys.stride(0))
+            ws, cnt = _workspace(x.device, SPLIT_MAX * mb * n, triton.cdiv(n, 8))
+            args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, xs.shape[0], n, k, xs.stride(0),
+                    ys.stride(0))
             if tune:
-                _tuned_kernel("gemv")[lambda meta: (triton.cdiv(n, meta["BN"]),)](
-                    *args, G=g, MB=mb, HAS_BIAS=has_bias)
+                _tuned_kernel("gemv1" if mb == 1 else "gemvB")[
+                    lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias)
             else:
-                cfg = dict(config or {"BN": 8, "BK": max(g, 128), "num_warps": 4})
-                _gemv_kernel[(triton.cdiv(n, cfg["BN"]),)](*args, G=g, MB=mb, HAS_BIAS=has_bias, **cfg)
+                cfg = dict(config or {"BN": 8, "BK": 128, "num_warps": 4})
+                cfg.setdefault("SPLIT", 1)
+                if cfg["SPLIT"] > SPLIT_MAX or cfg["BN"] < 8:
+                    raise ValueError(f"GEMV config needs SPLIT <= {SPLIT_MAX} and BN >= 8, got {cfg}")
+                _gemv_kernel[(triton.cdiv(n, cfg["BN"]), cfg["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias, **cfg)
     else:
         ieee = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
-        args = (x2, pw.lo, pw.hi, pw.scales, pw.offsets, b, y, mrows, n, k, x2.stride(0), y.stride(0),
+        args = (x2, pw.qweight, pw.scales, pw.offsets, b, y, mrows, n, k, x2.stride(0), y.stride(0),
                 min(_next_pow2(mrows), 4096))
         if tune:
             grid = lambda meta: (triton.cdiv(mrows, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731

@@ -141,6 +141,8 @@ def bench_gemv(copy_gbs: float, batches=(1, 8), slots_shapes=((4096, 4096),)) ->
                 for b in batches:
                     x = torch.randn(b, k, device=DEV, dtype=torch.float16)
                     y = QM.qmatmul(x, pws[0])  # autotunes here
+                    tuned = QM._tuned.get("gemv1" if b == 1 else "gemvB")
+                    cfg = str(getattr(tuned, "best_config", None))
                     err = rel(y, x.float() @ QM.dequantize_dense(pws[0], torch.float32).T)
                     itq, itf = itertools.cycle(pws), itertools.cycle(wf)
                     tq = med(lambda: QM.qmatmul(x, next(itq)))
@@ -153,12 +155,12 @@ def bench_gemv(copy_gbs: float, batches=(1, 8), slots_shapes=((4096, 4096),)) ->
                              q_bytes=qb, q_GBs=qb / tq / 1e3, fp16_GBs=fb / tf / 1e3,
                              q_graph_GBs=qb / gq / 1e3, q_frac_copy=qb / tq / 1e3 / copy_gbs,
                              q_graph_frac_copy=qb / gq / 1e3 / copy_gbs,
-                             speedup=tf / tq, speedup_graph=gf / gq, copies=(nq, nf))
+                             speedup=tf / tq, speedup_graph=gf / gq, copies=(nq, nf), config=cfg)
                     rows.append(r)
                     print(f"gemv {model:13s} {n:6d}x{k:<6d} b={b} P={slots}: q {tq:7.2f} us "
                           f"({r['q_GBs']:6.0f} GB/s, {100 * r['q_frac_copy']:4.1f}% copy; graph {gq:6.2f} us "
                           f"{100 * r['q_graph_frac_copy']:4.1f}%)  fp16 {tf:7.2f} us  x{r['speedup']:.2f} "
-                          f"(graph x{r['speedup_graph']:.2f})  err {err:.1e}", flush=True)
+                          f"(graph x{r['speedup_graph']:.2f})  err {err:.1e}  {cfg}", flush=True)
                 del pws, wf
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
@@ -166,7 +168,7 @@ def bench_gemv(copy_gbs: float, batches=(1, 8), slots_shapes=((4096, 4096),)) ->
 
 
 def _clone(pw: QM.PackedWeight) -> QM.PackedWeight:
-    return QM.PackedWeight(*(None if t is None else t.clone() for t in (pw.lo, pw.hi, pw.scales, pw.offsets)),
+    return QM.PackedWeight(*(None if t is None else t.clone() for t in (pw.qweight, pw.scales, pw.offsets)),
                            pw.bits, pw.group_size, pw.shape, pw.slots,
                            *(None if t is None else t.clone() for t in (pw.prot_rows, pw.prot_cols,
                                                                           pw.prot_delta, pw.prot_val)))
