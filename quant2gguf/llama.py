@@ -127,7 +127,8 @@ def _run_logged(cmd: list[str], log: Path, status) -> None:
         for line in proc.stdout:
             f.write(line)
             if status is not None and line.strip():
-                status.update(f"[bold]llama.cpp[/]: {line.strip()[:110]}")
+                from rich.markup import escape  # build lines hold brackets and paths
+                status.update(f"[bold]llama.cpp[/]: {escape(line.strip()[:110])}")
         rc = proc.wait()
     if rc:
         raise RuntimeError(f"llama.cpp build failed (exit {rc}) running:\n  {' '.join(cmd)}\n"
@@ -144,7 +145,7 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
     with _locked(bdir.name):
         if (bdir / MARKER).is_file():
             return bdir / "bin"
-        (bdir / MARKER).unlink(missing_ok=True)
+        bdir.mkdir(parents=True, exist_ok=True)
         log = bdir / "build.log"
         log.write_text("")
         cfg = ["cmake", "-S", str(src), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
