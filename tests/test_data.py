@@ -29,6 +29,21 @@ def test_gsm_split_disjoint():
     assert D.gsm_problems("calib", 7, seed=1) == D.gsm_problems("calib", 7, seed=1)
 
 
+def test_gsm_variants_come_from_calibration_templates_only():
+    ev = D.gsm_problems("eval")
+    v = D.gsm_variants(120, seed=0)
+    assert len(v) == 120 and {p["id"] for p in v} <= set(range(50))
+    assert len({p["id"] for p in v}) == 50  # round-robin reaches every calibration template
+    assert not {p["question"] for p in v} & {p["question"] for p in ev}
+    assert not {p["id_orig"] for p in v} & {p["id_orig"] for p in ev}
+    for p in v:  # rendered worked solutions end in the rendered answer
+        assert D.parse_answer(p["solution"]) == pytest.approx(float(p["answer"]))
+    assert D.gsm_variants(5, seed=3) == D.gsm_variants(5, seed=3)
+    assert D.gsm_variants(5, seed=3) != D.gsm_variants(5, seed=4)
+    calib = D.gsm_problems("calib", 80)
+    assert len(calib) == 80 and sum(p["variant"] == 0 for p in calib) == 50
+
+
 def test_champ_split_disjoint():
     calib, ev = D.champ_problems("calib"), D.champ_problems("eval")
     assert len(calib) + len(ev) == 270 and len(ev) == 54
@@ -50,6 +65,13 @@ def test_token_batches_and_eval_tokens():
     assert all(" ".join(map(str, w.tolist())) not in evs for w in c)
     for src in ("gsm", "champ"):
         assert D.token_batches(tok, src, "calib", 2, 64).shape == (2, 64)
+
+
+def test_eval_text_file_is_the_eval_split():
+    p = D.eval_text_file("news")
+    body = p.read_text(encoding="utf-8")
+    assert body.startswith(D.news_articles("eval")[0]) and D.news_articles("calib")[-1] not in body
+    assert D.eval_text_file("news") == p
 
 
 def test_user_files(tmp_path):
