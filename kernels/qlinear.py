@@ -12,7 +12,7 @@ from quant2gguf.quantizer import QuantizedWeight
 
 from .qmatmul import PackedWeight, dequantize_packed, pack, qmatmul, qmatmul_torch, use_triton
 
-_FIELDS = ("qweight", "scales", "offsets", "prot_rows", "prot_cols", "prot_delta", "prot_val")
+_FIELDS = ("qweight", "scales", "offsets", "prot_rows", "prot_cols", "prot_delta", "prot_val", "prot_rowptr")
 # floating buffers are kept as integer bit views so model.to(dtype) / .half() cannot round them
 _VIEW = {"scales": torch.int16, "offsets": torch.int16, "prot_delta": torch.int32, "prot_val": torch.int16}
 _BACK = {"scales": torch.float16, "offsets": torch.float16, "prot_delta": torch.float32, "prot_val": torch.float16}

@@ -23,7 +23,8 @@ two integer instructions (mask, shift-add) and one FMA per weight, no int->float
 GEMM (9..255 rows): tiles (BM, BN, BK); the weight tile is dequantized exactly in fp32 (d*q + m),
 cast to the activation dtype and fed to tl.dot with fp32 accumulation.
 Dense (>= 256 rows): a Triton kernel dequantizes to (N, K) in the activation dtype, cuBLAS multiplies.
-GEMV/GEMM add the bias in-kernel; the protected correction is a sparse index_add after the kernel.
+GEMV/GEMM add the bias in-kernel. The protected correction is fused in the GEMV (each program takes a
+share of its row block's entries, found through prot_rowptr, and scatters them with a one-hot); the GEMM path adds it with a sparse index_add after the kernel.
 """
 from __future__ import annotations
 
@@ -63,17 +64,22 @@ class PackedWeight:
     prot_cols: torch.Tensor | None = None  # int32 (nnz,)
     prot_delta: torch.Tensor | None = None  # fp32 (nnz,)
     prot_val: torch.Tensor | None = None  # fp16 (nnz,): the protected weight itself (dense path)
+    prot_rowptr: torch.Tensor | None = None  # int32 (N+1,): CSR row offsets into the lists (GEMV)
 
     def to(self, device) -> "PackedWeight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedWeight(mv(self.qweight), mv(self.scales), mv(self.offsets), self.bits,
                             self.group_size, self.shape, self.slots, mv(self.prot_rows),
-                            mv(self.prot_cols), mv(self.prot_delta), mv(self.prot_val))
+                            mv(self.prot_cols), mv(self.prot_delta), mv(self.prot_val), mv(self.prot_rowptr))
+
+    @property
+    def has_prot(self) -> bool:
+        return self.prot_rows is not None and self.prot_rows.numel() > 0
 
     @property
     def nbytes(self) -> int:
         ts = [self.qweight, self.scales, self.offsets, self.prot_rows, self.prot_cols, self.prot_delta,
-              self.prot_val]
+              self.prot_val, self.prot_rowptr]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -118,7 +124,7 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
         raise ValueError(f"group size must be a power of two >= 32, got {g}")
     n, k = qw.shape
     qweight = pack_codes(qw.codes)
-    rows = cols = delta = val = None
+    rows = cols = delta = val = rowptr = None
     if qw.pidx is not None and qw.pidx.numel():
         used = qw.pidx != EMPTY
         base = torch.arange(k // g, device=qw.codes.device).view(1, -1, 1) * g
@@ -130,8 +136,11 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
         order = torch.argsort(r * k + c)  # row-major order: deterministic, cache friendly
         rows, cols = r[order].to(torch.int32), c[order].to(torch.int32)
         delta, val = delta[order].contiguous(), val[order].to(torch.float16).contiguous()
+        rowptr = torch.zeros(n + 1, dtype=torch.int64, device=qw.codes.device)
+        rowptr[1:] = torch.cumsum(torch.bincount(rows.long(), minlength=n), 0)
+        rowptr = rowptr.to(torch.int32)
     return PackedWeight(qweight, qw.scales.to(torch.float16).contiguous(), qw.offsets.to(torch.float16).contiguous(),
-                        qw.bits, g, (n, k), qw.slots, rows, cols, delta, val)
+                        qw.bits, g, (n, k), qw.slots, rows, cols, delta, val, rowptr)
 
 
 def unpack(pw: PackedWeight) -> QuantizedWeight:
@@ -179,8 +188,31 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _gemv_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                     G: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _prot_correction(acc, rows, bat, bmask, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr, row0, N,
+                         pid_k, SPLIT: tl.constexpr, MB: tl.constexpr, PE: tl.constexpr):
+        # acc (MB, BN) += delta * x[:, col] over this row block's protected entries (CSR range),
+        # the block's entries shared out between its SPLIT programs; scatter by a one-hot on rows
+        e_lo = tl.load(rp_ptr + row0)
+        e_hi = tl.load(rp_ptr + tl.minimum(row0 + rows.shape[0], N))
+        share = tl.cdiv(e_hi - e_lo, SPLIT)
+        s_lo = e_lo + pid_k * share
+        s_hi = tl.minimum(s_lo + share, e_hi)
+        for e0 in range(s_lo, s_hi, PE):
+            e = e0 + tl.arange(0, PE)
+            em = e < s_hi
+            r_e = tl.load(pr_ptr + e, mask=em, other=-1)
+            c_e = tl.load(pc_ptr + e, mask=em, other=0)
+            dl = tl.load(pd_ptr + e, mask=em, other=0.0)
+            xv = tl.load(x_ptr + bat[:, None] * stride_xm + c_e[None, :], mask=bmask[:, None] & em[None, :],
+                         other=0.0).to(tl.float32)
+            hit = (r_e[:, None] == rows[None, :]).to(tl.float32)  # (PE, BN)
+            acc += tl.sum((xv * dl[None, :])[:, :, None] * hit[None, :, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, rp_ptr, pr_ptr, pc_ptr, pd_ptr,
+                     M, N, K, stride_xm, stride_ym,
+                     G: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROT: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
         # grid (cdiv(N, BN), SPLIT): program (i, s) owns rows [i*BN, (i+1)*BN) and the s-th K slice.
         # SPLIT > 1: partial sums go to ws (SPLIT, MB, N) fp32; the last program of a row block to
@@ -233,6 +265,9 @@ if HAS_TRITON:
             d8 = 8.0 * d
             acc3 += d8[None, :, :] * sfx + (m - d8)[None, :, :] * sx[:, None, :]
         acc = tl.sum(acc3, axis=2)
+        if HAS_PROT:
+            acc = _prot_correction(acc, rows, bat, bmask, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr,
+                                   pid_n * BN, N, pid_k, SPLIT, MB, 128 // MB)
         omask = bmask[:, None] & rmask[None, :]
         yofs = bat[:, None] * stride_ym + rows[None, :]
         if SPLIT == 1:
@@ -429,17 +464,22 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             xs, ys = x2[m0:m0 + 8], y[m0:m0 + 8]
             mb = _next_pow2(xs.shape[0])
             ws, cnt = _workspace(x.device, SPLIT_MAX * mb * n, triton.cdiv(n, 8))
-            args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, xs.shape[0], n, k, xs.stride(0),
+            hp = pw.has_prot
+            prot = (pw.prot_rowptr, pw.prot_rows, pw.prot_cols, pw.prot_delta) if hp else (cnt, cnt, cnt, ws)
+            args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, *prot, xs.shape[0], n, k, xs.stride(0),
                     ys.stride(0))
             if tune:
                 _tuned_kernel("gemv1" if mb == 1 else "gemvB")[
-                    lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias)
+                    lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias,
+                                                                              HAS_PROT=hp)
             else:
                 cfg = dict(config or {"BN": 8, "BK": 128, "num_warps": 4})
                 cfg.setdefault("SPLIT", 1)
                 if cfg["SPLIT"] > SPLIT_MAX or cfg["BN"] < 8:
                     raise ValueError(f"GEMV config needs SPLIT <= {SPLIT_MAX} and BN >= 8, got {cfg}")
-                _gemv_kernel[(triton.cdiv(n, cfg["BN"]), cfg["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias, **cfg)
+                _gemv_kernel[(triton.cdiv(n, cfg["BN"]), cfg["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias,
+                                                                         HAS_PROT=hp, **cfg)
+        return y.reshape(*lead, n)
     else:
         ieee = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
         args = (x2, pw.qweight, pw.scales, pw.offsets, b, y, mrows, n, k, x2.stride(0), y.stride(0),
@@ -452,7 +492,7 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             cfg.setdefault("GROUP_M", 8)
             grid = (triton.cdiv(mrows, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
             _gemm_kernel[grid](*args, G=g, HAS_BIAS=has_bias, IEEE=ieee, **cfg)
-    if pw.prot_rows is not None and pw.prot_rows.numel():
+    if pw.has_prot:  # GEMM path: sparse correction in torch (the GEMV path fuses it)
         corr = x2[:, pw.prot_cols.long()].float() * pw.prot_delta
         y32 = y.float().index_add_(1, pw.prot_rows.long(), corr)
         y = y32.to(x.dtype)

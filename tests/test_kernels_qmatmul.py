@@ -103,6 +103,18 @@ def test_qmatmul_poison_every_element_written():
         assert rel_err(out, x.double() @ qw.dequantize().double().T) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_dense_protection(split):
+    """More protected entries per row than one CSR chunk (32) in the fused GEMV correction."""
+    qw = rand_qw(19, 384, 32, slots=3, p=0.5)
+    pw = QM.pack(qw)
+    assert int((pw.prot_rowptr[1:] - pw.prot_rowptr[:-1]).max()) > 32
+    x = torch.randn(2, 384, device=DEV)
+    out = torch.full((2, 19), float("nan"), device=DEV)
+    QM.qmatmul(x, pw, config={"BN": 8, "BK": 128, "SPLIT": split, "num_warps": 4}, force="gemv", out=out)
+    assert rel_err(out, x.double() @ qw.dequantize().double().T) < TOL[torch.float32]
+
+
 def test_default_dispatch_and_batch_dims():
     """No config: the default (autotuned on GPU) path, a 3-D input, and M > 8 splits to GEMM."""
     qw = rand_qw(64, 256, 128, slots=1)
