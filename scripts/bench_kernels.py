@@ -41,11 +41,21 @@ SHAPES = {  # (N out, K in) of every distinct linear
 }
 GEMM_SHAPES = [(4864, 896), (4096, 2560), (9728, 2560), (2560, 9728), (4096, 4096), (12288, 4096), (4096, 12288)]
 ROT_BYTES = 128 << 20
+RES: dict = {}  # the results so far, saved after every measured row (a timeout keeps what was done)
+OUTDIR = Path("bench_out")
 if SMOKE:
     SHAPES = {"tiny": [(48, 256), (32, 128)]}
     GEMM_SHAPES = [(48, 256)]
     ROT_BYTES = 1 << 14
 T0 = time.time()
+
+
+def save(section: str | None = None, rows=None):
+    if section is not None:
+        RES[section] = rows
+    if RES:
+        (OUTDIR / "bench_kernels.json").write_text(json.dumps(RES, indent=1))
+        (OUTDIR / "bench_kernels.md").write_text(markdown(RES))
 
 
 def sync():
@@ -157,6 +167,7 @@ def bench_gemv(copy_gbs: float, batches=(1, 8), slots_shapes=((4096, 4096),)) ->
                              q_graph_frac_copy=qb / gq / 1e3 / copy_gbs,
                              speedup=tf / tq, speedup_graph=gf / gq, copies=(nq, nf), config=cfg)
                     rows.append(r)
+                    save("gemv", rows)
                     print(f"gemv {model:13s} {n:6d}x{k:<6d} b={b} P={slots}: q {tq:7.2f} us "
                           f"({r['q_GBs']:6.0f} GB/s, {100 * r['q_frac_copy']:4.1f}% copy; graph {gq:6.2f} us "
                           f"{100 * r['q_graph_frac_copy']:4.1f}%)  fp16 {tf:7.2f} us  x{r['speedup']:.2f} "
@@ -191,6 +202,7 @@ def bench_gemm(tokens: int = 16 if SMOKE else 2048) -> list[dict]:
             r[f"{path}_us"], r[f"{path}_TFLOPs"], r[f"{path}_vs_fp16"] = t, 2 * tokens * n * k / t / 1e6, tf / t
         r["dequant_us"] = med(lambda: QM.dequantize_dense(pw, torch.float16))
         rows.append(r)
+        save("gemm", rows)
         print(f"gemm {n:6d}x{k:<6d} M={tokens}: fp16 {tf:8.1f} us ({r['fp16_TFLOPs']:.0f} TF/s)  "
               f"dense {r['dense_us']:8.1f} us (x{r['dense_vs_fp16']:.2f})  fused {r['gemm_us']:8.1f} us "
               f"(x{r['gemm_vs_fp16']:.2f})  dequant {r['dequant_us']:.1f} us  err {r['dense_rel_err']:.1e}/"
@@ -240,6 +252,7 @@ def bench_fakequant(shapes=((4096, 4096), (9728, 2560)), g: int = 128) -> list[d
             # bytes: fwd reads W writes out (8 B/elt); bwd reads W, g, writes gW (12 B/elt)
             r["triton_fwdbwd_GBs"] = 20 * n * k / r["triton_fwdbwd_us"] / 1e3
             rows.append(r)
+            save("fakequant", rows)
             print(f"fakequant {n}x{k} P={slots}: triton {r['triton_fwdbwd_us']:.1f} us "
                   f"({r['triton_fwdbwd_GBs']:.0f} GB/s)  eager {r['eager_fwdbwd_us']:.1f}  compile "
                   f"{r['compile_fwdbwd_us']:.1f}  x{r['vs_compile']:.2f} vs compile  fwd mismatches "
@@ -347,9 +360,12 @@ def main():
     ap.add_argument("--only", default="gemv,gemm,fakequant,model")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (tiny shapes, TRITON_INTERPRET)")
     a = ap.parse_args()
+    global OUTDIR
+    OUTDIR = a.out
     a.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # cuBLAS default
-    res = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    res = RES
+    res.update(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                torch=torch.__version__, triton=triton.__version__, errors=[])
     res["copy_GBs"] = copy_bandwidth()
     print(f"{res['device']}: copy {res['copy_GBs']:.0f} GB/s", flush=True)
@@ -369,8 +385,7 @@ def main():
             import traceback
             traceback.print_exc()
             res["errors"].append(f"{name}: {type(e).__name__}: {e}")
-        (a.out / "bench_kernels.json").write_text(json.dumps(res, indent=1))
-        (a.out / "bench_kernels.md").write_text(markdown(res))
+        save()
     md = markdown(res)
     (a.out / "bench_kernels.md").write_text(md)
     print(md)
