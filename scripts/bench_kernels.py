@@ -360,6 +360,8 @@ def main():
     ap.add_argument("--only", default="gemv,gemm,fakequant,model")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (tiny shapes, TRITON_INTERPRET)")
     a = ap.parse_args()
+    if DEV == "cpu" and not SMOKE:
+        sys.exit("bench_kernels: no CUDA device; use --smoke for a CPU dry run")
     global OUTDIR
     OUTDIR = a.out
     a.out.mkdir(parents=True, exist_ok=True)

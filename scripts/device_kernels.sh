@@ -10,29 +10,30 @@ REPO=$PWD
 OUT=${OUT:-$REPO/device_out}
 mkdir -p "$OUT"
 T0=$(date +%s)
+PY=${PYTHON:-python3}
 
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version --format=csv
-  python3 -c "import sys, torch, triton, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  "$PY" -c "import sys, torch, triton, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 # quant2gguf.kernels lives in ./kernels (mapped by pyproject). Without an install, expose the repo
 # through a shadow package of symlinks instead of pip-installing on the machine.
-if ! (cd /tmp && python3 -c "import quant2gguf.kernels") >/dev/null 2>&1; then
+if ! (cd /tmp && "$PY" -c "import quant2gguf.kernels") >/dev/null 2>&1; then
   SHADOW=$(mktemp -d)/site
   mkdir -p "$SHADOW/quant2gguf"
   for f in "$REPO"/quant2gguf/*; do ln -s "$f" "$SHADOW/quant2gguf/"; done
   ln -s "$REPO/kernels" "$SHADOW/quant2gguf/kernels"
   export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
 fi
-(cd /tmp && python3 -c "import quant2gguf.kernels.qlinear as m; print('import ok:', m.__file__)") || exit 1
+(cd /tmp && "$PY" -c "import quant2gguf.kernels.qlinear as m; print('import ok:', m.__file__)") || exit 1
 
 XDIST=""
-python3 -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
+"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
 echo "== pytest (GPU) $XDIST"
-(cd /tmp && timeout 210 python3 -m pytest -q -p no:cacheprovider $XDIST -rfE \
+(cd /tmp && timeout 210 "$PY" -m pytest -q -p no:cacheprovider $XDIST -rfE \
    "$REPO/tests/test_kernels_fakequant.py" "$REPO/tests/test_kernels_qmatmul.py" \
    --junitxml="$OUT/pytest.xml") >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$? ($(( $(date +%s) - T0 )) s so far)" | tee -a "$OUT/pytest.log"
@@ -40,7 +41,7 @@ tail -n 30 "$OUT/pytest.log"
 
 echo "== bench"
 LEFT=$(( 570 - ($(date +%s) - T0) ))
-timeout "$LEFT" python3 "$REPO/scripts/bench_kernels.py" --out "$OUT" --budget $(( LEFT - 90 )) \
+timeout "$LEFT" "$PY" "$REPO/scripts/bench_kernels.py" --out "$OUT" --budget $(( LEFT - 90 )) \
   >"$OUT/bench.log" 2>&1
 echo "bench rc=$? ($(( $(date +%s) - T0 )) s total)" | tee -a "$OUT/bench.log"
 grep -v '^|' "$OUT/bench.log" | grep -iE 'error|traceback|failed|skipped' | head -20
