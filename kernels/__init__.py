@@ -1,0 +1,13 @@
+"""Triton kernels of the quantization loop (shipped as quant2gguf.kernels).
+
+fakequant: learnable fake-quant for QAT (fused forward/backward, bit-exact with the reference).
+qmatmul:   3-bit packing for GPU and dequant-matmul (GEMV for decode, GEMM / dequant+cuBLAS for prefill).
+qlinear:   QuantLinear and swap_linears, so evaluation runs on the packed weights.
+Every kernel runs on CUDA or on CPU under TRITON_INTERPRET=1; without either, torch fallbacks run.
+"""
+from .fakequant import fake_quant
+from .qlinear import QuantLinear, swap_linears
+from .qmatmul import PackedWeight, dequantize_dense, dequantize_packed, pack, qmatmul, unpack
+
+__all__ = ["fake_quant", "QuantLinear", "swap_linears", "PackedWeight", "pack", "unpack", "qmatmul",
+           "dequantize_dense", "dequantize_packed"]
