@@ -7,7 +7,8 @@ Every kernel runs on CUDA or on CPU under TRITON_INTERPRET=1; without either, to
 """
 from .fakequant import fake_quant
 from .qlinear import QuantLinear, swap_linears
-from .qmatmul import PackedWeight, dequantize_dense, dequantize_packed, pack, qmatmul, unpack
+from .qmatmul import PackedWeight, dequantize_dense, dequantize_packed, pack, unpack
 
-__all__ = ["fake_quant", "QuantLinear", "swap_linears", "PackedWeight", "pack", "unpack", "qmatmul",
+# the matmul itself is quant2gguf.kernels.qmatmul.qmatmul (re-exporting it would hide the module)
+__all__ = ["fake_quant", "QuantLinear", "swap_linears", "PackedWeight", "pack", "unpack",
            "dequantize_dense", "dequantize_packed"]
