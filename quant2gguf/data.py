@@ -42,7 +42,7 @@ CHAMP_EVAL_EVERY = 5
 SPLIT_DOC = {
     "news": {"calib": "news calib: articles 0-239 of 300 (lee_background.cor)",
              "eval": "news eval: articles 240-299 of 300 (lee_background.cor)"},
-    "gsm": {"calib": "gsm calib: GSM8K test questions of symbolic templates 0-49",
+    "gsm": {"calib": "gsm calib: GSM8K test questions of symbolic templates 0-49 + 200 variants rendered from them",
             "eval": "gsm eval: GSM8K test questions of symbolic templates 50-99"},
     "champ": {"calib": "champ calib: problems with index % 5 != 4 (216 of 270)",
               "eval": "champ eval: problems with index % 5 == 4 (54 of 270)"},

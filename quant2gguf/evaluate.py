@@ -7,7 +7,8 @@
            parsed with data.parse_answer and compared numerically
 
 The reference (FP) model runs on the same chunk right after the evaluated model, so no logits are
-kept beyond one chunk: memory stays bounded by one batch of (seqlen x vocab) logits per model.
+kept beyond one chunk: memory stays bounded by one batch of (seqlen x vocab) logits per model, and
+softmaxes run over slices of 128 positions.
 A checkpoint's weights are its deployed dequantized values (checkpoint.load_model), or, with
 packed=True on CUDA, its packed 3-bit codes run through the Triton kernels.
 """
@@ -58,38 +59,42 @@ def _progress(it, desc: str, total: int | None = None):
 
 
 @torch.no_grad()
-def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """log-softmax of next-token logits for positions 0..T-2, fp32."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits.float(), dim=-1)
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits for positions 0..T-2 (model dtype)."""
+    return model(input_ids=ids, use_cache=False).logits[:, :-1]
 
 
 @torch.no_grad()
-def text_metrics(model, tokens: torch.Tensor, ref=None, batch: int = 1, device: str = "cpu") -> dict:
-    """ppl of `model` (and of `ref`), kld and top1 vs `ref`, over (n, seqlen) token chunks."""
+def text_metrics(model, tokens: torch.Tensor, ref=None, batch: int = 1, device: str = "cpu",
+                 span: int = 128) -> dict:
+    """ppl of `model` (and of `ref`), kld and top1 vs `ref`, over (n, seqlen) token chunks.
+    Softmaxes run over `span` positions at a time, so at most two chunks of raw logits plus a
+    few (batch, span, vocab) fp32 tensors are alive at once."""
     nll = ref_nll = kl = agree = 0.0
     count = 0
     for i in _progress(range(0, len(tokens), batch), "eval chunks", math.ceil(len(tokens) / batch)):
         ids = tokens[i:i + batch].to(device)
         tgt = ids[:, 1:].unsqueeze(-1)
-        lp = _logprobs(model, ids)
-        nll += -lp.gather(-1, tgt).sum().item()
-        if ref is not None:
-            rlp = _logprobs(ref, ids)
-            if rlp.shape[-1] != lp.shape[-1]:
-                raise ValueError(f"model and reference have different vocabularies ({lp.shape[-1]} vs "
-                                 f"{rlp.shape[-1]} logits); KLD needs the same tokenizer")
-            ref_nll += -rlp.gather(-1, tgt).sum().item()
-            kl += (rlp.exp() * (rlp - lp)).sum().item()
-            agree += (rlp.argmax(-1) == lp.argmax(-1)).sum().item()
-            del rlp
+        logits = _logits(model, ids)
+        ref_logits = _logits(ref, ids) if ref is not None else None
+        if ref_logits is not None and ref_logits.shape[-1] != logits.shape[-1]:
+            raise ValueError(f"model and reference have different vocabularies ({logits.shape[-1]} vs "
+                             f"{ref_logits.shape[-1]} logits); KLD needs the same tokenizer")
+        for s in range(0, logits.shape[1], span):
+            t = tgt[:, s:s + span]
+            lp = torch.log_softmax(logits[:, s:s + span].float(), dim=-1)
+            nll += -lp.gather(-1, t).sum().item()
+            if ref_logits is not None:
+                rlp = torch.log_softmax(ref_logits[:, s:s + span].float(), dim=-1)
+                ref_nll += -rlp.gather(-1, t).sum().item()
+                kl += (rlp.exp() * (rlp - lp)).sum().item()
+                agree += (rlp.argmax(-1) == lp.argmax(-1)).sum().item()
         count += tgt.numel()
-        del lp
-    out = {"ppl": math.exp(nll / count), "predictions": count}
-    out.update(ref_ppl=math.exp(ref_nll / count) if ref is not None else None,
-               kld=kl / count if ref is not None else None,
-               top1=agree / count if ref is not None else None)
-    return out
+        del logits, ref_logits
+    has_ref = ref is not None
+    return {"ppl": math.exp(nll / count), "predictions": count,
+            "ref_ppl": math.exp(ref_nll / count) if has_ref else None,
+            "kld": kl / count if has_ref else None, "top1": agree / count if has_ref else None}
 
 
 def _strip_calc(s: str) -> str:
@@ -138,7 +143,8 @@ def gsm_accuracy(model, tokenizer, n: int, device: str = "cpu", batch: int = 8,
                 got, want = parse_answer(text), float(p["answer"])
                 ok = got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
                 correct += ok
-                samples.append({"id": p["id"], "answer": want, "parsed": got, "correct": bool(ok)})
+                samples.append({"id": p["id"], "answer": want, "parsed": got, "correct": bool(ok),
+                                "output": text[-300:]})
     finally:
         tokenizer.padding_side = pad_side
     return {"gsm_acc": correct / len(problems) if problems else None, "gsm_n": len(problems),
