@@ -203,7 +203,7 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             if not torch.equal(rows, torch.arange(n)):
                 q = _take_rows(q, rows)
             qtype = qtype_for(q)
-            packed = np.ascontiguousarray(gguf_types.pack(q), dtype=np.uint8)
+            packed = np.ascontiguousarray(gguf_types.pack(q, qtype), dtype=np.uint8)
             self.gguf_writer.add_tensor(new_name, packed, raw_dtype=gguf.GGMLQuantizationType(qtype))
             self.written[new_name] = (q, qtype)
 
@@ -211,6 +211,11 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             return tokenizer_pre or super().get_vocab_base_pre(tokenizer)
 
         def prepare_metadata(self, vocab_only):
+            if self.written:  # general.file_type names our type holding most weights (tensors are done)
+                sizes: dict[int, int] = {}
+                for q, qtype in self.written.values():
+                    sizes[qtype] = sizes.get(qtype, 0) + q.codes.numel()
+                self.ftype = gguf.LlamaFileType(max(sizes, key=sizes.get))
             super().prepare_metadata(vocab_only)
             for key, val in extra_kv.items():
                 if isinstance(val, int):
@@ -270,7 +275,7 @@ def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_p
     """Write checkpoint `ckpt` as GGUF `out`; returns size, tensor counts per type and bits per weight.
 
     outtype: type of the tensors not quantized by design (docs/GGUF.md). tokenizer_pre forces
-    llama.cpp's BPE pre-tokenizer name (e.g. "gpt2") for tokenizers its converter does not know."""
+    llama.cpp's BPE pre-tokenizer name (e.g. "gpt-2") for tokenizers its converter does not know."""
     ckpt = Path(ckpt)
     man, quantized = checkpoint.load_quantized(ckpt)
     _expected_tensors(ckpt, quantized)
@@ -304,7 +309,7 @@ def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, Quan
         except NotImplementedError as e:
             if "pre-tokenizer" in str(e):
                 raise ValueError(f"{folder}: llama.cpp's converter does not recognise this BPE pre-tokenizer; pass "
-                                 "tokenizer_pre (e.g. 'gpt2' for a byte-level BPE) if you know which it is") from None
+                                 "tokenizer_pre (e.g. 'gpt-2' for a GPT-2 style byte-level BPE) if you know which it is") from None
             raise ValueError(f"{folder}: llama.cpp's converter cannot convert this model: {e}") from None
         reader = read_gguf(tmp)
         _check_quantized(reader, model.written, out)

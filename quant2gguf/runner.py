@@ -30,20 +30,34 @@ def check_gguf(path: str | Path) -> Path:
     return Path(path)
 
 
-def _run(cmd: list, timeout: float | None = None) -> subprocess.CompletedProcess:
+def _run(cmd: list, need: str | None = None, tries: int = 5, strict: bool = True) -> subprocess.CompletedProcess:
+    """Run a tool; with `need` (a regex), re-run until its output has it (strict: else raise).
+
+    The pinned llama.cpp logs from a worker thread that is never joined at exit (common/log.cpp,
+    upstream issue 22142), so the last lines of a run, the final perplexity among them, are lost
+    now and then; a re-run is the only remedy that needs no patch."""
     cmd = [str(c) for c in cmd]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"timed out after {timeout} s: {' '.join(cmd)}") from None
+    for _ in range(tries):
+        r = _exec(cmd)
+        out = r.stderr + r.stdout
+        if (r.returncode and out.strip()) or (not r.returncode and (need is None or re.search(need, out))):
+            break
     if r.returncode:
-        tail = (r.stderr + r.stdout)[-LOG_TAIL:]
+        tail = out[-LOG_TAIL:].strip() or "(it printed nothing; run the command by hand to see why)"
         raise RuntimeError(f"{Path(cmd[0]).name} failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}")
+    if strict and need is not None and not re.search(need, out):
+        raise RuntimeError(f"{Path(cmd[0]).name} did not print its result in {tries} runs: {' '.join(cmd)}\n"
+                           f"{out[-LOG_TAIL:]}")
     return r
 
 
-def _gpu_args(cuda: bool, ngl: int | None = None) -> list:
-    return ["-ngl", str(ngl if ngl is not None else (99 if cuda else 0))]
+def _exec(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                          stdin=subprocess.DEVNULL)  # never wait on a prompt
+
+
+def _gpu_args(cuda: bool) -> list:
+    return ["-ngl", "99"] if cuda else []  # a CPU build warns about any -ngl
 
 
 def run_prompt(gguf: str | Path, prompt: str, n: int = 64, threads: int = 2, cuda: bool = False) -> str:
@@ -51,7 +65,8 @@ def run_prompt(gguf: str | Path, prompt: str, n: int = 64, threads: int = 2, cud
     check_gguf(gguf)
     cmd = [_tool("llama-completion", cuda), "-m", gguf, "-p", prompt, "-n", n, "-t", threads, "--temp", 0,
            "-no-cnv", "--no-display-prompt", "--simple-io", "--no-warmup", *_gpu_args(cuda)]
-    out = _run(cmd).stdout
+    # the perf summary comes last: when it shows, no generated text was lost (see _run)
+    out = _run(cmd, need=r"total time", strict=False).stdout
     return out.removesuffix("\n").removesuffix(" [end of text]").strip("\n")
 
 
@@ -112,44 +127,65 @@ def perplexity(gguf: str | Path, text_file: str | Path | None, ctx: int = 512, c
             cmd += ["--kl-divergence-base", save_logits]
     if chunks:
         cmd += ["--chunks", chunks]
-    r = _run(cmd)
-    res = parse_perplexity(r.stderr + r.stdout)
-    if "ppl" not in res:
-        raise RuntimeError(f"llama-perplexity printed no perplexity (too little text for ctx={ctx}?): "
-                           f"{' '.join(map(str, cmd))}\n{(r.stderr + r.stdout)[-LOG_TAIL:]}")
+    if save_logits:  # the saved log-probs give the perplexity even if the log's last lines are lost
+        r = _run(cmd)
+        res = parse_perplexity(r.stderr + r.stdout)
+        if "ppl" not in res:
+            res["ppl"], res["ppl_source"] = ppl_from_logits_file(save_logits), "logits file"
+    else:
+        r = _run(cmd, need=_PATTERNS["same_top_p_pct"] if kld_base else _PATTERNS["ppl"])
+        res = parse_perplexity(r.stderr + r.stdout)
     return {**res, "ctx": ctx}
+
+
+def _open_logits_file(path: str | Path) -> dict:
+    """Header, tokens and the raw 16-bit log-prob records (memory-mapped) of a logits file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise ValueError(f"{path} is not a llama-perplexity logits file")
+        n_ctx, n_vocab, n_chunk = (int(v) for v in np.fromfile(f, dtype="<i4", count=3))
+    # per scored position: float32 scale, float32 min log-prob, uint16 codes padded to an even count
+    nv, n_tok = 2 * ((n_vocab + 1) // 2) + 4, n_ctx - 1 - n_ctx // 2
+    head = 8 + 12 + 4 * n_chunk * n_ctx
+    if path.stat().st_size < head + 2 * n_chunk * n_tok * nv:
+        raise ValueError(f"{path} is truncated")
+    tokens = np.memmap(path, dtype="<i4", mode="r", offset=20, shape=(n_chunk, n_ctx))
+    raw = np.memmap(path, dtype="<u2", mode="r", offset=head, shape=(n_chunk, n_tok, nv))
+    return {"n_ctx": n_ctx, "n_vocab": n_vocab, "n_chunk": n_chunk, "tokens": tokens, "raw": raw}
+
+
+def _scale_min(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sm = np.ascontiguousarray(rec[..., :4]).view("<f4")
+    return sm[..., :1], sm[..., 1:2]
 
 
 def read_logits_file(path: str | Path, logprobs: bool = False) -> dict:
     """A llama-perplexity --kl-divergence-base file: n_ctx, n_vocab, n_chunk, the evaluated token
     ids (int32 (n_chunk, n_ctx), before BOS substitution) and, with logprobs=True, the log-probs
     llama.cpp computed for the scored positions n_ctx//2 .. n_ctx-2 of each chunk, decoded from
-    their 16-bit form (float32 (n_chunk, n_ctx - 1 - n_ctx//2, n_vocab))."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        if f.read(8) != b"_logits_":
-            raise ValueError(f"{path} is not a llama-perplexity logits file")
-        n_ctx, n_vocab, n_chunk = (int(v) for v in np.fromfile(f, dtype="<i4", count=3))
-        tokens = np.fromfile(f, dtype="<i4", count=n_chunk * n_ctx)
-        res = {"n_ctx": n_ctx, "n_vocab": n_vocab, "n_chunk": n_chunk}
-        if tokens.size != n_chunk * n_ctx:
-            raise ValueError(f"{path} is truncated")
-        res["tokens"] = tokens.reshape(n_chunk, n_ctx)
-        if logprobs:
-            res["logprobs"] = _decode_logprobs(f, path, n_ctx, n_vocab, n_chunk)
+    their 16-bit form (float32 (n_chunk, n_ctx - 1 - n_ctx//2, n_vocab); mind the size)."""
+    f = _open_logits_file(path)
+    res = {k: f[k] for k in ("n_ctx", "n_vocab", "n_chunk")}
+    res["tokens"] = np.array(f["tokens"])
+    if logprobs:
+        scale, lo = _scale_min(f["raw"])
+        res["logprobs"] = (scale * f["raw"][..., 4:4 + f["n_vocab"]] + lo).astype(np.float32)
     return res
 
 
-def _decode_logprobs(f, path: Path, n_ctx: int, n_vocab: int, n_chunk: int) -> np.ndarray:
-    # per position: float32 scale, float32 min log-prob, then uint16 codes padded to an even count
-    nv = 2 * ((n_vocab + 1) // 2) + 4
-    n_tok = n_ctx - 1 - n_ctx // 2
-    raw = np.fromfile(f, dtype="<u2", count=n_chunk * n_tok * nv)
-    if raw.size != n_chunk * n_tok * nv:
-        raise ValueError(f"{path} is truncated")
-    raw = raw.reshape(n_chunk, n_tok, nv)
-    head = np.ascontiguousarray(raw[..., :4]).view("<f4")
-    return (head[..., :1] * raw[..., 4:4 + n_vocab] + head[..., 1:2]).astype(np.float32)
+def ppl_from_logits_file(path: str | Path) -> float:
+    """Perplexity of the scored tokens from llama.cpp's saved 16-bit log-probs (within ~1e-4 relative)."""
+    f = _open_logits_file(path)
+    first = f["n_ctx"] // 2
+    nll = []
+    for c in range(f["n_chunk"]):  # one chunk at a time: a chunk is n_ctx/2 x n_vocab records
+        rec = f["raw"][c]
+        target = np.asarray(f["tokens"][c, first + 1:], dtype=np.int64)
+        scale, lo = _scale_min(rec)
+        q = rec[np.arange(len(target)), 4 + target].astype(np.float64)
+        nll.append(-(scale[:, 0] * q + lo[:, 0]))
+    return float(np.exp(np.concatenate(nll).mean()))
 
 
 # ------------------------------------------------------------------------------- speed --------
@@ -159,7 +195,7 @@ def bench(gguf: str | Path, threads: int = 2, n_gen: int = 128, n_prompt: int = 
     """llama-bench -o json: model size and params, tokens/s (mean, std) of each test (tgN, ppN)."""
     check_gguf(gguf)
     cmd = [_tool("llama-bench", cuda), "-m", gguf, "-t", threads, "-n", n_gen, "-p", n_prompt, "-r", reps,
-           "-ngl", ngl, "-o", "json"]
+           *(["-ngl", ngl] if ngl or cuda else []), "-o", "json"]
     r = _run(cmd)
     try:
         rows = json.loads(r.stdout[r.stdout.index("["):])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from quant2gguf import checkpoint, export, runner
 from quant2gguf.quantizer import quantize
 
-PRE = "gpt2"  # the tiny byte-level BPE tokenizer is GPT-2's pre-tokenizer; the converter can't hash it
+PRE = "gpt-2"  # the tiny byte-level BPE tokenizer uses GPT-2's pre-tokenizer; the converter can't hash it
 CASES = {  # arch, group size, protected slots -> expected ggml type name
     "llama-g64": ("llama", 64, 0, "Q3_G64"),
     "qwen2-g128p": ("qwen2", 128, 2, "Q3_G128P"),
@@ -88,12 +88,14 @@ def test_other_tensors_follow_the_rule(converted):
 
 
 def test_metadata_and_tokenizer(converted):
+    from quant2gguf import gguf_types
     r = export.read_gguf(converted["info"]["path"])
     f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == PRE
     assert len(f["tokenizer.ggml.tokens"]) == 512 and len(f["tokenizer.ggml.merges"]) > 0
     assert f["quant2gguf.method"] == "rtn" and f["quant2gguf.group_size"] == converted["group"]
     assert f["general.architecture"] in ("llama", "qwen2", "qwen3")
+    assert f["general.file_type"] == gguf_types.TYPES[converted["type"]].id
 
 
 def test_summary(converted):

