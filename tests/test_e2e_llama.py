@@ -117,3 +117,32 @@ def test_unpatched_llama_cpp_would_refuse_our_types(model):
     _, gguf = model
     ours = {int(t.tensor_type) for t in export.read_gguf(gguf).tensors if int(t.tensor_type) >= 96}
     assert ours and min(ours) >= count
+
+
+def test_smollm2_matches_torch(bin_dir, tmp_path):
+    """The real fixture (llama arch, 576 wide, tied embeddings, SmolLM2's own BPE tokenizer):
+    every decoder linear RTN W3G64 (no calibration: this checks export and runtime, not quality),
+    then llama-perplexity vs torch on llama.cpp's tokens of held-out news, within 1%."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant2gguf.data import news_articles
+    from quant2gguf.fixtures import fetch
+    from quant2gguf.quantizer import quantize
+    src = fetch("smollm2")
+    model, tok = AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src)
+    quantized = {n: quantize(m.weight.data, 3, 64) for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    ckpt = checkpoint.save(tmp_path / "ckpt", model, tok, quantized, {"method": "rtn", "bits": 3, "group_size": 64})
+    del model
+    info = export.convert(ckpt, tmp_path / "smol.gguf")
+    assert info["tensors"]["Q3_G64"] == 210 and info["bpw_quantized"] == 3.5
+    text = tmp_path / "news.txt"
+    text.write_text("\n\n".join(news_articles("eval")))
+    base = tmp_path / "logits.bin"
+    res = runner.perplexity(tmp_path / "smol.gguf", text, ctx=256, chunks=4, save_logits=base)
+    toks = runner.read_logits_file(base)["tokens"]
+    bos = int(export.read_gguf(tmp_path / "smol.gguf").fields["tokenizer.ggml.bos_token_id"].contents())
+    lp = torch_logprobs(ckpt, toks, bool(toks[0, 0] == bos), bos)
+    target = torch.from_numpy(toks[:, toks.shape[1] // 2 + 1:].astype(np.int64))
+    ppl_torch = float(torch.exp(-lp.gather(-1, target[..., None]).mean()))
+    assert res["ppl"] == pytest.approx(ppl_torch, rel=0.01), (res["ppl"], ppl_torch)
