@@ -207,8 +207,8 @@ def bench(gguf: str | Path, threads: int = 2, n_gen: int = 128, n_prompt: int = 
         tests[name] = {"tok_s": row["avg_ts"], "std": row["stddev_ts"]}
     first = rows[0] if rows else {}
     pick = lambda prefix: next((v["tok_s"] for k, v in tests.items() if k.startswith(prefix)), None)  # noqa: E731
-    return {"tg_tok_s": pick("tg"), "pp_tok_s": pick("pp"),"model_size": first.get("model_size"), "model_n_params": first.get("model_n_params"),
-            "threads": threads, "ngl": ngl, "backend": first.get("backends"), "cpu": first.get("cpu_info"),
+    return {"tg_tok_s": pick("tg"), "pp_tok_s": pick("pp"), "model_size": first.get("model_size"),
+            "model_n_params": first.get("model_n_params"), "threads": threads, "ngl": ngl, "backend": first.get("backends"), "cpu": first.get("cpu_info"),
             "gpu": first.get("gpu_info"), "tests": tests}
 
 
