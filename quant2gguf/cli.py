@@ -36,7 +36,7 @@ def quantize(
     method: str = typer.Option("gptq", help="rtn | gptq | awq | quantlrm | laquant"),
     bits: int = typer.Option(3),
     group_size: int = typer.Option(128, "--group-size", "-g"),
-    calib: str = typer.Option("news", help="calibration source: news | gsm | champ | traces | FILE.jsonl/.txt"),
+    calib: str = typer.Option("news", help="calibration: news | gsm | champ | traces (the model's own GSM reasoning) | FILE.jsonl/.txt"),
     nsamples: int = typer.Option(32),
     seqlen: int = typer.Option(512),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
@@ -45,13 +45,20 @@ def quantize(
     slots: Optional[int] = typer.Option(None, help="protected fp16 weights per group: 0 or 2 (default: 2 for quantlrm)"),
     base: Optional[str] = typer.Option(None, help="QuantLRM: the model before reasoning fine-tuning (else a pseudo-fine-tune)"),
     ft_steps: int = typer.Option(16, help="QuantLRM pseudo-fine-tune steps"),
+    init: str = typer.Option("gptq", help="LAQuant: initialisation (rtn | gptq | awq)"),
+    epochs: int = typer.Option(2, help="LAQuant: epochs over the calibration set per layer"),
+    lam: float = typer.Option(1.0, help="LAQuant: weight of the next-layer lookahead term (0 = off)"),
+    mu: float = typer.Option(1.0, help="LAQuant: weight of the next layer's K/V term (0 = off)"),
+    lr_w: float = typer.Option(1e-5, help="LAQuant: latent weight learning rate"),
+    lr_q: float = typer.Option(1e-4, help="LAQuant: scale/offset learning rate"),
     seed: int = typer.Option(0),
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
     from .pipeline import quantize_model
     _guard(quantize_model, model, out, method=method, bits=bits, group_size=group_size, calib=calib,
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
-           slots=slots, base=base, ft_steps=ft_steps)
+           slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
+           lr_w=lr_w, lr_q=lr_q)
     typer.echo(str(out))
 
 

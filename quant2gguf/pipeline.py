@@ -72,7 +72,12 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     torch.manual_seed(seed)
     mdl, tok, folder = load_hf(model)
     arch = get_arch(mdl.config.model_type)
-    batches = token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed)
+    if calib == "traces":  # the model's own reasoning on GSM calibration problems
+        from .traces import traces_file
+        batches = token_batches(tok, str(traces_file(mdl, tok, folder, device=dev)), "all", nsamples, seqlen, seed=seed)
+        mdl.to("cpu")
+    else:
+        batches = token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed)
     fn = METHODS[method]
     opts = {k: v for k, v in options.items() if k in fn.__code__.co_varnames}
     slots = (2 if method == "quantlrm" else 0) if slots is None else slots
@@ -92,7 +97,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         "method": method, "bits": bits, "group_size": group_size, "slots": cfg.slots, **extra,
         "options": {k: v for k, v in opts.items() if k != "importance"},
         "arch": arch.name, "source_model": str(model),
-        "calibration": {"source": calib, "split": "calib", "nsamples": int(batches.shape[0]),
+        "calibration": {"source": calib, "nsamples": int(batches.shape[0]),
+                        "split": "model's greedy traces on the gsm calib split" if calib == "traces" else "calib",
                         "seqlen": int(batches.shape[1]), "seed": seed},
         "layers": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
     }

@@ -41,35 +41,41 @@ def main() -> None:
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     rows = []
+    out = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "args": vars(a), "rows": rows}
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "gsm_samples"}), flush=True)
+        if a.out:  # after every row: a run cut short still leaves its numbers
+            Path(a.out).write_text(json.dumps(out, indent=1))
+
     for spec in a.models:
         model, g = spec.split(":")
         g = int(g)
         t = time.time()
         fp = evaluate(model, ref=None, ntokens=a.ntokens, gsm=a.gsm, device=a.device)
-        rows.append({"model": model, "method": "fp", "group": None, **fp, "quant_s": 0.0, "eval_s": time.time() - t})
-        print(json.dumps(rows[-1]), flush=True)
-        for method in a.methods:
-            ck = wd / f"{model}-{method}-w3g{g}"
+        record({"model": model, "method": "fp", "group": None, **fp, "quant_s": 0.0, "eval_s": time.time() - t})
+        for spec_m in a.methods:  # METHOD or METHOD+calib (e.g. laquant+traces)
+            method, _, calib = spec_m.partition("+")
+            ck = wd / f"{model}-{spec_m}-w3g{g}"
             t = time.time()
             if not ck.exists():
                 quantize_model(model, ck, method=method, bits=3, group_size=g, nsamples=a.nsamples,
-                               seqlen=a.seqlen, device=a.device)
+                               seqlen=a.seqlen, device=a.device, calib=calib or "news")
             tq = time.time() - t
             res = evaluate(str(ck), ref=model, ntokens=a.ntokens, gsm=a.gsm, device=a.device)
-            rows.append({"model": model, "method": method, "group": g, **res, "quant_s": tq,
-                         "eval_s": time.time() - t - tq})
-            print(json.dumps(rows[-1]), flush=True)
-    out = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "args": vars(a), "rows": rows}
-    if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1))
+            slots = json.loads((ck / "manifest.json").read_text()).get("slots", 0)
+            bpw = 3 + 32 / g + slots * 24 / g  # codes + fp16 d, m + (fp16 value + uint8 index) per slot
+            record({"model": model, "method": spec_m, "group": g, "bpw": bpw, **res, "quant_s": tq,
+                    "eval_s": time.time() - t - tq})
     print(f"\nmachine: {out['machine']}, date {out['date']}, eval: news eval split, {a.ntokens} tokens; GSM N={a.gsm}\n")
-    print("| model | method | W/G | ppl | KLD | top-1 % | GSM acc | quantize s | eval s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | method | W/G | bpw | ppl | KLD | top-1 % | GSM acc | quantize s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "–")  # noqa: E731
         wg = "FP" if r["method"] == "fp" else f"W3G{r['group']}"
         top1 = f"{100 * r['top1']:.1f}" if r.get("top1") is not None else "–"
-        print(f"| {r['model']} | {r['method']} | {wg} | {f('ppl', '{:.2f}')} | {f('kld', '{:.4f}')} | {top1} "
+        print(f"| {r['model']} | {r['method']} | {wg} | {f('bpw', '{:.3f}')} | {f('ppl', '{:.2f}')} | {f('kld', '{:.4f}')} | {top1} "
               f"| {f('gsm_acc', '{:.2f}')} | {r['quant_s']:.0f} | {r['eval_s']:.0f} |")
 
 
