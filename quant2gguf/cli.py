@@ -51,6 +51,7 @@ def quantize(
     mu: float = typer.Option(1.0, help="LAQuant: weight of the next layer's K/V term (0 = off)"),
     lr_w: float = typer.Option(1e-5, help="LAQuant: latent weight learning rate"),
     lr_q: float = typer.Option(1e-4, help="LAQuant: scale/offset learning rate"),
+    offload: bool = typer.Option(False, help="keep layers and activations on CPU between uses (GPU short of memory)"),
     seed: int = typer.Option(0),
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
@@ -58,7 +59,7 @@ def quantize(
     _guard(quantize_model, model, out, method=method, bits=bits, group_size=group_size, calib=calib,
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
            slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
-           lr_w=lr_w, lr_q=lr_q)
+           lr_w=lr_w, lr_q=lr_q, offload=offload)
     typer.echo(str(out))
 
 
@@ -88,11 +89,12 @@ def eval_cmd(
 def convert(
     ckpt: Path = typer.Argument(..., help="quant2gguf checkpoint folder"),
     out: Path = typer.Option(..., "-o", "--out", help="GGUF file to write"),
-    outtype: str = typer.Option("f16", help="type of tensors not quantized by design: f16 | f32 | q8_0"),
+    outtype: str = typer.Option("f16", help="type of tensors not quantized by design: f16 | f32 | bf16 | q8_0"),
+    tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when its converter does not recognise the tokenizer (e.g. gpt-2)"),
 ):
     """Write the checkpoint as a GGUF with our 3-bit tensor types."""
     from .export import convert as do_convert
-    info = _guard(do_convert, ckpt, out, outtype=outtype)
+    info = _guard(do_convert, ckpt, out, outtype=outtype, tokenizer_pre=tokenizer_pre)
     typer.echo(json.dumps(info, indent=1) if isinstance(info, dict) else str(out))
 
 
@@ -104,7 +106,7 @@ def run(
     threads: int = typer.Option(2, "-t"),
 ):
     """Run a prompt through the patched llama.cpp."""
-    from .llama import run_prompt
+    from .runner import run_prompt
     typer.echo(_guard(run_prompt, gguf_path, prompt, n=n, threads=threads))
 
 

@@ -202,9 +202,3 @@ def lib_dir(cuda: bool = False) -> Path:
         if (d / "libggml-base.so").exists():
             return d
     raise RuntimeError(f"libggml-base.so not found under {b.parent}; rebuild with `quant2gguf llama build`")
-
-
-def run_prompt(*args, **kwargs):
-    """Forwarder for the CLI's `run` command (implemented in runner.py)."""
-    from .runner import run_prompt as rp
-    return rp(*args, **kwargs)

@@ -134,8 +134,8 @@ def quickstart(model: str = "smollm2", workdir: str | Path = "out/quickstart", m
     if not ckpt.exists():
         quantize_model(model, ckpt, method=method, group_size=group_size, nsamples=nsamples, seqlen=seqlen)
     gguf = wd / f"{tag}.gguf"
-    if not gguf.exists():
-        convert(ckpt, gguf)
+    if not gguf.exists():  # embeddings at q8_0: a file size comparable with stock llama-quantize
+        convert(ckpt, gguf, outtype="q8_0")
     llama.build()
     f16 = wd / f"{Path(str(model)).name}-f16.gguf"
     if not f16.exists():
