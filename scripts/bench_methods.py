@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="out/bench")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP model (an earlier run did)")
     a = ap.parse_args()
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -53,8 +54,9 @@ def main() -> None:
         model, g = spec.split(":")
         g = int(g)
         t = time.time()
-        fp = evaluate(model, ref=None, ntokens=a.ntokens, gsm=a.gsm, device=a.device)
-        record({"model": model, "method": "fp", "group": None, **fp, "quant_s": 0.0, "eval_s": time.time() - t})
+        if not a.skip_fp:
+            fp = evaluate(model, ref=None, ntokens=a.ntokens, gsm=a.gsm, device=a.device)
+            record({"model": model, "method": "fp", "group": None, **fp, "quant_s": 0.0, "eval_s": time.time() - t})
         for spec_m in a.methods:  # METHOD or METHOD+calib (e.g. laquant+traces)
             method, _, calib = spec_m.partition("+")
             ck = wd / f"{model}-{spec_m}-w3g{g}"
