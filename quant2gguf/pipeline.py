@@ -11,16 +11,9 @@ import torch
 from . import checkpoint
 from .arch import get_arch
 from .calib import QuantConfig, quantize_layers
+from .evaluate import pick_device
 from .methods import METHODS
 from .methods.quantlrm import importances, pseudo_finetune
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 def load_hf(model: str | Path, dtype=torch.float32):
@@ -67,7 +60,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         raise ValueError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
     if group_size not in (32, 64, 128):
         raise ValueError(f"group size {group_size} not supported; use 32, 64 or 128")
-    dev = pick_device(device)
+    dev = torch.device(pick_device(device))
     t0 = time.time()
     torch.manual_seed(seed)
     mdl, tok, folder = load_hf(model)
