@@ -41,11 +41,20 @@ class QuantLinear(nn.Module):
         t = getattr(self, "_" + f)
         return t.view(_BACK[f]) if t is not None and f in _BACK else t
 
+    def _apply(self, *args, **kwargs):  # .to() / .cuda() / .half(): the cached views go stale
+        self.__dict__["_pw_cache"] = None
+        return super()._apply(*args, **kwargs)
+
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(*(self._get(f) for f in _FIELDS[:3]), self.bits, self.group_size,
-                            (self.out_features, self.in_features), self.slots,
-                            *(self._get(f) for f in _FIELDS[3:]))
+        """The buffers as a PackedWeight (built once and cached: decode calls forward per token)."""
+        pw = self.__dict__.get("_pw_cache")
+        if pw is None or pw.qweight is not self._qweight:
+            pw = PackedWeight(*(self._get(f) for f in _FIELDS[:3]), self.bits, self.group_size,
+                              (self.out_features, self.in_features), self.slots,
+                              *(self._get(f) for f in _FIELDS[3:]))
+            self.__dict__["_pw_cache"] = pw
+        return pw
 
     @property
     def weight(self) -> torch.Tensor:

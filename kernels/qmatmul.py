@@ -1,30 +1,34 @@
-"""Packed 3-bit weights on GPU and dequant-matmul kernels (GEMV for decode, GEMM for prefill).
+"""Packed 3-bit weights on GPU and dequant-matmul kernels (GEMV for decode, dense path for prefill).
 
 Packing (not ggml's; made for the GEMV below). Weight W (N out, K in), codes q in [0, 7], K a
-multiple of 32, group size G a multiple of 32 (32, 64, 128). Each run of 32 codes q[n, 32c + j]
-is stored in three int32 words, one per plane of `qweight` int32 (3, N, K//32):
+multiple of 32, group size G a power of two >= 32. Each run of 32 codes q[n, 32c + j] is stored in
+three int32 words, one per plane of `qweight` int32 (3, K//32, N) -- word-column major, so that
+consecutive output rows n are consecutive words (coalesced, 128-bit loads along N in the GEMV):
 
     plane 0 word: bits 3j..3j+2 = q[j]        for j = 0..9,   bits 30..31 = q[30] & 3
     plane 1 word: bits 3(j-10).. = q[j]       for j = 10..19, bits 30..31 = q[31] & 3
     plane 2 word: bits 3(j-20).. = q[j]       for j = 20..29, bit 30 = q[30] >> 2, bit 31 = q[31] >> 2
-    scales, offsets : fp16 (N, K//G)   d, m of the reference quantizer
+    scales, offsets : fp16 (K//G, N) (transposed: group-major)   d, m of the reference quantizer
     protected slots : COO lists rows int32 (nnz,), cols int32 (nnz,), delta fp32 (nnz,) with
                       delta = pval - (d*q + m) at that position, and the fp16 value pval (nnz,)
 
 i.e. exactly 3 bits a code, 3.25 bpw at G=128 with d and m.
 
-    y[b, n] = sum_k x[b, k] * (d[n, k//G] * q[n, k] + m[n, k//G]) + sum_{(n,k) in COO} delta * x[b, k]
+    y[b, n] = sum_k x[b, k] * (d[k//G, n] * q[n, k] + m[k//G, n]) + sum_{(n,k) in COO} delta * x[b, k]
 
-GEMV (batch M <= 8): a program owns BN rows and all M batch rows and walks K in BK chunks. It
-loads the (BN, BK/32) words of the three planes once and, for each position j (static unroll),
-builds f = 1 + q/8 straight in fp32 bits: bits = ((word & (7 << o)) shifted to bit 20) + 0x3F800000,
-two integer instructions (mask, shift-add) and one FMA per weight, no int->float convert. Per
-32-code word (one group's d, m):  sum_k w_k x_k = 8d * sum f_k x_k + (m - 8d) * sum x_k.
-GEMM (9..255 rows): tiles (BM, BN, BK); the weight tile is dequantized exactly in fp32 (d*q + m),
-cast to the activation dtype and fed to tl.dot with fp32 accumulation.
-Dense (>= 256 rows): a Triton kernel dequantizes to (N, K) in the activation dtype, cuBLAS multiplies.
-GEMV/GEMM add the bias in-kernel. The protected correction is fused in the GEMV (each program takes a
-share of its row block's entries, found through prot_rowptr, and scatters them with a one-hot); the GEMM path adds it with a sparse index_add after the kernel.
+GEMV (batch M <= 8): a program owns BN output rows (lanes along N, 4 rows a thread: 128-bit word
+loads) and BW word-columns per step of its K slice (split-K over SPLIT programs). For each position
+j (static unroll) it builds f = 1 + q/8 straight in fp32 bits, ((word shifted) & 0x700000) |
+0x3F800000 (shift + one LOP3, no int->float convert), and one FMA per weight and batch row; x[b, 32c+j]
+is the same address for all lanes (broadcast load). Per 32-code word (one group's d, m):
+sum_k w_k x_k = 8d * sum f_k x_k + (m - 8d) * sum x_k.
+Split-K partial sums go to an fp32 workspace; the last program of a row block (acq_rel counter)
+adds them up, adds the bias, writes y and resets its counter (one launch). Protected entries are
+scattered into the workspace with fp32 atomics (each program takes a share of its row block's CSR range).
+Launch configs are chosen by a heuristic per shape (no autotuning) and the compiled kernel is cached
+per call signature and launched directly (few us of host time).
+Dense (> 8 rows): a Triton kernel dequantizes to (N, K) in the activation dtype, cuBLAS multiplies.
+A fused tl.dot GEMM kernel exists (force="gemm", tests) but the default never picks it.
 """
 from __future__ import annotations
 
@@ -53,9 +57,9 @@ def interpreting() -> bool:
 
 @dataclass
 class PackedWeight:
-    qweight: torch.Tensor  # int32 (3, N, K//32)
-    scales: torch.Tensor  # fp16 (N, K//G)
-    offsets: torch.Tensor  # fp16 (N, K//G)
+    qweight: torch.Tensor  # int32 (3, K//32, N)
+    scales: torch.Tensor  # fp16 (K//G, N)  (transposed)
+    offsets: torch.Tensor  # fp16 (K//G, N)
     bits: int
     group_size: int
     shape: tuple[int, int]
@@ -88,7 +92,7 @@ def _to_int32(v: torch.Tensor) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (N, K) in [0, 7] -> qweight int32 (3, N, K//32) (layout above)."""
+    """uint8 codes (N, K) in [0, 7] -> qweight int32 (3, K//32, N) (layout above)."""
     n, k = codes.shape
     if k % 32:
         raise ValueError(f"K={k} must be a multiple of 32 to pack")
@@ -99,13 +103,13 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     p0 = (c[..., 0:10] << sh).sum(-1) | ((c[..., 30] & 3) << 30)
     p1 = (c[..., 10:20] << sh).sum(-1) | ((c[..., 31] & 3) << 30)
     p2 = (c[..., 20:30] << sh).sum(-1) | (((c[..., 30] >> 2) & 1) << 30) | (((c[..., 31] >> 2) & 1) << 31)
-    return torch.stack([_to_int32(p0), _to_int32(p1), _to_int32(p2)]).contiguous()
+    return torch.stack([_to_int32(p0).T, _to_int32(p1).T, _to_int32(p2).T]).contiguous()
 
 
 def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_codes: uint8 (N, K)."""
-    _, n, kw = qweight.shape
-    p = qweight.to(torch.int64) & 0xFFFFFFFF
+    _, kw, n = qweight.shape
+    p = (qweight.to(torch.int64) & 0xFFFFFFFF).transpose(1, 2)  # (3, N, KW)
     sh = 3 * torch.arange(10, device=qweight.device, dtype=torch.int64)
     out = torch.empty((n, kw, 32), dtype=torch.int64, device=qweight.device)
     for i in range(3):
@@ -139,7 +143,8 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
         rowptr = torch.zeros(n + 1, dtype=torch.int64, device=qw.codes.device)
         rowptr[1:] = torch.cumsum(torch.bincount(rows.long(), minlength=n), 0)
         rowptr = rowptr.to(torch.int32)
-    return PackedWeight(qweight, qw.scales.to(torch.float16).contiguous(), qw.offsets.to(torch.float16).contiguous(),
+    return PackedWeight(qweight, qw.scales.to(torch.float16).T.contiguous(),
+                        qw.offsets.to(torch.float16).T.contiguous(),
                         qw.bits, g, (n, k), qw.slots, rows, cols, delta, val, rowptr)
 
 
@@ -164,12 +169,12 @@ def unpack(pw: PackedWeight) -> QuantizedWeight:
             slot = idx - start
             pidx.view(-1, pw.slots)[grp, slot] = (c % g).to(torch.uint8)
             pval.view(-1, pw.slots)[grp, slot] = pw.prot_val
-    return QuantizedWeight(codes, pw.scales, pw.offsets, pw.bits, g, pidx, pval)
+    return QuantizedWeight(codes, pw.scales.T.contiguous(), pw.offsets.T.contiguous(), pw.bits, g, pidx, pval)
 
 
 def dequantize_packed(pw: PackedWeight) -> torch.Tensor:
     """fp32 (N, K), bit-exact with QuantizedWeight.dequantize."""
-    w = dequantize(unpack_codes(pw.qweight), pw.scales, pw.offsets, pw.group_size)
+    w = dequantize(unpack_codes(pw.qweight), pw.scales.T, pw.offsets.T, pw.group_size)
     if pw.prot_rows is not None and pw.prot_rows.numel():
         w[pw.prot_rows.long(), pw.prot_cols.long()] = pw.prot_val.float()
     return w
@@ -179,114 +184,158 @@ def dequantize_packed(pw: PackedWeight) -> torch.Tensor:
 if HAS_TRITON:
     @triton.jit
     def _fbits(word, O: tl.constexpr):
-        # the 3-bit field at bit O of `word` as fp32 bits of 1 + q/8 (field moved to bits 20..22)
-        t = word & (7 << O)
+        # the 3-bit field at bit O of `word` as fp32 bits of 1 + q/8 (field moved to bits 20..22):
+        # one shift and one LOP3 ((t & mask) | const)
         if O <= 20:
-            r = (t << (20 - O)) + 0x3F800000
+            t = word << (20 - O)
         else:
-            r = (t >> (O - 20)) + 0x3F800000
-        return r
+            t = word >> (O - 20)
+        return (t & 0x700000) | 0x3F800000
 
     @triton.jit
-    def _prot_correction(acc, rows, bat, bmask, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr, row0, N,
-                         pid_k, SPLIT: tl.constexpr, MB: tl.constexpr, PE: tl.constexpr):
-        # acc (MB, BN) += delta * x[:, col] over this row block's protected entries (CSR range),
-        # the block's entries shared out between its SPLIT programs; scatter by a one-hot on rows
+    def _prot_scatter(ws_ptr, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr, bat, bmask, row0, N, pid_k,
+                      BN: tl.constexpr, SPLIT: tl.constexpr, PE: tl.constexpr):
+        # ws[b, r] += delta * x[b, c] over this row block's protected entries (CSR range [e_lo, e_hi)),
+        # shared out between the block's SPLIT programs; fp32 atomics into this program's ws slice
         e_lo = tl.load(rp_ptr + row0)
-        e_hi = tl.load(rp_ptr + tl.minimum(row0 + rows.shape[0], N))
-        share = tl.cdiv(e_hi - e_lo, SPLIT)
+        e_hi = tl.load(rp_ptr + tl.minimum(row0 + BN, N))
+        share = (e_hi - e_lo + SPLIT - 1) // SPLIT
         s_lo = e_lo + pid_k * share
         s_hi = tl.minimum(s_lo + share, e_hi)
         for e0 in range(s_lo, s_hi, PE):
             e = e0 + tl.arange(0, PE)
             em = e < s_hi
-            r_e = tl.load(pr_ptr + e, mask=em, other=-1)
+            r_e = tl.load(pr_ptr + e, mask=em, other=0)
             c_e = tl.load(pc_ptr + e, mask=em, other=0)
             dl = tl.load(pd_ptr + e, mask=em, other=0.0)
-            xv = tl.load(x_ptr + bat[:, None] * stride_xm + c_e[None, :], mask=bmask[:, None] & em[None, :],
-                         other=0.0).to(tl.float32)
-            hit = (r_e[:, None] == rows[None, :]).to(tl.float32)  # (PE, BN)
-            acc += tl.sum((xv * dl[None, :])[:, :, None] * hit[None, :, :], axis=1)
-        return acc
+            msk = bmask[:, None] & em[None, :]
+            xv = tl.load(x_ptr + bat[:, None] * stride_xm + c_e[None, :], mask=msk, other=0.0).to(tl.float32)
+            tl.atomic_add(ws_ptr + bat[:, None] * N + r_e[None, :], xv * dl[None, :], mask=msk)
 
     @triton.jit
+    def _bits_at(a, b, c, j: tl.constexpr):
+        if j < 10:
+            bits = _fbits(a, 3 * j)
+        elif j < 20:
+            bits = _fbits(b, 3 * (j - 10))
+        elif j < 30:
+            bits = _fbits(c, 3 * (j - 20))
+        elif j == 30:
+            bits = ((a >> 10) & 0x300000) | ((c >> 8) & 0x400000) | 0x3F800000
+        else:
+            bits = ((b >> 10) & 0x300000) | ((c >> 9) & 0x400000) | 0x3F800000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi,
+                 G: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr):
+        # batch 1: sum over words [w_lo, w_hi) of this row block -> (BN,) fp32
+        WPG: tl.constexpr = G // 32
+        acc2 = tl.zeros((BW, BN), dtype=tl.float32)
+        for w0 in range(w_lo, w_hi, BW):
+            widx = w0 + tl.arange(0, BW)
+            wmask = widx < w_hi
+            wofs = widx[:, None] * N + rows[None, :]
+            lmask = wmask[:, None] & rmask[None, :]
+            a = tl.load(q_ptr + wofs, mask=lmask, other=0)
+            b = tl.load(q_ptr + PS + wofs, mask=lmask, other=0)
+            c = tl.load(q_ptr + 2 * PS + wofs, mask=lmask, other=0)
+            gofs = (widx // WPG)[:, None] * N + rows[None, :]
+            d = tl.load(d_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
+            sfx = tl.zeros((BW, BN), dtype=tl.float32)
+            sx = tl.zeros((BW,), dtype=tl.float32)
+            for j in tl.static_range(32):
+                xj = tl.load(x_ptr + widx * 32 + j, mask=wmask, other=0.0).to(tl.float32)
+                sfx += _bits_at(a, b, c, j) * xj[:, None]
+                sx += xj
+            d8 = 8.0 * d
+            acc2 += d8 * sfx + (m - d8) * sx[:, None]
+        return tl.sum(acc2, axis=0)
+
+    @triton.jit
+    def _gemv_bn(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, bat, bmask, stride_xm, N, PS, w_lo, w_hi,
+                 G: tl.constexpr, MB: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr):
+        # batch 2..8: (MB, BW, BN) tiles -> (MB, BN) fp32. Every load is 3-D so that the word
+        # loads' layout (rows along lanes) carries through the FMAs without conversions. N here is
+        # the unspecialized copy NS: scalar (still coalesced) word loads, so no thread holds several
+        # rows and x[b, 32c+j] is loaded once a thread (a vectorized layout replicates those loads).
+        WPG: tl.constexpr = G // 32
+        acc3 = tl.zeros((MB, BW, BN), dtype=tl.float32)  # reduced over BW once, after the loop
+        r3 = rows[None, None, :]
+        rm3 = rmask[None, None, :]
+        b3 = bat[:, None, None]
+        bm3 = bmask[:, None, None]
+        for w0 in range(w_lo, w_hi, BW):
+            widx = w0 + tl.arange(0, BW)
+            w3 = widx[None, :, None]
+            wm3 = w3 < w_hi
+            wofs = w3 * N + r3  # (1, BW, BN)
+            lmask = wm3 & rm3
+            a = tl.load(q_ptr + wofs, mask=lmask, other=0)
+            b = tl.load(q_ptr + PS + wofs, mask=lmask, other=0)
+            c = tl.load(q_ptr + 2 * PS + wofs, mask=lmask, other=0)
+            gofs = (w3 // WPG) * N + r3
+            d = tl.load(d_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
+            sfx = tl.zeros((MB, BW, BN), dtype=tl.float32)
+            sx = tl.zeros((MB, BW, 1), dtype=tl.float32)
+            xofs = b3 * stride_xm + w3 * 32  # (MB, BW, 1)
+            xmask = bm3 & wm3
+            for j in tl.static_range(32):
+                xj = tl.load(x_ptr + xofs + j, mask=xmask, other=0.0).to(tl.float32)
+                sfx += _bits_at(a, b, c, j) * xj
+                sx += xj
+            d8 = 8.0 * d
+            acc3 += d8 * sfx + (m - d8) * sx
+        return tl.sum(acc3, axis=1)
+
+    @triton.jit(do_not_specialize=["NS"])
     def _gemv_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, rp_ptr, pr_ptr, pc_ptr, pd_ptr,
-                     M, N, K, stride_xm, stride_ym,
+                     M, N, NS, KW, stride_xm, stride_ym, WPS,
                      G: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROT: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
-        # grid (cdiv(N, BN), SPLIT): program (i, s) owns rows [i*BN, (i+1)*BN) and the s-th K slice.
-        # SPLIT > 1: partial sums go to ws (SPLIT, MB, N) fp32; the last program of a row block to
-        # bump cnt[i] (acq_rel atomic) adds them up, writes y and resets cnt[i] to 0 (one launch).
-        WPG: tl.constexpr = G // 32  # words (of 32 codes) per group
-        BW: tl.constexpr = BK // 32  # words per chunk
+                     USE_WS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr):
+        # grid (cdiv(N, BN), SPLIT): program (i, s) owns rows [i*BN, (i+1)*BN) and words
+        # [s*WPS, (s+1)*WPS) of K (WPS a multiple of BW). USE_WS (SPLIT > 1 or protected entries):
+        # partial sums go to ws (SPLIT, MB, N) fp32; the last program of a row block to bump cnt[i]
+        # (acq_rel atomic) adds them up, writes y and resets cnt[i] to 0.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < N
         bat = tl.arange(0, MB)
         bmask = bat < M
-        KW = K // 32
-        NG = K // G
         PS = N * KW  # plane stride
-        chunk = tl.cdiv(KW, SPLIT * BW) * BW  # words per K slice, a multiple of BW
-        w_lo = pid_k * chunk
-        w_hi = tl.minimum(w_lo + chunk, KW)
-        acc3 = tl.zeros((MB, BN, BW), dtype=tl.float32)  # reduced over BW once, after the loop
-        for w0 in range(w_lo, w_hi, BW):
-            widx = w0 + tl.arange(0, BW)
-            wmask = widx < KW
-            wofs = rows[:, None] * KW + widx[None, :]
-            lmask = rmask[:, None] & wmask[None, :]
-            a = tl.load(q_ptr + wofs, mask=lmask, other=0)
-            b = tl.load(q_ptr + PS + wofs, mask=lmask, other=0)
-            c = tl.load(q_ptr + 2 * PS + wofs, mask=lmask, other=0)
-            gofs = rows[:, None] * NG + (widx // WPG)[None, :]
-            d = tl.load(d_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
-            sfx = tl.zeros((MB, BN, BW), dtype=tl.float32)
-            sx = tl.zeros((MB, BW), dtype=tl.float32)
-            xofs = bat[:, None] * stride_xm + widx[None, :] * 32
-            xmask = bmask[:, None] & wmask[None, :]
-            for j in tl.static_range(32):
-                xj = tl.load(x_ptr + xofs + j, mask=xmask, other=0.0).to(tl.float32)
-                if j < 10:
-                    bits = _fbits(a, 3 * j)
-                elif j < 20:
-                    bits = _fbits(b, 3 * (j - 10))
-                elif j < 30:
-                    bits = _fbits(c, 3 * (j - 20))
-                elif j == 30:
-                    bits = ((a >> 10) & 0x300000) + ((c >> 8) & 0x400000) + 0x3F800000
-                else:
-                    bits = ((b >> 10) & 0x300000) + ((c >> 9) & 0x400000) + 0x3F800000
-                f = bits.to(tl.float32, bitcast=True)
-                sfx += f[None, :, :] * xj[:, None, :]
-                sx += xj
-            d8 = 8.0 * d
-            acc3 += d8[None, :, :] * sfx + (m - d8)[None, :, :] * sx[:, None, :]
-        acc = tl.sum(acc3, axis=2)
-        if HAS_PROT:
-            acc = _prot_correction(acc, rows, bat, bmask, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr,
-                                   pid_n * BN, N, pid_k, SPLIT, MB, 128 // MB)
+        w_lo = pid_k * WPS
+        w_hi = tl.minimum(w_lo + WPS, KW)
+        if MB == 1:  # 2-D (BW, BN) tiles: the layout of the word loads is kept end to end
+            acc = _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, G, BW, BN)[None, :]
+        else:
+            acc = _gemv_bn(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, bat, bmask, stride_xm, NS, PS, w_lo, w_hi,
+                           G, MB, BW, BN)
         omask = bmask[:, None] & rmask[None, :]
         yofs = bat[:, None] * stride_ym + rows[None, :]
-        if SPLIT == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + yofs, acc.to(y_ptr.dtype.element_ty), mask=omask)
-        else:
+        if USE_WS:
             wsofs = bat[:, None] * N + rows[None, :]
             tl.store(ws_ptr + pid_k * MB * N + wsofs, acc, mask=omask)
+            if HAS_PROT:
+                tl.debug_barrier()  # the partial sums are stored before the atomics add to them
+                _prot_scatter(ws_ptr + pid_k * MB * N, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr, bat,
+                              bmask, pid_n * BN, N, pid_k, BN, SPLIT, 128 // MB)
             tl.debug_barrier()  # all partial stores of this program precede the release below
             cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if cnt == SPLIT - 1:
                 tot = tl.zeros((MB, BN), dtype=tl.float32)
-                for s in tl.static_range(SPLIT):
+                for s in range(SPLIT):  # a loop, not unrolled: bounded registers at large SPLIT
                     tot += tl.load(ws_ptr + s * MB * N + wsofs, mask=omask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     tot += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + yofs, tot.to(y_ptr.dtype.element_ty), mask=omask)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + yofs, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
     def _code_at(a, b, c, jj):
@@ -300,8 +349,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemm_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                     MBUCKET, G: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     G: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        # fused dequant + tl.dot (test / force="gemm" only; the default dispatch uses the dense path)
         pid = tl.program_id(0)
         npm = tl.cdiv(M, BM)
         npn = tl.cdiv(N, BN)
@@ -317,7 +367,6 @@ if HAS_TRITON:
         mmask = rm < M
         nmask = rn < N
         KW = K // 32
-        NG = K // G
         PS = N * KW
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -326,12 +375,12 @@ if HAS_TRITON:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :],
                         other=0.0)
             wmask = kmask[:, None] & nmask[None, :]
-            wofs = rn[None, :] * KW + (k // 32)[:, None]
+            wofs = (k // 32)[:, None] * N + rn[None, :]
             a = tl.load(q_ptr + wofs, mask=wmask, other=0)
             b = tl.load(q_ptr + PS + wofs, mask=wmask, other=0)
             c = tl.load(q_ptr + 2 * PS + wofs, mask=wmask, other=0)
             q = _code_at(a, b, c, (k % 32)[:, None])
-            gofs = rn[None, :] * NG + (k // G)[:, None]
+            gofs = (k // G)[:, None] * N + rn[None, :]
             d = tl.load(d_ptr + gofs, mask=wmask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + gofs, mask=wmask, other=0.0).to(tl.float32)
             w = d * q.to(tl.float32) + m
@@ -345,41 +394,26 @@ if HAS_TRITON:
         tl.store(y_ptr + yofs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
-    def _dequant_kernel(q_ptr, d_ptr, m_ptr, w_ptr, n_words, G: tl.constexpr, BLOCK: tl.constexpr):
+    def _dequant_kernel(q_ptr, d_ptr, m_ptr, w_ptr, N, KW, G: tl.constexpr, BN: tl.constexpr,
+                        BW: tl.constexpr):
+        # program (i, s): rows [i*BN, ..) x words [s*BW, ..) -> w (N, K) row-major, K = 32*KW
         WPG: tl.constexpr = G // 32
-        wi = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat word index n*KW + c
-        msk = wi < n_words
-        a = tl.load(q_ptr + wi, mask=msk, other=0)
-        b = tl.load(q_ptr + n_words + wi, mask=msk, other=0)
-        c = tl.load(q_ptr + 2 * n_words + wi, mask=msk, other=0)
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        widx = tl.program_id(1) * BW + tl.arange(0, BW)
+        msk = (rows[:, None] < N) & (widx[None, :] < KW)  # (BN, BW)
+        wofs = widx[None, :] * N + rows[:, None]
+        PS = N * KW
+        a = tl.load(q_ptr + wofs, mask=msk, other=0)
+        b = tl.load(q_ptr + PS + wofs, mask=msk, other=0)
+        c = tl.load(q_ptr + 2 * PS + wofs, mask=msk, other=0)
+        gofs = (widx // WPG)[None, :] * N + rows[:, None]
+        d = tl.load(d_ptr + gofs, mask=msk, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + gofs, mask=msk, other=0.0).to(tl.float32)
         jj = tl.arange(0, 32)
-        q = _code_at(a[:, None], b[:, None], c[:, None], jj[None, :])
-        d = tl.load(d_ptr + wi // WPG, mask=msk, other=0.0).to(tl.float32)  # row-major groups: word // WPG
-        m = tl.load(m_ptr + wi // WPG, mask=msk, other=0.0).to(tl.float32)
-        w = d[:, None] * q.to(tl.float32) + m[:, None]
-        tl.store(w_ptr + wi[:, None] * 32 + jj[None, :], w.to(w_ptr.dtype.element_ty), mask=msk[:, None])
-
-    # (BN, BK, num_warps, SPLIT). Batch 1 wants ~8 rows a thread (x loads amortised) and split-K to
-    # keep enough warps in flight; batch 2..8 wants more rows a thread still (x is per batch row).
-    _GEMV1_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=w, num_stages=1)
-                      for bn, bk, w, sp in [(16, 1024, 4, 1), (32, 1024, 4, 1), (32, 1024, 4, 4), (32, 512, 4, 4),
-                                            (16, 512, 2, 4), (32, 256, 2, 8), (64, 512, 4, 2), (8, 1024, 4, 2)]]
-    _GEMVB_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=w, num_stages=1)
-                      for bn, bk, w, sp in [(16, 512, 2, 8), (16, 512, 2, 4), (32, 512, 2, 4), (64, 256, 2, 4),
-                                            (32, 256, 4, 4), (16, 256, 1, 8)]]
-    _GEMM_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                     for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-                                              (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]]
-    _tuned = {}
-
-    def _tuned_kernel(name):
-        if name not in _tuned:
-            if name in ("gemv1", "gemvB"):
-                cfgs = _GEMV1_CONFIGS if name == "gemv1" else _GEMVB_CONFIGS
-                _tuned[name] = triton.autotune(cfgs, key=["N", "K", "MB", "G"])(_gemv_kernel)
-            else:
-                _tuned[name] = triton.autotune(_GEMM_CONFIGS, key=["N", "K", "MBUCKET", "G"])(_gemm_kernel)
-        return _tuned[name]
+        q = _code_at(a[:, :, None], b[:, :, None], c[:, :, None], jj[None, None, :])  # (BN, BW, 32)
+        w = d[:, :, None] * q.to(tl.float32) + m[:, :, None]
+        oofs = rows[:, None, None] * (KW * 32) + (widx * 32)[None, :, None] + jj[None, None, :]
+        tl.store(w_ptr + oofs, w.to(w_ptr.dtype.element_ty), mask=msk[:, :, None])
 
 
 def _next_pow2(v: int) -> int:
@@ -387,19 +421,19 @@ def _next_pow2(v: int) -> int:
 
 
 _WS: dict = {}
-SPLIT_MAX = 8  # largest split-K of a GEMV config (sizes the scratch)
+SPLIT_MAX = 32  # largest split-K of a GEMV launch (sizes the scratch)
+NUM_SMS = 132  # H100 SXM; refined from the device on first use
 
 
 def _workspace(device, ws_elems: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K scratch (fp32) and per-row-block counters (int32, kept at zero by the kernel).
     Shared by all GEMV launches on a device: launches on concurrent streams must not overlap."""
-    key = str(device)
-    ws, cnt = _WS.get(key, (None, None))
-    if ws is None or ws.numel() < ws_elems:
-        ws = torch.empty(max(ws_elems, 1 << 16), dtype=torch.float32, device=device)
-    if cnt is None or cnt.numel() < n_counters:
+    ws, cnt = _WS.get(device, (None, None))
+    if ws is None or ws.numel() < ws_elems or cnt.numel() < n_counters:
+        ws = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
         cnt = torch.zeros(max(n_counters, 4096), dtype=torch.int32, device=device)
-    _WS[key] = (ws, cnt)
+        _WS[device] = (ws, cnt)
+        _WS[str(device)] = (ws, cnt)
     return ws, cnt
 
 
@@ -407,7 +441,23 @@ def gemv_max_batch() -> int:
     return 8
 
 
-DENSE_MIN_ROWS = 256  # from this many rows on, dequantize to a dense tile and use cuBLAS
+def gemv_config(n: int, k: int, mb: int) -> dict:
+    """Heuristic GEMV launch config: BN rows, BW word-columns a step, split-K so that ~6 programs
+    per SM are in flight (checked against ptxas for sm_90: 72 registers at batch 1, no spills)."""
+    kw = k // 32
+    if mb == 1:  # (BW, BN) = (8, 128): a thread holds 8 rows of one word-column (2 x 128-bit loads a plane)
+        bn, bw = min(128, max(16, _next_pow2(n))), min(8, _next_pow2(kw))
+    else:  # a thread holds BN/128 rows of one word-column; x[b, 32c+j] loaded once per thread
+        bn, bw = min(512 if mb <= 4 else 256, max(32, _next_pow2(n))), 1
+    nrb = triton.cdiv(n, bn)
+    iters = triton.cdiv(kw, bw)
+    split = max(1, min(iters, SPLIT_MAX, round(6 * NUM_SMS / nrb)))
+    wps = triton.cdiv(iters, split) * bw
+    split = triton.cdiv(kw, wps)
+    return {"BN": bn, "BW": bw, "SPLIT": split, "num_warps": 4}
+
+
+DENSE_MIN_ROWS = 9  # from this many rows on, dequantize to a dense tile and use cuBLAS
 
 
 def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None
@@ -417,15 +467,94 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: 
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=pw.qweight.device)
     if use_triton(pw.qweight):
-        nw = n * k // 32
-        blk = 64
-        _dequant_kernel[(triton.cdiv(nw, blk),)](pw.qweight, pw.scales, pw.offsets, out, nw,
-                                                 G=pw.group_size, BLOCK=blk, num_warps=4)
+        bn, bw = 32, 8
+        _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // 32, bw))](
+            pw.qweight, pw.scales, pw.offsets, out, n, k // 32, G=pw.group_size, BN=bn, BW=bw, num_warps=4)
     else:
-        out.copy_(dequantize(unpack_codes(pw.qweight), pw.scales, pw.offsets, pw.group_size))
+        out.copy_(dequantize_packed(pw))
+        return out
     if pw.prot_rows is not None and pw.prot_rows.numel():
         out[pw.prot_rows.long(), pw.prot_cols.long()] = pw.prot_val.to(out.dtype)
     return out
+
+
+# ---- GEMV launch: config per shape, compiled kernel cached per call signature, launched directly
+_CFG: dict = {}
+_LAUNCH: dict = {}
+FAST_LAUNCH = os.environ.get("Q2G_FAST_LAUNCH", "1") != "0"
+_GEMV_CONST = ("G", "MB", "HAS_BIAS", "HAS_PROT", "USE_WS", "BN", "BW", "SPLIT")
+
+
+def _fast_ok() -> bool:
+    try:
+        from triton import knobs
+        return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _launch_gemv(key, grid, args, consts, nw, dev_index):
+    """Launch _gemv_kernel; after the first (JIT) launch of a signature, call the compiled kernel's
+    launcher directly with the same argument list JITFunction.run would pass (args + constexprs)."""
+    global FAST_LAUNCH
+    kern = _LAUNCH.get(key) if FAST_LAUNCH else None
+    if kern is not None:
+        try:
+            stream = torch._C._cuda_getCurrentRawStream(dev_index)
+            kern.run(grid[0], grid[1], 1, stream, kern.function, kern.packed_metadata, None, None, None,
+                     *args, *consts)
+            return
+        except Exception:  # noqa: BLE001 - any API mismatch: fall back to the JIT path for good
+            FAST_LAUNCH = False
+    k = _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw, num_stages=1)
+    if FAST_LAUNCH and not interpreting() and _fast_ok() and hasattr(k, "run") and hasattr(k, "packed_metadata"):
+        _LAUNCH[key] = k
+
+
+def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dict | None):
+    n, k = pw.shape
+    g = pw.group_size
+    hp = pw.has_prot
+    has_bias = bias is not None
+    b = bias if has_bias else pw.scales
+    interp = interpreting()
+    for m0 in range(0, x2.shape[0], 8):
+        xs, ys = (x2, y) if x2.shape[0] <= 8 else (x2[m0:m0 + 8], y[m0:m0 + 8])
+        mrows = xs.shape[0]
+        mb = _next_pow2(mrows)
+        if config is None:
+            ck = (n, k, mb)
+            cfg = _CFG.get(ck)
+            if cfg is None:
+                cfg = _CFG[ck] = gemv_config(n, k, mb)
+        else:
+            cfg = dict(config)
+            if "BW" not in cfg:
+                cfg["BW"] = cfg.pop("BK", 256) // 32
+            cfg.pop("BK", None)
+            cfg.setdefault("SPLIT", 1)
+            cfg.setdefault("num_warps", 4)
+            if cfg["SPLIT"] > SPLIT_MAX:
+                raise ValueError(f"GEMV config needs SPLIT <= {SPLIT_MAX}, got {cfg}")
+        bn, bw, split, nw = cfg["BN"], cfg["BW"], cfg["SPLIT"], cfg["num_warps"]
+        kw = k // 32
+        wps = triton.cdiv(triton.cdiv(kw, split), bw) * bw
+        nrb = triton.cdiv(n, bn)
+        use_ws = split > 1 or hp
+        ws, cnt = _WS.get(xs.device, (None, None))
+        if ws is None or ws.numel() < split * mb * n or cnt.numel() < nrb:
+            ws, cnt = _workspace(xs.device, SPLIT_MAX * 8 * n, nrb)
+        prot = (pw.prot_rowptr, pw.prot_rows, pw.prot_cols, pw.prot_delta) if hp else (cnt, cnt, cnt, ws)
+        args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, *prot, mrows, n, n, kw, xs.stride(0),
+                ys.stride(0), wps)
+        consts = (g, mb, has_bias, hp, use_ws, bn, bw, split)
+        grid = (nrb, split)
+        if interp:
+            _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw)
+        else:
+            key = (n, k, mrows, xs.dtype, xs.stride(0), ys.stride(0), xs.data_ptr() % 16, ys.data_ptr() % 16,
+                   b.data_ptr() % 16, b.dtype, consts, nw, xs.device.index)
+            _launch_gemv(key, grid, args, consts, nw, xs.device.index)
 
 
 def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
@@ -433,10 +562,10 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             ) -> torch.Tensor:
     """y = x @ dequant(pw).T (+ bias), x (..., K) fp16/bf16/fp32 -> (..., N) in x.dtype.
 
-    GEMV kernel for <= 8 rows, fused GEMM kernel below DENSE_MIN_ROWS, and from there a dequantize
-    kernel + cuBLAS ("dense"); `force` = "gemv" | "gemm" | "dense" overrides. `config`
-    pins the tile meta-parameters (BN, BK[, BM, GROUP_M], num_warps) instead of autotuning;
-    `out` (M, N) in x.dtype receives the kernel's result (tests poison it)."""
+    GEMV kernel for <= 8 rows; from 9 rows on a dequantize kernel + cuBLAS ("dense"); `force` =
+    "gemv" | "gemm" | "dense" overrides ("gemm": the fused tl.dot kernel, for tests). `config` pins
+    the tile meta-parameters (GEMV: BN, BW, SPLIT, num_warps; GEMM: BM, BN, BK, GROUP_M, num_warps)
+    instead of the heuristic; `out` (M, N) in x.dtype receives the result (tests poison it)."""
     n, k = pw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -444,54 +573,29 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         x2 = x2.contiguous()
     mrows = x2.shape[0]
     y = torch.empty((mrows, n), dtype=x.dtype, device=x.device) if out is None else out
-    if y.shape != (mrows, n) or y.dtype != x.dtype or y.stride(-1) != 1:
+    if out is not None and (y.shape != (mrows, n) or y.dtype != x.dtype or y.stride(-1) != 1):
         raise ValueError(f"out must be ({mrows}, {n}) {x.dtype} with unit column stride")
     if mrows == 0:
         return y.reshape(*lead, n)
-    has_bias = bias is not None
-    b = bias if has_bias else pw.scales
-    g = pw.group_size
-    path = force or ("gemv" if mrows <= gemv_max_batch() else "gemm" if mrows < DENSE_MIN_ROWS else "dense")
+    path = force or ("gemv" if mrows < DENSE_MIN_ROWS else "dense")
+    if path == "gemv":
+        _gemv(x2, pw, bias, y, config)
+        return y.reshape(*lead, n)
     if path == "dense":
         w = dequantize_dense(pw, x.dtype)
-        torch.matmul(x2, w.T, out=y)
         if bias is not None:
-            y += bias
-        return y.reshape(*lead, n)
-    tune = config is None and not interpreting()
-    if path == "gemv":
-        for m0 in range(0, mrows, 8):
-            xs, ys = x2[m0:m0 + 8], y[m0:m0 + 8]
-            mb = _next_pow2(xs.shape[0])
-            ws, cnt = _workspace(x.device, SPLIT_MAX * mb * n, triton.cdiv(n, 8))
-            hp = pw.has_prot
-            prot = (pw.prot_rowptr, pw.prot_rows, pw.prot_cols, pw.prot_delta) if hp else (cnt, cnt, cnt, ws)
-            args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, *prot, xs.shape[0], n, k, xs.stride(0),
-                    ys.stride(0))
-            if tune:
-                _tuned_kernel("gemv1" if mb == 1 else "gemvB")[
-                    lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias,
-                                                                              HAS_PROT=hp)
-            else:
-                cfg = dict(config or {"BN": 8, "BK": 128, "num_warps": 4})
-                cfg.setdefault("SPLIT", 1)
-                if cfg["SPLIT"] > SPLIT_MAX or cfg["BN"] < 8:
-                    raise ValueError(f"GEMV config needs SPLIT <= {SPLIT_MAX} and BN >= 8, got {cfg}")
-                _gemv_kernel[(triton.cdiv(n, cfg["BN"]), cfg["SPLIT"])](*args, G=g, MB=mb, HAS_BIAS=has_bias,
-                                                                         HAS_PROT=hp, **cfg)
-        return y.reshape(*lead, n)
-    else:
-        ieee = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
-        args = (x2, pw.qweight, pw.scales, pw.offsets, b, y, mrows, n, k, x2.stride(0), y.stride(0),
-                min(_next_pow2(mrows), 4096))
-        if tune:
-            grid = lambda meta: (triton.cdiv(mrows, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-            _tuned_kernel("gemm")[grid](*args, G=g, HAS_BIAS=has_bias, IEEE=ieee)
+            torch.addmm(bias, x2, w.T, out=y)
         else:
-            cfg = dict(config or {"BM": 16, "BN": 32, "BK": max(32, min(g, 64)), "GROUP_M": 4, "num_warps": 4})
-            cfg.setdefault("GROUP_M", 8)
-            grid = (triton.cdiv(mrows, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-            _gemm_kernel[grid](*args, G=g, HAS_BIAS=has_bias, IEEE=ieee, **cfg)
+            torch.matmul(x2, w.T, out=y)
+        return y.reshape(*lead, n)
+    has_bias = bias is not None
+    b = bias if has_bias else pw.scales
+    ieee = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
+    args = (x2, pw.qweight, pw.scales, pw.offsets, b, y, mrows, n, k, x2.stride(0), y.stride(0))
+    cfg = dict(config or {"BM": 32, "BN": 64, "BK": 64, "GROUP_M": 8, "num_warps": 4})
+    cfg.setdefault("GROUP_M", 8)
+    grid = (triton.cdiv(mrows, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    _gemm_kernel[grid](*args, G=pw.group_size, HAS_BIAS=has_bias, IEEE=ieee, **cfg)
     if pw.has_prot:  # GEMM path: sparse correction in torch (the GEMV path fuses it)
         corr = x2[:, pw.prot_cols.long()].float() * pw.prot_delta
         y32 = y.float().index_add_(1, pw.prot_rows.long(), corr)

@@ -150,9 +150,9 @@ def bench_gemv(copy_gbs: float, batches=(1, 8), slots_shapes=((4096, 4096),)) ->
                 wf = [wf[i] if i < len(wf) else wf[i % len(wf)].clone() for i in range(nf)]
                 for b in batches:
                     x = torch.randn(b, k, device=DEV, dtype=torch.float16)
-                    y = QM.qmatmul(x, pws[0])  # autotunes here
-                    tuned = QM._tuned.get("gemv1" if b == 1 else "gemvB")
-                    cfg = str(getattr(tuned, "best_config", None))
+                    QM.qmatmul(x, pws[0])  # compiles here
+                    y = QM.qmatmul(x, pws[0])  # the cached direct launch (what is timed)
+                    cfg = str(QM._CFG.get((n, k, QM._next_pow2(b))))
                     err = rel(y, x.float() @ QM.dequantize_dense(pws[0], torch.float32).T)
                     itq, itf = itertools.cycle(pws), itertools.cycle(wf)
                     tq = med(lambda: QM.qmatmul(x, next(itq)))
@@ -166,6 +166,8 @@ def bench_gemv(copy_gbs: float, batches=(1, 8), slots_shapes=((4096, 4096),)) ->
                              q_graph_GBs=qb / gq / 1e3, q_frac_copy=qb / tq / 1e3 / copy_gbs,
                              q_graph_frac_copy=qb / gq / 1e3 / copy_gbs,
                              speedup=tf / tq, speedup_graph=gf / gq, copies=(nq, nf), config=cfg)
+                    if b == 1 and (n, k) == (4096, 4096) and DEV == "cuda":
+                        r.update(host_overhead(x, pws[0]))
                     rows.append(r)
                     save("gemv", rows)
                     print(f"gemv {model:13s} {n:6d}x{k:<6d} b={b} P={slots}: q {tq:7.2f} us "
@@ -179,34 +181,58 @@ def bench_gemv(copy_gbs: float, batches=(1, 8), slots_shapes=((4096, 4096),)) ->
 
 
 def _clone(pw: QM.PackedWeight) -> QM.PackedWeight:
-    return QM.PackedWeight(*(None if t is None else t.clone() for t in (pw.qweight, pw.scales, pw.offsets)),
-                           pw.bits, pw.group_size, pw.shape, pw.slots,
-                           *(None if t is None else t.clone() for t in (pw.prot_rows, pw.prot_cols,
-                                                                          pw.prot_delta, pw.prot_val)))
+    # every tensor field (the first run's copies lacked prot_rowptr: None reached the kernel)
+    import dataclasses
+    return dataclasses.replace(pw, **{f.name: getattr(pw, f.name).clone() for f in dataclasses.fields(pw)
+                                      if isinstance(getattr(pw, f.name), torch.Tensor)})
 
 
-def bench_gemm(tokens: int = 16 if SMOKE else 2048) -> list[dict]:
+def host_overhead(x, pw, calls: int = 300) -> dict:
+    """Host (Python) time per qmatmul call: back-to-back calls without syncs on an idle GPU; the GPU
+    side (a few us) is shorter, so this is the CPU cost. Direct launch vs the plain JIT launch."""
+    out = {}
+    for tag, fast in (("fast", True), ("jit", False)):
+        QM.FAST_LAUNCH = fast
+        QM._LAUNCH.clear()
+        for _ in range(3):
+            QM.qmatmul(x, pw)
+        sync()
+        t = time.perf_counter()
+        for _ in range(calls):
+            QM.qmatmul(x, pw)
+        out[f"host_us_{tag}"] = (time.perf_counter() - t) * 1e6 / calls
+        sync()
+    QM.FAST_LAUNCH = True
+    QM._LAUNCH.clear()
+    print(f"  host time per qmatmul call: direct launch {out['host_us_fast']:.1f} us, "
+          f"JIT launch {out['host_us_jit']:.1f} us", flush=True)
+    return out
+
+
+def bench_gemm(token_list=(16,) if SMOKE else (32, 2048)) -> list[dict]:
+    """Prefill: qmatmul's default path (what it picks: dense = dequant kernel + cuBLAS above 8 rows)
+    vs torch fp16; plus the dequant kernel alone."""
     rows = []
     for (n, k) in GEMM_SHAPES:
         pw = rand_packed(n, k)
         wf = QM.dequantize_dense(pw, torch.float16)
-        x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
-        ref = x.float() @ wf.float().T
-        r = dict(n=n, k=k, tokens=tokens)
-        tf = med(lambda: torch.matmul(x, wf.T))
-        r["fp16_us"], r["fp16_TFLOPs"] = tf, 2 * tokens * n * k / tf / 1e6
-        for path in ("dense", "gemm"):
-            y = QM.qmatmul(x, pw, force=path)
-            r[f"{path}_rel_err"] = rel(y, ref)
-            t = med(lambda: QM.qmatmul(x, pw, force=path))
-            r[f"{path}_us"], r[f"{path}_TFLOPs"], r[f"{path}_vs_fp16"] = t, 2 * tokens * n * k / t / 1e6, tf / t
-        r["dequant_us"] = med(lambda: QM.dequantize_dense(pw, torch.float16))
-        rows.append(r)
-        save("gemm", rows)
-        print(f"gemm {n:6d}x{k:<6d} M={tokens}: fp16 {tf:8.1f} us ({r['fp16_TFLOPs']:.0f} TF/s)  "
-              f"dense {r['dense_us']:8.1f} us (x{r['dense_vs_fp16']:.2f})  fused {r['gemm_us']:8.1f} us "
-              f"(x{r['gemm_vs_fp16']:.2f})  dequant {r['dequant_us']:.1f} us  err {r['dense_rel_err']:.1e}/"
-              f"{r['gemm_rel_err']:.1e}", flush=True)
+        for tokens in token_list:
+            x = torch.randn(tokens, k, device=DEV, dtype=torch.float16)
+            ref = x.float() @ wf.float().T
+            r = dict(n=n, k=k, tokens=tokens)
+            r["path"] = "gemv" if tokens < QM.DENSE_MIN_ROWS else "dense"
+            tf = med(lambda: torch.matmul(x, wf.T))
+            r["fp16_us"], r["fp16_TFLOPs"] = tf, 2 * tokens * n * k / tf / 1e6
+            y = QM.qmatmul(x, pw)
+            r["q_rel_err"] = rel(y, ref)
+            t = med(lambda: QM.qmatmul(x, pw))
+            r["q_us"], r["q_TFLOPs"], r["q_vs_fp16"] = t, 2 * tokens * n * k / t / 1e6, tf / t
+            r["dequant_us"] = med(lambda: QM.dequantize_dense(pw, torch.float16))
+            rows.append(r)
+            save("gemm", rows)
+            print(f"gemm {n:6d}x{k:<6d} M={tokens}: fp16 {tf:8.1f} us ({r['fp16_TFLOPs']:.0f} TF/s)  "
+                  f"qmatmul[{r['path']}] {t:8.1f} us (x{r['q_vs_fp16']:.2f})  dequant {r['dequant_us']:.1f} us  "
+                  f"err {r['q_rel_err']:.1e}", flush=True)
     return rows
 
 
@@ -289,6 +315,15 @@ def bench_model(tokens: int = 2048, new_tokens: int = 32) -> dict:
             model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             sync()
             res[f"{tag}_decode_tok_s"] = new_tokens / (time.time() - t)
+            # kernel-bound decode numbers (no Python in the loop): every decoder linear once at batch 1
+            # in a CUDA graph, and a whole 1-token forward (no KV cache) replayed as a graph
+            mods = [m for nm, m in model.named_modules() if nm.startswith("model.layers.") and
+                    hasattr(m, "in_features") and not list(m.children())]
+            xs = {m.in_features: torch.randn(1, m.in_features, device=DEV, dtype=torch.float16) for m in mods}
+            per = graph_us([lambda m=m: m(xs[m.in_features]) for m in mods], reps=5)
+            res[f"{tag}_linears_graph_us"] = per * len(mods)
+            one = ids[:, :1]
+            res[f"{tag}_step_graph_us"] = graph_us([lambda: model(one, use_cache=False)], reps=3)
         return logits.float()
 
     with torch.no_grad():
@@ -304,6 +339,8 @@ def bench_model(tokens: int = 2048, new_tokens: int = 32) -> dict:
     res["logits_rel_err"] = rel(got, ref)
     res["prefill_speedup"] = res["fp16_prefill_ms"] / res["packed_prefill_ms"]
     res["decode_speedup"] = res["packed_decode_tok_s"] / res["fp16_decode_tok_s"]
+    res["linears_graph_speedup"] = res["fp16_linears_graph_us"] / res["packed_linears_graph_us"]
+    res["step_graph_speedup"] = res["fp16_step_graph_us"] / res["packed_step_graph_us"]
     print(f"model 0.5B-shape: prefill {tokens} tok fp16 {res['fp16_prefill_ms']:.2f} ms packed "
           f"{res['packed_prefill_ms']:.2f} ms; decode fp16 {res['fp16_decode_tok_s']:.0f} tok/s packed "
           f"{res['packed_decode_tok_s']:.0f} tok/s; logits err {res['logits_rel_err']:.1e}", flush=True)
@@ -324,13 +361,18 @@ def markdown(res: dict) -> str:
                      f"{100 * r['q_graph_frac_copy']:.0f} | {r['fp16_us']:.2f} | {r['speedup']:.2f} | "
                      f"{r['speedup_graph']:.2f} | {r['rel_err']:.1e} |")
         L.append("")
+        for r in res["gemv"]:
+            if "host_us_fast" in r:
+                L += [f"Host time per qmatmul call (4096x4096, batch 1, no syncs): direct launch "
+                      f"{r['host_us_fast']:.1f} us, plain Triton JIT launch {r['host_us_jit']:.1f} us.", ""]
+        L += ["Configs: " + "; ".join(sorted({f"{r['n']}x{r['k']} b{r['batch']}: {r['config']}" for r in res["gemv"]})), ""]
     if res.get("gemm"):
-        L += ["## GEMM (prefill, 2048 tokens)", "",
-              "| N x K | fp16 us | TFLOP/s | dense (dequant+cuBLAS) us | x fp16 | fused Triton us | x fp16 | "
-              "dequant us |", "|" + "---|" * 8]
+        L += ["## GEMM (prefill): qmatmul's default path vs torch fp16", "",
+              "| N x K | tokens | fp16 us | TFLOP/s | qmatmul path | qmatmul us | x fp16 | dequant us | rel err |",
+              "|" + "---|" * 9]
         for r in res["gemm"]:
-            L.append(f"| {r['n']}x{r['k']} | {r['fp16_us']:.1f} | {r['fp16_TFLOPs']:.0f} | {r['dense_us']:.1f} | "
-                     f"{r['dense_vs_fp16']:.2f} | {r['gemm_us']:.1f} | {r['gemm_vs_fp16']:.2f} | {r['dequant_us']:.1f} |")
+            L.append(f"| {r['n']}x{r['k']} | {r['tokens']} | {r['fp16_us']:.1f} | {r['fp16_TFLOPs']:.0f} | {r['path']} | "
+                     f"{r['q_us']:.1f} | {r['q_vs_fp16']:.2f} | {r['dequant_us']:.1f} | {r['q_rel_err']:.1e} |")
         L.append("")
     if res.get("fakequant"):
         L += ["## Fake-quant fwd+bwd (G=128, fp32 master weights)", "",
@@ -347,7 +389,12 @@ def markdown(res: dict) -> str:
               f"prefill 2048 tokens: fp16 {m['fp16_prefill_ms']:.2f} ms, packed {m['packed_prefill_ms']:.2f} ms "
               f"(x{m['prefill_speedup']:.2f}); HF generate decode: fp16 {m['fp16_decode_tok_s']:.0f} tok/s, packed "
               f"{m['packed_decode_tok_s']:.0f} tok/s (x{m['decode_speedup']:.2f}); logits rel err vs dequantized "
-              f"fp16 model {m['logits_rel_err']:.1e}", ""]
+              f"fp16 model {m['logits_rel_err']:.1e}", "",
+              f"CUDA graph (kernel-bound): all {24 * 7} decoder linears at batch 1: fp16 "
+              f"{m.get('fp16_linears_graph_us', float('nan')):.0f} us, packed {m.get('packed_linears_graph_us', float('nan')):.0f} us "
+              f"(x{m.get('linears_graph_speedup', float('nan')):.2f}); whole 1-token forward (no KV cache): fp16 "
+              f"{m.get('fp16_step_graph_us', float('nan')):.0f} us, packed {m.get('packed_step_graph_us', float('nan')):.0f} us "
+              f"(x{m.get('step_graph_speedup', float('nan')):.2f})", ""]
     for e in res.get("errors", []):
         L.append(f"- error: {e}")
     return "\n".join(L)

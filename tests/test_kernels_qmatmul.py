@@ -33,7 +33,7 @@ def rand_qw(n, k, g, bits=3, slots=2, p=0.03):
 def test_pack_roundtrip(g):
     qw = rand_qw(9, 4 * g, g, slots=3, p=0.05)
     pw = QM.pack(qw)
-    assert pw.qweight.dtype == torch.int32 and pw.qweight.shape == (3, 9, 4 * g // 32)
+    assert pw.qweight.dtype == torch.int32 and pw.qweight.shape == (3, 4 * g // 32, 9)
     back = QM.unpack(pw)
     assert torch.equal(back.codes, qw.codes)
     assert torch.equal(back.pidx, qw.pidx) and torch.equal(back.pval, qw.pval)
@@ -54,6 +54,7 @@ CASES = [
     (24, 96, 32, 3, torch.float32, "gemv", {"BN": 8, "BK": 64, "SPLIT": 3, "num_warps": 2}),  # an empty slice
     (33, 256, 128, 8, torch.float16, "gemv", {"BN": 8, "BK": 128, "SPLIT": 4, "num_warps": 4}),
     (48, 192, 64, 5, torch.bfloat16, "gemv", {"BN": 16, "BK": 64, "num_warps": 4}),
+    (72, 320, 64, 2, torch.float16, "gemv", {"BN": 32, "BW": 1, "SPLIT": 4, "num_warps": 4}),  # the batch>1 shape
     (40, 384, 128, 37, torch.float16, "gemm", {"BM": 16, "BN": 32, "BK": 64, "num_warps": 4}),
     (70, 192, 64, 20, torch.bfloat16, "gemm", {"BM": 16, "BN": 64, "BK": 32, "num_warps": 4}),
     (24, 96, 32, 17, torch.float32, "gemm", {"BM": 32, "BN": 16, "BK": 32, "num_warps": 4}),
@@ -127,12 +128,27 @@ def test_default_dispatch_and_batch_dims():
         assert rel_err(y, x.double() @ wd.T) < TOL[torch.float16]
 
 
+def test_gemv_default_configs_repeat_calls():
+    """Heuristic configs at batch 1, 2 and 7, with protected entries and bias. The second call of a
+    signature takes the cached direct launch on GPU: fresh inputs must give fresh, right results."""
+    qw = rand_qw(160, 512, 128, slots=1)
+    pw = QM.pack(qw)
+    wd = qw.dequantize().double()
+    b = torch.randn(160, device=DEV).half()
+    for m in (1, 2, 7):
+        for _ in range(2):
+            x = torch.randn(m, 512, device=DEV).half()
+            y = QM.qmatmul(x, pw, b)
+            assert rel_err(y, x.double() @ wd.T + b.double()) < TOL[torch.float16]
+    assert int(QM._WS[str(x.device)][1].abs().sum()) == 0
+
+
 def test_quantlinear_module():
     qw = rand_qw(32, 128, 64, slots=2)
     bias = torch.randn(32, device=DEV)
     ql = QuantLinear.from_quantized(qw, bias)
     ql = ql.half()  # must not round the packed scales / deltas
-    assert torch.equal(ql.packed.scales, qw.scales) and ql.packed.prot_delta.dtype == torch.float32
+    assert torch.equal(ql.packed.scales.T, qw.scales) and ql.packed.prot_delta.dtype == torch.float32
     x = torch.randn(4, 128, device=DEV).half()
     ref = x.double() @ qw.dequantize().double().T + bias.half().double()
     assert rel_err(ql(x), ref) < TOL[torch.float16]
