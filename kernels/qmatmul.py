@@ -140,9 +140,7 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
         order = torch.argsort(r * k + c)  # row-major order: deterministic, cache friendly
         rows, cols = r[order].to(torch.int32), c[order].to(torch.int32)
         delta, val = delta[order].contiguous(), val[order].to(torch.float16).contiguous()
-        rowptr = torch.zeros(n + 1, dtype=torch.int64, device=qw.codes.device)
-        rowptr[1:] = torch.cumsum(torch.bincount(rows.long(), minlength=n), 0)
-        rowptr = rowptr.to(torch.int32)
+        rowptr = _rowptr(rows, n)
     return PackedWeight(qweight, qw.scales.to(torch.float16).T.contiguous(),
                         qw.offsets.to(torch.float16).T.contiguous(),
                         qw.bits, g, (n, k), qw.slots, rows, cols, delta, val, rowptr)
@@ -511,6 +509,13 @@ def _launch_gemv(key, grid, args, consts, nw, dev_index):
         _LAUNCH[key] = k
 
 
+def _rowptr(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR row offsets (n+1,) int32 of row-sorted COO rows."""
+    rp = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+    rp[1:] = torch.cumsum(torch.bincount(rows.long(), minlength=n), 0)
+    return rp.to(torch.int32)
+
+
 def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dict | None):
     n, k = pw.shape
     g = pw.group_size
@@ -544,6 +549,8 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
         ws, cnt = _WS.get(xs.device, (None, None))
         if ws is None or ws.numel() < split * mb * n or cnt.numel() < nrb:
             ws, cnt = _workspace(xs.device, SPLIT_MAX * 8 * n, nrb)
+        if hp and pw.prot_rowptr is None:  # a hand-built PackedWeight without the CSR offsets
+            pw.prot_rowptr = _rowptr(pw.prot_rows, n)
         prot = (pw.prot_rowptr, pw.prot_rows, pw.prot_cols, pw.prot_delta) if hp else (cnt, cnt, cnt, ws)
         args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, *prot, mrows, n, n, kw, xs.stride(0),
                 ys.stride(0), wps)
