@@ -208,7 +208,8 @@ if HAS_TRITON:
             dl = tl.load(pd_ptr + e, mask=em, other=0.0)
             msk = bmask[:, None] & em[None, :]
             xv = tl.load(x_ptr + bat[:, None] * stride_xm + c_e[None, :], mask=msk, other=0.0).to(tl.float32)
-            tl.atomic_add(ws_ptr + bat[:, None] * N + r_e[None, :], xv * dl[None, :], mask=msk)
+            # relaxed: ordered before the release of the row-block counter by the barrier that follows
+            tl.atomic_add(ws_ptr + bat[:, None] * N + r_e[None, :], xv * dl[None, :], mask=msk, sem="relaxed")
 
     @triton.jit
     def _bits_at(a, b, c, j: tl.constexpr):
