@@ -17,6 +17,11 @@ mkdir -p "$QUANT2GGUF_CACHE/gguf" "$QUANT2GGUF_CACHE/data"
 export PYTHONPATH=/tmp/site
 python3 -c "import quant2gguf.kernels" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
 tag=${TAG:-methods}
-python3 scripts/bench_methods.py --workdir "$HOME/bench" --out "$OUT/$tag.json" "$@" 2>"$OUT/$tag.err" | tee "$OUT/$tag.log"
+[ $# -gt 0 ] && python3 scripts/bench_methods.py --workdir "$HOME/bench" --out "$OUT/$tag.json" "$@" 2>"$OUT/$tag.err" | tee "$OUT/$tag.log"
 echo "rc=${PIPESTATUS[0]}"
 grep -E "Error|error" "$OUT/$tag.err" | tail -5
+# eval time on packed Triton kernels vs fp16 for a checkpoint the bench made (issue 4)
+if [ -n "${PACKED_CKPT:-}" ]; then
+  python3 scripts/bench_eval_packed.py "$PACKED_CKPT" --out "$OUT/eval_packed.json" 2>"$OUT/eval_packed.err" | tail -20
+  grep -E "Error|error" "$OUT/eval_packed.err" | tail -5
+fi
