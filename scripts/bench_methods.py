@@ -56,7 +56,7 @@ def main() -> None:
         t = time.time()
         if not a.skip_fp:
             fp = evaluate(model, ref=None, ntokens=a.ntokens, gsm=a.gsm, device=a.device)
-            record({"model": model, "method": "fp", "group": None, **fp, "quant_s": 0.0, "eval_s": time.time() - t})
+            record({**fp, "model": model, "method": "fp", "group": None, "quant_s": 0.0, "eval_s": time.time() - t})
         for spec_m in a.methods:  # METHOD or METHOD+calib (e.g. laquant+traces)
             method, _, calib = spec_m.partition("+")
             ck = wd / f"{model}-{spec_m}-w3g{g}"
@@ -68,7 +68,7 @@ def main() -> None:
             res = evaluate(str(ck), ref=model, ntokens=a.ntokens, gsm=a.gsm, device=a.device)
             slots = json.loads((ck / "manifest.json").read_text()).get("slots", 0)
             bpw = 3 + 32 / g + slots * 24 / g  # codes + fp16 d, m + (fp16 value + uint8 index) per slot
-            record({"model": model, "method": spec_m, "group": g, "bpw": bpw, **res, "quant_s": tq,
+            record({**res, "model": model, "checkpoint_path": str(ck), "method": spec_m, "group": g, "bpw": bpw, "quant_s": tq,
                     "eval_s": time.time() - t - tq})
     print(f"\nmachine: {out['machine']}, date {out['date']}, eval: news eval split, {a.ntokens} tokens; GSM N={a.gsm}\n")
     print("| model | method | W/G | bpw | ppl | KLD | top-1 % | GSM acc | quantize s | eval s |")

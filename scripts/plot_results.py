@@ -24,7 +24,7 @@ def plot_methods(paths: list[str], out: str) -> None:
         d = json.load(open(p))
         machine.add(d.get("machine", "?"))
         for r in d["rows"]:
-            by_model[r["model"]].append(r)
+            by_model[r.get("ref") or r["model"]].append(r)  # quantized rows: ref = the fixture
     fig, axes = plt.subplots(len(by_model), 2, figsize=(11, 3.2 * len(by_model)), squeeze=False)
     for ax, (model, rows) in zip(axes, by_model.items()):
         fp = next((r for r in rows if r["method"] == "fp"), None)
