@@ -54,5 +54,6 @@ def test_atomic_failure_leaves_nothing(tmp_path, monkeypatch):
     with zipfile.ZipFile(fake, "w") as z:
         z.writestr(fixtures.NEWS_MEMBER, "not the news")
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
-        fixtures._extract(fake, fixtures.NEWS_MEMBER, tmp_path / "data" / "lee.cor", fixtures.NEWS_SHA)
+        fixtures._extract(type("P", (), {"download": lambda self: fake})(), fixtures.NEWS_MEMBER,
+                          tmp_path / "data" / "lee.cor", fixtures.NEWS_SHA)
     assert not list((tmp_path / "data").iterdir())
