@@ -130,22 +130,16 @@ def _assert_refused(tmp_path, fn, match):
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".gguf" or p.name.startswith(".")]
 
 
-def test_missing_quantized_tensor(small_ckpt, tmp_path):
+@pytest.mark.parametrize("file,key,pattern", [
+    ("quant.safetensors", "model.layers.1.mlp.up_proj.scales", "missing model.layers.1.mlp.up_proj.scales"),
+    ("model.safetensors", "model.layers.0.input_layernorm.weight", "missing .*input_layernorm"),
+])
+def test_missing_tensor(small_ckpt, tmp_path, file, key, pattern):
     bad = _copy(small_ckpt, tmp_path / "ck")
-    t = load_file(bad / "quant.safetensors")
-    del t["model.layers.1.mlp.up_proj.scales"]
-    save_file(t, bad / "quant.safetensors")
-    _assert_refused(tmp_path, lambda: export.convert(bad, tmp_path / "x.gguf", tokenizer_pre=PRE),
-                    "missing model.layers.1.mlp.up_proj.scales")
-
-
-def test_missing_plain_tensor(small_ckpt, tmp_path):
-    bad = _copy(small_ckpt, tmp_path / "ck")
-    t = load_file(bad / "model.safetensors")
-    del t["model.layers.0.input_layernorm.weight"]
-    save_file(t, bad / "model.safetensors")
-    _assert_refused(tmp_path, lambda: export.convert(bad, tmp_path / "x.gguf", tokenizer_pre=PRE),
-                    "missing .*input_layernorm")
+    t = load_file(bad / file)
+    del t[key]
+    save_file(t, bad / file)
+    _assert_refused(tmp_path, lambda: export.convert(bad, tmp_path / "x.gguf", tokenizer_pre=PRE), pattern)
 
 
 def test_unsupported_architecture(small_ckpt, tmp_path):
