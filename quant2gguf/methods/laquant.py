@@ -91,9 +91,8 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
         return {f"{n}.weight": fake_quant(latent[n], scales[n], offsets[n], c.bits, c.group_size, pidx[n])
                 for n in names}
 
-    def evaluate() -> float:
+    def total_loss(w: dict) -> float:
         with torch.no_grad():
-            w = weights()
             return sum(_loss(ctx, _fwd(ctx, w, x), t, lam, mu).item() for x, t in zip(inputs, targets))
 
     opt = torch.optim.AdamW([{"params": list(latent.values()), "lr": lr_w},
@@ -101,9 +100,7 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
                             weight_decay=0.0)
     steps = max(1, epochs * math.ceil(len(inputs) / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    with torch.no_grad():
-        start_w = {f"{n}.weight": start[n].dequantize().to(ctx.device) for n in names}
-        before = sum(_loss(ctx, _fwd(ctx, start_w, x), t, lam, mu).item() for x, t in zip(inputs, targets))
+    before = total_loss({f"{n}.weight": start[n].dequantize().to(ctx.device) for n in names})
     for _ in range(epochs):
         for i in torch.randperm(len(inputs)).split(batch_size):
             w = weights()
@@ -112,7 +109,8 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
             loss.backward()
             opt.step()
             sched.step()
-    after = evaluate()
+    with torch.no_grad():
+        after = total_loss(weights())
     result = {n: _export(latent[n].detach(), scales[n].detach(), offsets[n].detach(), pidx[n], c)
               for n in names} if after < before else start
     for n, q in result.items():
