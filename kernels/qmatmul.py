@@ -192,7 +192,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _prot_scatter(ws_ptr, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr, bat, bmask, row0, N, pid_k,
-                      BN: tl.constexpr, SPLIT: tl.constexpr, PE: tl.constexpr):
+                      SPLIT, BN: tl.constexpr, PE: tl.constexpr):
         # ws[b, r] += delta * x[b, c] over this row block's protected entries (CSR range [e_lo, e_hi)),
         # shared out between the block's SPLIT programs; fp32 atomics into this program's ws slice
         e_lo = tl.load(rp_ptr + row0)
@@ -226,30 +226,50 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0, w_hi, WPG: tl.constexpr, BW: tl.constexpr):
+        widx = w0 + tl.arange(0, BW)
+        wmask = widx < w_hi
+        wofs = widx[:, None] * N + rows[None, :]
+        lmask = wmask[:, None] & rmask[None, :]
+        a = tl.load(q_ptr + wofs, mask=lmask, other=0)
+        b = tl.load(q_ptr + PS + wofs, mask=lmask, other=0)
+        c = tl.load(q_ptr + 2 * PS + wofs, mask=lmask, other=0)
+        gofs = (widx // WPG)[:, None] * N + rows[None, :]
+        d = tl.load(d_ptr + gofs, mask=lmask, other=0.0)
+        m = tl.load(m_ptr + gofs, mask=lmask, other=0.0)
+        return a, b, c, d, m
+
+    @triton.jit
+    def _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, BW: tl.constexpr, BN: tl.constexpr):
+        # (BW, BN) partial sums of one step: sum_j w * x over the 32 codes of each word-column
+        widx = w0 + tl.arange(0, BW)
+        wmask = widx < w_hi
+        sfx = tl.zeros((BW, BN), dtype=tl.float32)
+        sx = tl.zeros((BW,), dtype=tl.float32)
+        for j in tl.static_range(32):
+            xj = tl.load(x_ptr + widx * 32 + j, mask=wmask, other=0.0).to(tl.float32)
+            sfx += _bits_at(a, b, c, j) * xj[:, None]
+            sx += xj
+        d8 = 8.0 * d.to(tl.float32)
+        return d8 * sfx + (m.to(tl.float32) - d8) * sx[:, None]
+
+    @triton.jit
     def _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi,
-                 G: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr):
-        # batch 1: sum over words [w_lo, w_hi) of this row block -> (BN,) fp32
+                 G: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr):
+        # batch 1: sum over words [w_lo, w_hi) of this row block -> (BN,) fp32. PF: the next step's
+        # words are loaded before this step's FMAs (register double buffer: memory under compute)
         WPG: tl.constexpr = G // 32
         acc2 = tl.zeros((BW, BN), dtype=tl.float32)
-        for w0 in range(w_lo, w_hi, BW):
-            widx = w0 + tl.arange(0, BW)
-            wmask = widx < w_hi
-            wofs = widx[:, None] * N + rows[None, :]
-            lmask = wmask[:, None] & rmask[None, :]
-            a = tl.load(q_ptr + wofs, mask=lmask, other=0)
-            b = tl.load(q_ptr + PS + wofs, mask=lmask, other=0)
-            c = tl.load(q_ptr + 2 * PS + wofs, mask=lmask, other=0)
-            gofs = (widx // WPG)[:, None] * N + rows[None, :]
-            d = tl.load(d_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
-            sfx = tl.zeros((BW, BN), dtype=tl.float32)
-            sx = tl.zeros((BW,), dtype=tl.float32)
-            for j in tl.static_range(32):
-                xj = tl.load(x_ptr + widx * 32 + j, mask=wmask, other=0.0).to(tl.float32)
-                sfx += _bits_at(a, b, c, j) * xj[:, None]
-                sx += xj
-            d8 = 8.0 * d
-            acc2 += d8 * sfx + (m - d8) * sx[:, None]
+        if PF:
+            a, b, c, d, m = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, WPG, BW)
+            for w0 in range(w_lo, w_hi, BW):
+                an, bn, cn, dn, mn = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0 + BW, w_hi, WPG, BW)
+                acc2 += _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, BW, BN)
+                a, b, c, d, m = an, bn, cn, dn, mn
+        else:
+            for w0 in range(w_lo, w_hi, BW):
+                a, b, c, d, m = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0, w_hi, WPG, BW)
+                acc2 += _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, BW, BN)
         return tl.sum(acc2, axis=0)
 
     @triton.jit
@@ -291,9 +311,9 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["NS"])
     def _gemv_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, rp_ptr, pr_ptr, pc_ptr, pd_ptr,
-                     M, N, NS, KW, stride_xm, stride_ym, WPS,
+                     M, N, NS, KW, stride_xm, stride_ym, WPS, SPLIT,
                      G: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROT: tl.constexpr,
-                     USE_WS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr):
+                     USE_WS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PF: tl.constexpr):
         # grid (cdiv(N, BN), SPLIT): program (i, s) owns rows [i*BN, (i+1)*BN) and words
         # [s*WPS, (s+1)*WPS) of K (WPS a multiple of BW). USE_WS (SPLIT > 1 or protected entries):
         # partial sums go to ws (SPLIT, MB, N) fp32; the last program of a row block to bump cnt[i]
@@ -308,7 +328,7 @@ if HAS_TRITON:
         w_lo = pid_k * WPS
         w_hi = tl.minimum(w_lo + WPS, KW)
         if MB == 1:  # 2-D (BW, BN) tiles: the layout of the word loads is kept end to end
-            acc = _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, G, BW, BN)[None, :]
+            acc = _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, G, BW, BN, PF)[None, :]
         else:
             acc = _gemv_bn(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, bat, bmask, stride_xm, NS, PS, w_lo, w_hi,
                            G, MB, BW, BN)
@@ -320,7 +340,7 @@ if HAS_TRITON:
             if HAS_PROT:
                 tl.debug_barrier()  # the partial sums are stored before the atomics add to them
                 _prot_scatter(ws_ptr + pid_k * MB * N, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr, bat,
-                              bmask, pid_n * BN, N, pid_k, BN, SPLIT, 128 // MB)
+                              bmask, pid_n * BN, N, pid_k, SPLIT, BN, 128 // MB)
             tl.debug_barrier()  # all partial stores of this program precede the release below
             cnt = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if cnt == SPLIT - 1:
@@ -481,7 +501,7 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: 
 _CFG: dict = {}
 _LAUNCH: dict = {}
 FAST_LAUNCH = os.environ.get("Q2G_FAST_LAUNCH", "1") != "0"
-_GEMV_CONST = ("G", "MB", "HAS_BIAS", "HAS_PROT", "USE_WS", "BN", "BW", "SPLIT")
+_GEMV_CONST = ("G", "MB", "HAS_BIAS", "HAS_PROT", "USE_WS", "BN", "BW", "PF")
 
 
 def _fast_ok() -> bool:
@@ -492,7 +512,7 @@ def _fast_ok() -> bool:
         return False
 
 
-def _launch_gemv(key, grid, args, consts, nw, dev_index):
+def _launch_gemv(key, grid, args, consts, nw, ns, dev_index):
     """Launch _gemv_kernel; after the first (JIT) launch of a signature, call the compiled kernel's
     launcher directly with the same argument list JITFunction.run would pass (args + constexprs)."""
     global FAST_LAUNCH
@@ -505,7 +525,7 @@ def _launch_gemv(key, grid, args, consts, nw, dev_index):
             return
         except Exception:  # noqa: BLE001 - any API mismatch: fall back to the JIT path for good
             FAST_LAUNCH = False
-    k = _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw, num_stages=1)
+    k = _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw, num_stages=ns)
     if FAST_LAUNCH and not interpreting() and _fast_ok() and hasattr(k, "run") and hasattr(k, "packed_metadata"):
         _LAUNCH[key] = k
 
@@ -540,9 +560,12 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
             cfg.pop("BK", None)
             cfg.setdefault("SPLIT", 1)
             cfg.setdefault("num_warps", 4)
+            cfg.setdefault("PF", 0)
+            cfg.setdefault("num_stages", 1)
             if cfg["SPLIT"] > SPLIT_MAX:
                 raise ValueError(f"GEMV config needs SPLIT <= {SPLIT_MAX}, got {cfg}")
         bn, bw, split, nw = cfg["BN"], cfg["BW"], cfg["SPLIT"], cfg["num_warps"]
+        pf, ns = int(cfg.get("PF", 0)) if mb == 1 else 0, cfg.get("num_stages", 1)
         kw = k // 32
         wps = triton.cdiv(triton.cdiv(kw, split), bw) * bw
         nrb = triton.cdiv(n, bn)
@@ -554,15 +577,15 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
             pw.prot_rowptr = _rowptr(pw.prot_rows, n)
         prot = (pw.prot_rowptr, pw.prot_rows, pw.prot_cols, pw.prot_delta) if hp else (cnt, cnt, cnt, ws)
         args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, *prot, mrows, n, n, kw, xs.stride(0),
-                ys.stride(0), wps)
-        consts = (g, mb, has_bias, hp, use_ws, bn, bw, split)
+                ys.stride(0), wps, split)
+        consts = (g, mb, has_bias, hp, use_ws, bn, bw, pf)
         grid = (nrb, split)
         if interp:
-            _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw)
+            _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw, num_stages=ns)
         else:
             key = (n, k, mrows, xs.dtype, xs.stride(0), ys.stride(0), xs.data_ptr() % 16, ys.data_ptr() % 16,
-                   b.data_ptr() % 16, b.dtype, consts, nw, xs.device.index)
-            _launch_gemv(key, grid, args, consts, nw, xs.device.index)
+                   b.data_ptr() % 16, b.dtype, consts, split, nw, ns, xs.device.index)
+            _launch_gemv(key, grid, args, consts, nw, ns, xs.device.index)
 
 
 def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,

@@ -3,6 +3,7 @@
 #   1. the kernel tests on the real GPU (no TRITON_INTERPRET): tests/test_kernels_{fakequant,qmatmul}.py
 #   2. scripts/bench_kernels.py: GEMV / GEMM / fake-quant / model-level timings vs torch fp16
 # Results land in $OUT (env.txt, pytest.log, pytest.xml, bench.log, bench_kernels.{json,md}).
+# MODE=tune: instead of 1 and 2, scripts/tune_kernels.py (launch-parameter sweeps, tune_kernels.json).
 # Needs torch + triton + transformers + pytest (present there); not datasets/gguf; no install.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,6 +30,13 @@ if ! (cd /tmp && "$PY" -c "import quant2gguf.kernels") >/dev/null 2>&1; then
   export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
 fi
 (cd /tmp && "$PY" -c "import quant2gguf.kernels.qlinear as m; print('import ok:', m.__file__)") || exit 1
+
+if [ "${MODE:-}" = tune ]; then
+  timeout 560 "$PY" "$REPO/scripts/tune_kernels.py" --out "$OUT" --budget 500 >"$OUT/tune.log" 2>&1
+  echo "tune rc=$? ($(( $(date +%s) - T0 )) s)"
+  grep -E "^gemv|^\[|Error" "$OUT/tune.log" | head -40
+  exit 0
+fi
 
 XDIST=""
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
