@@ -33,6 +33,8 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton use the torch path
     HAS_TRITON = False
 
+from .launch import launch
+
 EMPTY = 255
 
 
@@ -107,11 +109,14 @@ if HAS_TRITON:
         tl.store(gm_ptr + rows, tl.sum(gm, axis=1), mask=rmask)
 
 
-def _block_r(group_size: int, slots: int = 0) -> int:
-    # 4096 weights a program (32 a thread) without protection (measured 1.3 TB/s fwd+bwd on H100);
-    # 2048 with protected slots, whose extra live values pushed the bwd kernel to 189 registers
-    # (2 programs an SM); at 2048: 95 registers (ptxas, sm_90)
-    return max(1, (4096 if slots == 0 else 2048) // group_size)
+def _block_r(group_size: int) -> int:
+    # 1024 weights a program, 4 warps (8 a thread): the fastest for fwd and bwd, with and without
+    # protected slots, at 4096x4096 and 9728x2560 on the H100 (scripts/tune_kernels.py, 2026-11-25;
+    # 4096 a program ran the bwd 40 % slower)
+    return max(1, 1024 // group_size)
+
+
+_FWD_CONST = ("G", "P", "QMAX", "BLOCK_R")
 
 
 def _launch_fwd(w, d, m, pidx, bits, group_size, out=None):
@@ -121,9 +126,9 @@ def _launch_fwd(w, d, m, pidx, bits, group_size, out=None):
         out = torch.empty((n, k), dtype=torch.float32, device=w.device)
     P = 0 if pidx is None else pidx.shape[-1]
     pi = pidx.contiguous() if P else d  # dummy pointer when no slots
-    br = _block_r(group_size, P)
-    _fq_fwd_kernel[(triton.cdiv(ng, br),)](w, d, m, pi, out, ng, G=group_size, P=P, QMAX=2**bits - 1,
-                                          BLOCK_R=br, num_warps=4)
+    br = _block_r(group_size)
+    launch(_fq_fwd_kernel, "fq_fwd", (triton.cdiv(ng, br),), (w, d, m, pi, out, ng), _FWD_CONST,
+           (group_size, P, 2**bits - 1, br), 4, 1, w.device.index)
     return out
 
 
@@ -136,9 +141,9 @@ def _launch_bwd(w, d, m, pidx, g, bits, group_size, outs=None):
     gw, gd, gm = outs
     P = 0 if pidx is None else pidx.shape[-1]
     pi = pidx.contiguous() if P else d
-    br = _block_r(group_size, P)
-    _fq_bwd_kernel[(triton.cdiv(ng, br),)](w, d, m, pi, g.contiguous(), gw, gd, gm, ng, G=group_size, P=P,
-                                          QMAX=2**bits - 1, BLOCK_R=br, num_warps=4)
+    br = _block_r(group_size)
+    launch(_fq_bwd_kernel, "fq_bwd", (triton.cdiv(ng, br),), (w, d, m, pi, g.contiguous(), gw, gd, gm, ng),
+           _FWD_CONST, (group_size, P, 2**bits - 1, br), 4, 1, w.device.index)
     return gw, gd, gm
 
 

@@ -5,23 +5,28 @@ multiple of 32, group size G a power of two >= 32. Each run of 32 codes q[n, 32c
 three int32 words, one per plane of `qweight` int32 (3, K//32, N) -- word-column major, so that
 consecutive output rows n are consecutive words (coalesced, 128-bit loads along N in the GEMV):
 
-    plane 0 word: bits 3j..3j+2 = q[j]        for j = 0..9,   bits 30..31 = q[30] & 3
-    plane 1 word: bits 3(j-10).. = q[j]       for j = 10..19, bits 30..31 = q[31] & 3
-    plane 2 word: bits 3(j-20).. = q[j]       for j = 20..29, bit 30 = q[30] >> 2, bit 31 = q[31] >> 2
+    plane i word (i = 0, 1, 2): bits 2+3t .. 4+3t = q[10i + t]   for t = 0..9 (bits 2..31)
+    plane 0 bits 0..1 = q[30] & 3,  plane 1 bits 0..1 = q[31] & 3,
+    plane 2 bit 0 = q[30] >> 2,     plane 2 bit 1 = q[31] >> 2
     scales, offsets : fp16 (K//G, N) (transposed: group-major)   d, m of the reference quantizer
     protected slots : COO lists rows int32 (nnz,), cols int32 (nnz,), delta fp32 (nnz,) with
                       delta = pval - (d*q + m) at that position, and the fp16 value pval (nnz,)
 
-i.e. exactly 3 bits a code, 3.25 bpw at G=128 with d and m.
+i.e. exactly 3 bits a code, 3.25 bpw at G=128 with d and m. Fields sit 3t+2 apart so that one shift
+of a word by 9 (either way) lines three fields up with bits 14..22 (see the GEMV below).
 
     y[b, n] = sum_k x[b, k] * (d[k//G, n] * q[n, k] + m[k//G, n]) + sum_{(n,k) in COO} delta * x[b, k]
 
 GEMV (batch M <= 8): a program owns BN output rows (lanes along N, 4 rows a thread: 128-bit word
-loads) and BW word-columns per step of its K slice (split-K over SPLIT programs). For each position
-j (static unroll) it builds f = 1 + q/8 straight in fp32 bits, ((word shifted) & 0x700000) |
-0x3F800000 (shift + one LOP3, no int->float convert), and one FMA per weight and batch row; x[b, 32c+j]
-is the same address for all lanes (broadcast load). Per 32-code word (one group's d, m):
-sum_k w_k x_k = 8d * sum f_k x_k + (m - 8d) * sum x_k.
+loads) and BW word-columns per step of its K slice (split-K over SPLIT programs). A 3-bit field at
+bits p..p+2 (p <= 20) of a word masked into the fp32 bits of 1.0, (word & 7<<p) | 0x3F800000, is
+f = 1 + q * 2^(p-23) exactly (one LOP3, no int->float convert). With x' = x * 2^(23-p) (exact, once
+per x element, shared by all rows): f * x' = x' + q x, so per 32-code word-column
+sum_k w_k x_k = d * (S - sum x') + m * sum x,   S = sum f x'   (one FMA per weight and batch row).
+fp16/bf16 activations: fields are read in place at p in {14, 17, 20} from the word and from the
+word shifted by 9 either way (3 shifts per 10 fields instead of 10); relative error ~1e-6, far
+below fp16 output rounding. fp32 activations (exact path): every field shifted to p = 20 (x' = 8x),
+so each product f * x' is exact as before. x[b, 32c+j] is the same address for all lanes (broadcast).
 Split-K partial sums go to an fp32 workspace; the last program of a row block (acq_rel counter)
 adds them up, adds the bias, writes y and resets its counter (one launch). Protected entries are
 scattered into the workspace with fp32 atomics (each program takes a share of its row block's CSR range).
@@ -38,6 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from quant2gguf.quantizer import EMPTY, QuantizedWeight, dequantize
+
+from .launch import launch
 
 try:
     import triton
@@ -99,10 +106,10 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     c = codes.to(torch.int64).reshape(n, k // 32, 32)
     if (c > 7).any():
         raise ValueError("codes above 7 cannot be packed as 3 bits")
-    sh = 3 * torch.arange(10, device=codes.device, dtype=torch.int64)
-    p0 = (c[..., 0:10] << sh).sum(-1) | ((c[..., 30] & 3) << 30)
-    p1 = (c[..., 10:20] << sh).sum(-1) | ((c[..., 31] & 3) << 30)
-    p2 = (c[..., 20:30] << sh).sum(-1) | (((c[..., 30] >> 2) & 1) << 30) | (((c[..., 31] >> 2) & 1) << 31)
+    sh = 2 + 3 * torch.arange(10, device=codes.device, dtype=torch.int64)
+    p0 = (c[..., 0:10] << sh).sum(-1) | (c[..., 30] & 3)
+    p1 = (c[..., 10:20] << sh).sum(-1) | (c[..., 31] & 3)
+    p2 = (c[..., 20:30] << sh).sum(-1) | ((c[..., 30] >> 2) & 1) | (((c[..., 31] >> 2) & 1) << 1)
     return torch.stack([_to_int32(p0).T, _to_int32(p1).T, _to_int32(p2).T]).contiguous()
 
 
@@ -110,12 +117,12 @@ def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_codes: uint8 (N, K)."""
     _, kw, n = qweight.shape
     p = (qweight.to(torch.int64) & 0xFFFFFFFF).transpose(1, 2)  # (3, N, KW)
-    sh = 3 * torch.arange(10, device=qweight.device, dtype=torch.int64)
+    sh = 2 + 3 * torch.arange(10, device=qweight.device, dtype=torch.int64)
     out = torch.empty((n, kw, 32), dtype=torch.int64, device=qweight.device)
     for i in range(3):
         out[..., 10 * i:10 * i + 10] = (p[i].unsqueeze(-1) >> sh) & 7
-    out[..., 30] = ((p[0] >> 30) & 3) | (((p[2] >> 30) & 1) << 2)
-    out[..., 31] = ((p[1] >> 30) & 3) | (((p[2] >> 31) & 1) << 2)
+    out[..., 30] = (p[0] & 3) | ((p[2] & 1) << 2)
+    out[..., 31] = (p[1] & 3) | (((p[2] >> 1) & 1) << 2)
     return out.reshape(n, kw * 32).to(torch.uint8)
 
 
@@ -181,14 +188,67 @@ def dequantize_packed(pw: PackedWeight) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 if HAS_TRITON:
     @triton.jit
-    def _fbits(word, O: tl.constexpr):
-        # the 3-bit field at bit O of `word` as fp32 bits of 1 + q/8 (field moved to bits 20..22):
-        # one shift and one LOP3 ((t & mask) | const)
-        if O <= 20:
-            t = word << (20 - O)
+    def _fbits(word, O: tl.constexpr, P: tl.constexpr, ONE):
+        # the 3-bit field at bit O of `word`, moved to bit P (<= 20), as the fp32 bits of
+        # 1 + q * 2^(P-23): at most one shift, then one LOP3 ((t & mask) | const)
+        if O < P:
+            t = word << (P - O)
+        elif O > P:
+            t = word >> (O - P)  # arithmetic shift: the sign fill lands above bit 22, masked off
         else:
-            t = word >> (O - 20)
-        return (t & 0x700000) | 0x3F800000
+            t = word
+        return (t & (7 << P)) | ONE
+
+    @triton.jit
+    def _field(a, b, c, j: tl.constexpr, EXACT: tl.constexpr, ONE):
+        # f = 1 + q[j] * 2^(P-23) as fp32 and the x scale 2^(23-P) of code j of a 32-code run in
+        # plane words a, b, c. EXACT: P = 20 for every j (one shift each). Otherwise P in {14, 17, 20}
+        # from the word itself or the word shifted by 9: the compiler shares those shifts between
+        # the fields of a word (3 shift instructions per 10 fields)
+        if j < 30:
+            if j < 10:
+                w = a
+            elif j < 20:
+                w = b
+            else:
+                w = c
+            t: tl.constexpr = j % 10
+            O: tl.constexpr = 2 + 3 * t
+            if EXACT:
+                P: tl.constexpr = 20
+                bits = _fbits(w, O, P, ONE)
+            elif t == 0:
+                P: tl.constexpr = 20
+                bits = _fbits(w, O, P, ONE)
+            elif t < 4:
+                P: tl.constexpr = O + 9
+                bits = ((w << 9) & (7 << P)) | ONE
+            elif t < 7:
+                P: tl.constexpr = O
+                bits = (w & (7 << P)) | ONE
+            else:
+                P: tl.constexpr = O - 9
+                bits = ((w >> 9) & (7 << P)) | ONE
+        else:
+            P: tl.constexpr = 20
+            if j == 30:
+                bits = ((a << 20) & 0x300000) | ((c << 22) & 0x400000) | ONE
+            else:
+                bits = ((b << 20) & 0x300000) | ((c << 21) & 0x400000) | ONE
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _xscale(j: tl.constexpr, EXACT: tl.constexpr):
+        # 2^(23-P) for the P that _field uses for code j
+        t: tl.constexpr = j % 10
+        if EXACT or j >= 30 or t == 0:
+            return 8.0
+        elif t % 3 == 1:
+            return 512.0
+        elif t % 3 == 2:
+            return 64.0
+        else:
+            return 8.0
 
     @triton.jit
     def _prot_scatter(ws_ptr, x_ptr, stride_xm, rp_ptr, pr_ptr, pc_ptr, pd_ptr, bat, bmask, row0, N, pid_k,
@@ -212,20 +272,6 @@ if HAS_TRITON:
             tl.atomic_add(ws_ptr + bat[:, None] * N + r_e[None, :], xv * dl[None, :], mask=msk, sem="relaxed")
 
     @triton.jit
-    def _bits_at(a, b, c, j: tl.constexpr):
-        if j < 10:
-            bits = _fbits(a, 3 * j)
-        elif j < 20:
-            bits = _fbits(b, 3 * (j - 10))
-        elif j < 30:
-            bits = _fbits(c, 3 * (j - 20))
-        elif j == 30:
-            bits = ((a >> 10) & 0x300000) | ((c >> 8) & 0x400000) | 0x3F800000
-        else:
-            bits = ((b >> 10) & 0x300000) | ((c >> 9) & 0x400000) | 0x3F800000
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0, w_hi, WPG: tl.constexpr, BW: tl.constexpr):
         widx = w0 + tl.arange(0, BW)
         wmask = widx < w_hi
@@ -240,22 +286,25 @@ if HAS_TRITON:
         return a, b, c, d, m
 
     @triton.jit
-    def _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, BW: tl.constexpr, BN: tl.constexpr):
+    def _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, ONE, BW: tl.constexpr, BN: tl.constexpr, EXACT: tl.constexpr):
         # (BW, BN) partial sums of one step: sum_j w * x over the 32 codes of each word-column
         widx = w0 + tl.arange(0, BW)
         wmask = widx < w_hi
         sfx = tl.zeros((BW, BN), dtype=tl.float32)
+        sxs = tl.zeros((BW,), dtype=tl.float32)  # sum x'
         sx = tl.zeros((BW,), dtype=tl.float32)
         for j in tl.static_range(32):
             xj = tl.load(x_ptr + widx * 32 + j, mask=wmask, other=0.0).to(tl.float32)
-            sfx += _bits_at(a, b, c, j) * xj[:, None]
+            xs = xj * _xscale(j, EXACT)
+            sfx += _field(a, b, c, j, EXACT, ONE) * xs[:, None]
+            sxs += xs
             sx += xj
-        d8 = 8.0 * d.to(tl.float32)
-        return d8 * sfx + (m.to(tl.float32) - d8) * sx[:, None]
+        df = d.to(tl.float32)
+        return df * (sfx - sxs[:, None]) + m.to(tl.float32) * sx[:, None]
 
     @triton.jit
-    def _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi,
-                 G: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr):
+    def _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, ONE,
+                 G: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr, EXACT: tl.constexpr):
         # batch 1: sum over words [w_lo, w_hi) of this row block -> (BN,) fp32. PF: the next step's
         # words are loaded before this step's FMAs (register double buffer: memory under compute)
         WPG: tl.constexpr = G // 32
@@ -264,17 +313,17 @@ if HAS_TRITON:
             a, b, c, d, m = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, WPG, BW)
             for w0 in range(w_lo, w_hi, BW):
                 an, bn, cn, dn, mn = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0 + BW, w_hi, WPG, BW)
-                acc2 += _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, BW, BN)
+                acc2 += _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, ONE, BW, BN, EXACT)
                 a, b, c, d, m = an, bn, cn, dn, mn
         else:
             for w0 in range(w_lo, w_hi, BW):
                 a, b, c, d, m = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0, w_hi, WPG, BW)
-                acc2 += _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, BW, BN)
+                acc2 += _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, ONE, BW, BN, EXACT)
         return tl.sum(acc2, axis=0)
 
     @triton.jit
-    def _gemv_bn(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, bat, bmask, stride_xm, N, PS, w_lo, w_hi,
-                 G: tl.constexpr, MB: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr):
+    def _gemv_bn(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, bat, bmask, stride_xm, N, PS, w_lo, w_hi, ONE,
+                 G: tl.constexpr, MB: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, EXACT: tl.constexpr):
         # batch 2..8: (MB, BW, BN) tiles -> (MB, BN) fp32. Every load is 3-D so that the word
         # loads' layout (rows along lanes) carries through the FMAs without conversions. N here is
         # the unspecialized copy NS: scalar (still coalesced) word loads, so no thread holds several
@@ -298,22 +347,25 @@ if HAS_TRITON:
             d = tl.load(d_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + gofs, mask=lmask, other=0.0).to(tl.float32)
             sfx = tl.zeros((MB, BW, BN), dtype=tl.float32)
+            sxs = tl.zeros((MB, BW, 1), dtype=tl.float32)
             sx = tl.zeros((MB, BW, 1), dtype=tl.float32)
             xofs = b3 * stride_xm + w3 * 32  # (MB, BW, 1)
             xmask = bm3 & wm3
             for j in tl.static_range(32):
                 xj = tl.load(x_ptr + xofs + j, mask=xmask, other=0.0).to(tl.float32)
-                sfx += _bits_at(a, b, c, j) * xj
+                xs = xj * _xscale(j, EXACT)
+                sfx += _field(a, b, c, j, EXACT, ONE) * xs
+                sxs += xs
                 sx += xj
-            d8 = 8.0 * d
-            acc3 += d8 * sfx + (m - d8) * sx
+            acc3 += d * (sfx - sxs) + m * sx
         return tl.sum(acc3, axis=1)
 
     @triton.jit(do_not_specialize=["NS"])
     def _gemv_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, rp_ptr, pr_ptr, pc_ptr, pd_ptr,
-                     M, N, NS, KW, stride_xm, stride_ym, WPS, SPLIT,
+                     M, N, NS, KW, stride_xm, stride_ym, WPS, SPLIT, ONE,
                      G: tl.constexpr, MB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROT: tl.constexpr,
-                     USE_WS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PF: tl.constexpr):
+                     USE_WS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PF: tl.constexpr,
+                     EXACT: tl.constexpr):
         # grid (cdiv(N, BN), SPLIT): program (i, s) owns rows [i*BN, (i+1)*BN) and words
         # [s*WPS, (s+1)*WPS) of K (WPS a multiple of BW). USE_WS (SPLIT > 1 or protected entries):
         # partial sums go to ws (SPLIT, MB, N) fp32; the last program of a row block to bump cnt[i]
@@ -328,10 +380,10 @@ if HAS_TRITON:
         w_lo = pid_k * WPS
         w_hi = tl.minimum(w_lo + WPS, KW)
         if MB == 1:  # 2-D (BW, BN) tiles: the layout of the word loads is kept end to end
-            acc = _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, G, BW, BN, PF)[None, :]
+            acc = _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, ONE, G, BW, BN, PF, EXACT)[None, :]
         else:
-            acc = _gemv_bn(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, bat, bmask, stride_xm, NS, PS, w_lo, w_hi,
-                           G, MB, BW, BN)
+            acc = _gemv_bn(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, bat, bmask, stride_xm, NS, PS, w_lo, w_hi, ONE,
+                           G, MB, BW, BN, EXACT)
         omask = bmask[:, None] & rmask[None, :]
         yofs = bat[:, None] * stride_ym + rows[None, :]
         if USE_WS:
@@ -361,9 +413,9 @@ if HAS_TRITON:
         # code at position jj (0..31) of a 32-code run stored in plane words a, b, c (broadcast shapes)
         pl = jj // 10
         w = tl.where(pl == 0, a, tl.where(pl == 1, b, c))
-        reg = (w >> (3 * (jj - 10 * pl))) & 7
-        q30 = ((a >> 30) & 3) | (((c >> 30) & 1) << 2)
-        q31 = ((b >> 30) & 3) | (((c >> 31) & 1) << 2)
+        reg = (w >> (2 + 3 * (jj - 10 * pl))) & 7
+        q30 = (a & 3) | ((c & 1) << 2)
+        q31 = (b & 3) | ((c & 2) << 1)
         return tl.where(jj < 30, reg, tl.where(jj == 30, q30, q31))
 
     @triton.jit
@@ -497,37 +549,9 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: 
     return out
 
 
-# ---- GEMV launch: config per shape, compiled kernel cached per call signature, launched directly
+# ---- GEMV launch: config per shape, compiled kernel launched directly (kernels/launch.py)
 _CFG: dict = {}
-_LAUNCH: dict = {}
-FAST_LAUNCH = os.environ.get("Q2G_FAST_LAUNCH", "1") != "0"
-_GEMV_CONST = ("G", "MB", "HAS_BIAS", "HAS_PROT", "USE_WS", "BN", "BW", "PF")
-
-
-def _fast_ok() -> bool:
-    try:
-        from triton import knobs
-        return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _launch_gemv(key, grid, args, consts, nw, ns, dev_index):
-    """Launch _gemv_kernel; after the first (JIT) launch of a signature, call the compiled kernel's
-    launcher directly with the same argument list JITFunction.run would pass (args + constexprs)."""
-    global FAST_LAUNCH
-    kern = _LAUNCH.get(key) if FAST_LAUNCH else None
-    if kern is not None:
-        try:
-            stream = torch._C._cuda_getCurrentRawStream(dev_index)
-            kern.run(grid[0], grid[1], 1, stream, kern.function, kern.packed_metadata, None, None, None,
-                     *args, *consts)
-            return
-        except Exception:  # noqa: BLE001 - any API mismatch: fall back to the JIT path for good
-            FAST_LAUNCH = False
-    k = _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw, num_stages=ns)
-    if FAST_LAUNCH and not interpreting() and _fast_ok() and hasattr(k, "run") and hasattr(k, "packed_metadata"):
-        _LAUNCH[key] = k
+_GEMV_CONST = ("G", "MB", "HAS_BIAS", "HAS_PROT", "USE_WS", "BN", "BW", "PF", "EXACT")
 
 
 def _rowptr(rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -543,7 +567,6 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
     hp = pw.has_prot
     has_bias = bias is not None
     b = bias if has_bias else pw.scales
-    interp = interpreting()
     for m0 in range(0, x2.shape[0], 8):
         xs, ys = (x2, y) if x2.shape[0] <= 8 else (x2[m0:m0 + 8], y[m0:m0 + 8])
         mrows = xs.shape[0]
@@ -577,15 +600,10 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
             pw.prot_rowptr = _rowptr(pw.prot_rows, n)
         prot = (pw.prot_rowptr, pw.prot_rows, pw.prot_cols, pw.prot_delta) if hp else (cnt, cnt, cnt, ws)
         args = (xs, pw.qweight, pw.scales, pw.offsets, b, ys, ws, cnt, *prot, mrows, n, n, kw, xs.stride(0),
-                ys.stride(0), wps, split)
-        consts = (g, mb, has_bias, hp, use_ws, bn, bw, pf)
+                ys.stride(0), wps, split, 0x3F800000)  # ONE: fp32 1.0 bits, a runtime value (see _field)
+        consts = (g, mb, has_bias, hp, use_ws, bn, bw, pf, xs.dtype == torch.float32)
         grid = (nrb, split)
-        if interp:
-            _gemv_kernel[grid](*args, **dict(zip(_GEMV_CONST, consts)), num_warps=nw, num_stages=ns)
-        else:
-            key = (n, k, mrows, xs.dtype, xs.stride(0), ys.stride(0), xs.data_ptr() % 16, ys.data_ptr() % 16,
-                   b.data_ptr() % 16, b.dtype, consts, split, nw, ns, xs.device.index)
-            _launch_gemv(key, grid, args, consts, nw, ns, xs.device.index)
+        launch(_gemv_kernel, "gemv", grid, args, _GEMV_CONST, consts, nw, ns, xs.device.index)
 
 
 def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,

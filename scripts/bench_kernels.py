@@ -32,6 +32,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from quant2gguf import quantizer as Q
 from quant2gguf.kernels import fakequant as FQ
+from quant2gguf.kernels import launch as KL
 from quant2gguf.kernels import qmatmul as QM
 
 SHAPES = {  # (N out, K in) of every distinct linear
@@ -192,8 +193,8 @@ def host_overhead(x, pw, calls: int = 300) -> dict:
     side (a few us) is shorter, so this is the CPU cost. Direct launch vs the plain JIT launch."""
     out = {}
     for tag, fast in (("fast", True), ("jit", False)):
-        QM.FAST_LAUNCH = fast
-        QM._LAUNCH.clear()
+        KL.ENABLED = fast
+        KL.clear()
         for _ in range(3):
             QM.qmatmul(x, pw)
         sync()
@@ -202,8 +203,8 @@ def host_overhead(x, pw, calls: int = 300) -> dict:
             QM.qmatmul(x, pw)
         out[f"host_us_{tag}"] = (time.perf_counter() - t) * 1e6 / calls
         sync()
-    QM.FAST_LAUNCH = True
-    QM._LAUNCH.clear()
+    KL.ENABLED = True
+    KL.clear()
     print(f"  host time per qmatmul call: direct launch {out['host_us_fast']:.1f} us, "
           f"JIT launch {out['host_us_jit']:.1f} us", flush=True)
     return out

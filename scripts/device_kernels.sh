@@ -3,7 +3,8 @@
 #   1. the kernel tests on the real GPU (no TRITON_INTERPRET): tests/test_kernels_{fakequant,qmatmul}.py
 #   2. scripts/bench_kernels.py: GEMV / GEMM / fake-quant / model-level timings vs torch fp16
 # Results land in $OUT (env.txt, pytest.log, pytest.xml, bench.log, bench_kernels.{json,md}).
-# MODE=tune: instead of 1 and 2, scripts/tune_kernels.py (launch-parameter sweeps, tune_kernels.json).
+# MODE (default "test,bench") picks the steps; "tune": scripts/tune_kernels.py (launch-parameter
+# sweeps, tune_kernels.json, tune.log).
 # Needs torch + triton + transformers + pytest (present there); not datasets/gguf; no install.
 set -u
 cd "$(dirname "$0")/.."
@@ -31,17 +32,14 @@ if ! (cd /tmp && "$PY" -c "import quant2gguf.kernels") >/dev/null 2>&1; then
 fi
 (cd /tmp && "$PY" -c "import quant2gguf.kernels.qlinear as m; print('import ok:', m.__file__)") || exit 1
 
-if [ "${MODE:-}" = tune ]; then
-  timeout 560 "$PY" "$REPO/scripts/tune_kernels.py" --out "$OUT" --budget 500 >"$OUT/tune.log" 2>&1
-  echo "tune rc=$? ($(( $(date +%s) - T0 )) s)"
-  grep -E "^gemv|^\[|Error" "$OUT/tune.log" | head -40
-  exit 0
-fi
+MODE=${MODE:-test,bench}
+has() { case ",$MODE," in *",$1,"*) return 0;; esac; return 1; }
 
 XDIST=""
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
 TMO=""
 "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && TMO="-p timeout --timeout 60"
+if has test; then
 echo "== pytest (GPU) $XDIST $TMO"
 # no autotuning any more (heuristic configs): each test compiles a few kernels (~1-3 s each)
 (cd /tmp && timeout 150 "$PY" -m pytest -q -p no:cacheprovider $XDIST $TMO -rfE --durations=8 \
@@ -49,6 +47,16 @@ echo "== pytest (GPU) $XDIST $TMO"
    --junitxml="$OUT/pytest.xml") >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$? ($(( $(date +%s) - T0 )) s so far)" | tee -a "$OUT/pytest.log"
 tail -n 40 "$OUT/pytest.log"
+fi
+
+if has tune; then
+  LEFT=$(( 570 - ($(date +%s) - T0) ))
+  timeout "$LEFT" "$PY" "$REPO/scripts/tune_kernels.py" --out "$OUT" --budget $(( LEFT - 40 )) >"$OUT/tune.log" 2>&1
+  echo "tune rc=$? ($(( $(date +%s) - T0 )) s)"
+  grep -E "^gemv|^floor|^\[|Error" "$OUT/tune.log" | head -40
+fi
+
+has bench || exit 0
 
 echo "== bench"
 LEFT=$(( 575 - ($(date +%s) - T0) ))

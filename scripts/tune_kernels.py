@@ -100,7 +100,7 @@ def tune_gemv(budget: float) -> list[dict]:
     ranked = sorted([r for r in first["rows"] if r["us"] == r["us"]], key=lambda r: r["us"])
     tiles = []
     for r in ranked:
-        t = (r["cfg"]["num_warps"], r["cfg"]["BN"], r["cfg"]["BW"], r["cfg"]["PF"])
+        t = (r["cfg"]["num_warps"], r["cfg"]["BN"], r["cfg"]["BW"], r["cfg"].get("PF", 0))
         if t not in tiles:
             tiles.append(t)
     for (n, k) in SHAPES[1:]:
@@ -163,6 +163,18 @@ def tune_fq(budget: float) -> dict:
     return out
 
 
+def floor_us() -> dict:
+    """Per-call floor of the graph-replay timing: tiny GEMVs (256 x 256) where no time goes to data,
+    cuBLAS fp16 and ours; what every measured shape pays on top of its data time."""
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    pws = [B.rand_packed(256, 256) for _ in range(64)]
+    wf = [QM.dequantize_dense(p, torch.float16) for p in pws]
+    out = dict(fp16_us=B.graph_us([lambda w=w: torch.matmul(x, w.T) for w in wf]),
+               q_us=B.graph_us([lambda p=p: QM.qmatmul(x, p) for p in pws]))
+    print(f"floor (256x256 GEMV, graph replay): fp16 {out['fp16_us']:.2f} us, packed {out['q_us']:.2f} us", flush=True)
+    return out
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -170,7 +182,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("tune_out"))
-    ap.add_argument("--only", default="gemv,fq")
+    ap.add_argument("--only", default="floor,gemv,fqbench", help="of floor, gemv, fq (sweep), fqbench")
     ap.add_argument("--budget", type=float, default=520, help="seconds for the whole run")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +192,9 @@ def main():
     for name in a.only.split(","):
         t = time.time()
         try:
-            res[name] = tune_fq(a.budget) if name == "fq" else tune_gemv(a.budget)
+            fn = {"fq": lambda: tune_fq(a.budget), "gemv": lambda: tune_gemv(a.budget * 0.8),
+                  "floor": floor_us, "fqbench": B.bench_fakequant}[name]
+            res[name] = fn()
         except Exception as e:  # noqa: BLE001 - keep what the other section measured
             import traceback
             traceback.print_exc()
