@@ -508,24 +508,41 @@ def _workspace(device, ws_elems: int, n_counters: int) -> tuple[torch.Tensor, to
     return ws, cnt
 
 
+def _refine_sms(device) -> None:
+    global NUM_SMS, _SMS_SEEN
+    if not _SMS_SEEN and device.type == "cuda":
+        NUM_SMS = torch.cuda.get_device_properties(device).multi_processor_count
+        _SMS_SEEN = True
+
+
+_SMS_SEEN = False
+
+
 def gemv_max_batch() -> int:
     return 8
 
 
 def gemv_config(n: int, k: int, mb: int) -> dict:
-    """Heuristic GEMV launch config: BN rows, BW word-columns a step, split-K so that ~6 programs
-    per SM are in flight (checked against ptxas for sm_90: 72 registers at batch 1, no spills)."""
+    """Heuristic GEMV launch config. Batch 1: (BW, BN) = (16, 32) tiles, 4 warps, next step's words
+    prefetched, split-K for ~3 programs an SM but at least 2 steps a program -- the fastest or within
+    10 % of the fastest of 112 configs at every Qwen2.5-0.5B / Qwen3-4B / Qwen3-8B shape on the H100
+    (scripts/tune_kernels.py, docs/BENCHMARKS.md). Batch 2..8: BN/128 rows a thread, one
+    word-column a step, ~6 programs an SM (not re-tuned)."""
     kw = k // 32
-    if mb == 1:  # (BW, BN) = (8, 128): a thread holds 8 rows of one word-column (2 x 128-bit loads a plane)
-        bn, bw = min(128, max(16, _next_pow2(n))), min(8, _next_pow2(kw))
-    else:  # a thread holds BN/128 rows of one word-column; x[b, 32c+j] loaded once per thread
-        bn, bw = min(512 if mb <= 4 else 256, max(32, _next_pow2(n))), 1
-    nrb = triton.cdiv(n, bn)
-    iters = triton.cdiv(kw, bw)
-    split = max(1, min(iters, SPLIT_MAX, round(6 * NUM_SMS / nrb)))
+    if mb == 1:
+        bn, bw, pf = min(32, max(16, _next_pow2(n))), min(16, _next_pow2(kw)), 1
+        nrb = triton.cdiv(n, bn)
+        iters = triton.cdiv(kw, bw)
+        most = iters // 2 if nrb >= NUM_SMS // 2 else iters  # few row blocks: split deeper
+        split = max(1, min(most, SPLIT_MAX, round(3 * NUM_SMS / nrb)))
+    else:
+        bn, bw, pf = min(512 if mb <= 4 else 256, max(32, _next_pow2(n))), 1, 0
+        nrb = triton.cdiv(n, bn)
+        iters = triton.cdiv(kw, bw)
+        split = max(1, min(iters, SPLIT_MAX, round(6 * NUM_SMS / nrb)))
     wps = triton.cdiv(iters, split) * bw
     split = triton.cdiv(kw, wps)
-    return {"BN": bn, "BW": bw, "SPLIT": split, "num_warps": 4}
+    return {"BN": bn, "BW": bw, "SPLIT": split, "PF": pf, "num_warps": 4, "num_stages": 1}
 
 
 DENSE_MIN_ROWS = 9  # from this many rows on, dequantize to a dense tile and use cuBLAS
@@ -572,6 +589,7 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
         mrows = xs.shape[0]
         mb = _next_pow2(mrows)
         if config is None:
+            _refine_sms(xs.device)
             ck = (n, k, mb)
             cfg = _CFG.get(ck)
             if cfg is None:

@@ -186,6 +186,7 @@ def main():
     ap.add_argument("--budget", type=float, default=520, help="seconds for the whole run")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    B.OUTDIR = a.out  # bench_kernels' sections save their rows there
     QM.NUM_SMS = torch.cuda.get_device_properties(0).multi_processor_count
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "torch": torch.__version__}
