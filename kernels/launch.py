@@ -14,9 +14,12 @@ ENABLED = os.environ.get("Q2G_FAST_LAUNCH", "1") != "0"
 
 
 def _hooks_free() -> bool:
+    """No launch hooks registered (None, or an empty HookChain as triton >= 3.4 keeps them): the
+    direct launch passes None for both, as the JIT would pass hooks that do nothing."""
     try:
         from triton import knobs
-        return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+        return all(h is None or not getattr(h, "calls", [None]) for h in hooks)
     except Exception:  # noqa: BLE001
         return False
 
@@ -30,12 +33,15 @@ def spec_key(args: tuple) -> tuple:
     16-byte alignment; an int's width, == 1 and divisibility by 16."""
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, int):
+        t = type(a)
+        if t is int:
             out.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+        elif t is bool:
+            out.append(a)
+        elif isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() & 15 == 0))
         else:
-            out.append(type(a))
+            out.append(t)
     return tuple(out)
 
 

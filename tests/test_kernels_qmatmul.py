@@ -149,6 +149,20 @@ def test_gemv_default_configs_repeat_calls():
     assert rel_err(QM.qmatmul(x, pw), x.double() @ wd.T) < TOL[torch.float16]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the direct launch exists only there")
+def test_direct_launch_is_taken():
+    """The second call of a signature goes through the cached launcher (kernels/launch.py), with
+    results equal to the JIT launch's; triton 3.6's empty hook chains must not turn it off."""
+    from quant2gguf.kernels import launch as KL
+    KL.clear()
+    pw = QM.pack(rand_qw(96, 256, 64))
+    x = torch.randn(1, 256, device=DEV).half()
+    y0 = QM.qmatmul(x, pw)
+    assert KL.ENABLED and len(KL._CACHE) == 1
+    y1 = QM.qmatmul(x, pw)
+    assert KL.ENABLED and torch.equal(y0, y1)
+
+
 def test_quantlinear_module():
     qw = rand_qw(32, 128, 64, slots=2)
     bias = torch.randn(32, device=DEV)
