@@ -556,8 +556,9 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: 
         out = torch.empty((n, k), dtype=dtype, device=pw.qweight.device)
     if use_triton(pw.qweight):
         bn, bw = 32, 8
-        _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // 32, bw))](
-            pw.qweight, pw.scales, pw.offsets, out, n, k // 32, G=pw.group_size, BN=bn, BW=bw, num_warps=4)
+        launch(_dequant_kernel, "dequant", (triton.cdiv(n, bn), triton.cdiv(k // 32, bw)),
+               (pw.qweight, pw.scales, pw.offsets, out, n, k // 32), ("G", "BN", "BW"), (pw.group_size, bn, bw),
+               4, 3, out.device.index)
     else:
         out.copy_(dequantize_packed(pw))
         return out
