@@ -51,7 +51,7 @@ fi
 
 if has tune; then
   LEFT=$(( 570 - ($(date +%s) - T0) ))
-  timeout "$LEFT" "$PY" "$REPO/scripts/tune_kernels.py" --out "$OUT" --budget $(( LEFT - 40 )) >"$OUT/tune.log" 2>&1
+  timeout "$LEFT" "$PY" "$REPO/scripts/tune_kernels.py" --out "$OUT" --budget $(( LEFT - 40 )) --only "${TUNE_ONLY:-floor,gemv,fqbench}" >"$OUT/tune.log" 2>&1
   echo "tune rc=$? ($(( $(date +%s) - T0 )) s)"
   grep -E "^gemv|^floor|^\[|Error" "$OUT/tune.log" | head -40
 fi
