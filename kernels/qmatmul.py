@@ -305,19 +305,12 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_b1(x_ptr, q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, ONE,
                  G: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr, EXACT: tl.constexpr):
-        # batch 1: sum over words [w_lo, w_hi) of this row block -> (BN,) fp32. PF = 1 (2): the words
-        # of the next (two) step(s) are loaded before this step's FMAs (registers: memory under compute)
+        # batch 1: sum over words [w_lo, w_hi) of this row block -> (BN,) fp32. PF: the next step's
+        # words are loaded before this step's FMAs (register double buffer: memory under compute;
+        # two steps ahead was no faster at any shape: results/tune_kernels-h100-pf2.json)
         WPG: tl.constexpr = G // 32
         acc2 = tl.zeros((BW, BN), dtype=tl.float32)
-        if PF == 2:  # two steps in flight
-            a, b, c, d, m = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, WPG, BW)
-            a1, b1, c1, d1, m1 = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo + BW, w_hi, WPG, BW)
-            for w0 in range(w_lo, w_hi, BW):
-                an, bn, cn, dn, mn = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0 + 2 * BW, w_hi, WPG, BW)
-                acc2 += _b1_step(x_ptr, a, b, c, d, m, w0, w_hi, ONE, BW, BN, EXACT)
-                a, b, c, d, m = a1, b1, c1, d1, m1
-                a1, b1, c1, d1, m1 = an, bn, cn, dn, mn
-        elif PF:
+        if PF:
             a, b, c, d, m = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w_lo, w_hi, WPG, BW)
             for w0 in range(w_lo, w_hi, BW):
                 an, bn, cn, dn, mn = _b1_loads(q_ptr, d_ptr, m_ptr, rows, rmask, N, PS, w0 + BW, w_hi, WPG, BW)

@@ -23,10 +23,9 @@ from quant2gguf.kernels import fakequant as FQ  # noqa: E402
 from quant2gguf.kernels import qmatmul as QM  # noqa: E402
 
 # (num_warps, BN, BW): 4..16 tile elements a thread
-# the first sweep (2026-11-25, results/tune_kernels-h100.json) ran 14 tiles x PF 0/1; the winners
-# were 4-warp (16, 32) / (32, 32) tiles; this one adds two steps in flight (PF 2) around them
-TILES = [(4, 32, 16), (4, 32, 32), (4, 64, 16), (4, 64, 8), (8, 64, 16), (8, 64, 32)]
-PFS = (0, 1, 2)
+TILES = [(4, 128, 4), (4, 128, 8), (4, 128, 16), (4, 256, 4), (4, 256, 8), (4, 64, 8), (4, 64, 16),
+         (4, 32, 16), (4, 32, 32), (8, 128, 8), (8, 128, 16), (8, 256, 8), (8, 64, 16), (8, 64, 32)]
+PFS = (0, 1)
 CTAS_PER_SM = (1, 2, 3, 4, 8)
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (9728, 2560), (2560, 9728), (4096, 2560),
           (896, 4864), (4864, 896)]
