@@ -99,6 +99,25 @@ def convert(
 
 
 @app.command()
+def compat(
+    model: str = typer.Argument(..., help="fixture name or HF folder"),
+    out: Path = typer.Option(..., "-o", "--out", help="GGUF file to write (stock type)"),
+    qtype: str = typer.Option("Q3_K_M", "--type", help="llama-quantize type: Q3_K_S | Q3_K_M | Q4_K_M | IQ3_S | ..."),
+    calib: str = typer.Option("news", help="calibration source: news | gsm | champ | FILE"),
+    nsamples: int = typer.Option(32),
+    seqlen: int = typer.Option(512),
+    device: str = typer.Option("cpu"),
+    threads: int = typer.Option(2, "-t"),
+):
+    """Compatibility export for unpatched llama.cpp / Ollama: importance matrix from the calibration
+    set, then stock K-quants by llama-quantize."""
+    from .compat import compat_export
+    info = _guard(compat_export, model, out, qtype=qtype, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                  device=device, threads=threads)
+    typer.echo(json.dumps(info, indent=1))
+
+
+@app.command()
 def run(
     gguf_path: Path = typer.Argument(..., metavar="MODEL.gguf"),
     prompt: str = typer.Option("The capital of France is", "-p", "--prompt"),
