@@ -98,6 +98,21 @@ def write_imatrix(path: str | Path, entries: dict[str, torch.Tensor], ntokens: i
     return path
 
 
+def make_imatrix(model: str, path: str | Path, calib: str = "news", nsamples: int = 32, seqlen: int = 512,
+                 device: str = "cpu") -> tuple[Path, Path, dict]:
+    """(imatrix file, model folder, calibration info) for MODEL on the calibration split."""
+    from .data import describe_split, token_batches
+    from .pipeline import load_hf
+    m, tok, folder = load_hf(model)
+    batches = token_batches(tok, calib, "calib", nsamples, seqlen)
+    sums, ntok = activation_sums(m, batches, device)
+    cfg = m.config
+    entries = imatrix_entries(cfg.model_type, cfg.num_hidden_layers, sums, bool(cfg.tie_word_embeddings))
+    info = {"source": calib, "split": describe_split(calib, "calib"), "nsamples": nsamples, "seqlen": seqlen,
+            "tokens": ntok, "tensors": len(entries)}
+    return write_imatrix(path, entries, ntok, seqlen, info["split"]), Path(folder), info
+
+
 def compat_export(model: str, out: str | Path, qtype: str = "Q3_K_M", calib: str = "news", nsamples: int = 32,
                   seqlen: int = 512, device: str = "cpu", workdir: str | Path | None = None,
                   threads: int = 2) -> dict:
@@ -105,25 +120,16 @@ def compat_export(model: str, out: str | Path, qtype: str = "Q3_K_M", calib: str
     an importance matrix from the calibration set. Also leaves OUT's imatrix (.imatrix.gguf) and
     FP16 GGUF (.f16.gguf) next to it (or in workdir)."""
     from . import llama, runner
-    from .data import describe_split, token_batches
-    from .pipeline import load_hf
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another output path")
     wd = Path(workdir) if workdir else out.parent
     wd.mkdir(parents=True, exist_ok=True)
     llama.build()
-    m, tok, folder = load_hf(model)
-    batches = token_batches(tok, calib, "calib", nsamples, seqlen)
-    sums, ntok = activation_sums(m, batches, device)
-    cfg = m.config
-    entries = imatrix_entries(cfg.model_type, cfg.num_hidden_layers, sums, bool(cfg.tie_word_embeddings))
-    del m
-    imat = write_imatrix(wd / f"{out.stem}.imatrix.gguf", entries, ntok, seqlen, describe_split(calib, "calib"))
+    imat, folder, info = make_imatrix(model, wd / f"{out.stem}.imatrix.gguf", calib, nsamples, seqlen, device)
     f16 = wd / f"{out.stem}.f16.gguf"
     if not f16.exists():
         runner.fp16_gguf(folder, f16)
     runner.quantize_stock(f16, out, qtype, imatrix=imat, threads=threads)
-    return {"gguf": str(out), "type": qtype, "imatrix": str(imat), "f16": str(f16), "tensors": len(entries),
-            "calibration": {"source": calib, "split": describe_split(calib, "calib"), "nsamples": nsamples,
-                            "seqlen": seqlen, "tokens": ntok}}
+    return {"gguf": str(out), "type": qtype, "imatrix": str(imat), "f16": str(f16), "tensors": info["tensors"],
+            "calibration": {k: v for k, v in info.items() if k != "tensors"}}

@@ -1,9 +1,10 @@
 """An exported checkpoint in llama.cpp against stock types of the same model, in one run.
 
-usage: python scripts/bench_gguf_cpu.py CKPT [--model qwen05] [--types Q4_0 Q3_K_S] [--threads 2]
+usage: python scripts/bench_gguf_cpu.py CKPT [--model qwen05] [--types Q4_0 Q3_K_S Q3_K_S+imat] [--threads 2]
                                         [--chunks 8] [--workdir out/gguf] [--out results.json]
 Steps: convert CKPT (ours); FP16 GGUF of the source model with llama.cpp's converter; stock types
-by llama-quantize of that F16 file (no imatrix); llama-perplexity on the held-out news eval text
+by llama-quantize of that F16 file (TYPE+imat: with an importance matrix from the checkpoint's
+calibration set, quant2gguf.compat); llama-perplexity on the held-out news eval text
 (ctx 512, first --chunks chunks) with KL divergence against the F16 logits; llama-bench tg128 on
 --threads threads; and `quant2gguf eval` (PyTorch) perplexity of CKPT on the same text for the
 llama.cpp-vs-PyTorch check (different scoring windows: llama.cpp scores each chunk's second half).
@@ -47,10 +48,17 @@ def main() -> None:
     ours = wd / f"{Path(a.ckpt).name}-{a.outtype}.gguf"
     info = convert(a.ckpt, ours, outtype=a.outtype) if not ours.exists() else {}
     files = {"F16": f16, f"ours {man['method']} W{man['bits']}G{man['group_size']}": ours}
-    for t in a.types:
+    imat = None
+    for t in a.types:  # TYPE+imat: llama-quantize with our importance matrix (quant2gguf compat)
         p = wd / f"{Path(model).name}-{t}.gguf"
+        if t.endswith("+imat") and imat is None:
+            from quant2gguf.compat import make_imatrix
+            cal = man.get("calibration", {})
+            imat = make_imatrix(model, wd / f"{Path(model).name}.imatrix.gguf", cal.get("source", "news"),
+                                cal.get("nsamples", 32), cal.get("seqlen", 512))[0]
         if not p.exists():
-            runner.quantize_stock(f16, p, t, threads=os.cpu_count() or 2)
+            runner.quantize_stock(f16, p, t.removesuffix("+imat"), imatrix=imat if t.endswith("+imat") else None,
+                                  threads=os.cpu_count() or 2)
         files[t] = p
     base = wd / "f16.logits"
     rows = []
