@@ -215,11 +215,11 @@ def bench(gguf: str | Path, threads: int = 2, n_gen: int = 128, n_prompt: int = 
 # ---------------------------------------------------------------------- stock baselines -------
 
 def quantize_stock(f16_gguf: str | Path, out: str | Path, type: str, imatrix: str | Path | None = None,
-                   threads: int = 2) -> Path:
+                   threads: int = 2, cuda: bool = False) -> Path:
     """llama-quantize f16_gguf -> out as a stock type (Q4_0, Q3_K_S, ...), optionally with an imatrix."""
     check_gguf(f16_gguf)
     out = Path(out)
-    cmd = [_tool("llama-quantize")]
+    cmd = [_tool("llama-quantize", cuda)]
     if imatrix:
         cmd += ["--imatrix", imatrix]
     with atomic_path(out) as tmp:

@@ -1,12 +1,12 @@
 """An exported checkpoint in llama.cpp against stock types of the same model, in one run.
 
-usage: python scripts/bench_gguf_cpu.py CKPT [--model qwen05] [--types Q4_0 Q3_K_S Q3_K_S+imat] [--threads 2]
-                                        [--chunks 8] [--workdir out/gguf] [--out results.json]
+usage: python scripts/bench_gguf.py CKPT [--model qwen05] [--types Q4_0 Q3_K_S Q3_K_S+imat] [--threads 2]
+                                        [--chunks 8] [--workdir out/gguf] [--out results.json] [--cuda]
 Steps: convert CKPT (ours); FP16 GGUF of the source model with llama.cpp's converter; stock types
 by llama-quantize of that F16 file (TYPE+imat: with an importance matrix from the checkpoint's
 calibration set, quant2gguf.compat); llama-perplexity on the held-out news eval text
 (ctx 512, first --chunks chunks) with KL divergence against the F16 logits; llama-bench tg128 on
---threads threads; and `quant2gguf eval` (PyTorch) perplexity of CKPT on the same text for the
+--threads threads (--cuda: the CUDA build, all layers on the GPU); and `quant2gguf eval` (PyTorch) perplexity of CKPT on the same text for the
 llama.cpp-vs-PyTorch check (different scoring windows: llama.cpp scores each chunk's second half).
 """
 from __future__ import annotations
@@ -24,6 +24,13 @@ from quant2gguf.export import convert
 from quant2gguf.fixtures import resolve_model
 
 
+def _machine(a) -> str:
+    if a.cuda:
+        import torch
+        return f"{torch.cuda.get_device_name(0)} (llama.cpp CUDA, -ngl 99)"
+    return f"CPU {platform.machine()}, {a.threads} threads"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
@@ -35,12 +42,13 @@ def main() -> None:
     ap.add_argument("--outtype", default="f16", help="our file's embedding/lm_head type")
     ap.add_argument("--workdir", default="out/gguf")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cuda", action="store_true", help="llama.cpp's CUDA build, -ngl 99 (GPU machine)")
     a = ap.parse_args()
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     man = checkpoint.read_manifest(a.ckpt)
     model = a.model or man["source_model"]
-    llama.build()
+    llama.build(cuda=a.cuda)
     text = eval_text_file("news")
     f16 = wd / f"{Path(model).name}-F16.gguf"
     if not f16.exists():
@@ -58,23 +66,25 @@ def main() -> None:
                                 cal.get("nsamples", 32), cal.get("seqlen", 512))[0]
         if not p.exists():
             runner.quantize_stock(f16, p, t.removesuffix("+imat"), imatrix=imat if t.endswith("+imat") else None,
-                                  threads=os.cpu_count() or 2)
+                                  threads=os.cpu_count() or 2, cuda=a.cuda)
         files[t] = p
     base = wd / "f16.logits"
     rows = []
     for name, path in files.items():
         t0 = time.time()
         if name == "F16":
-            ppl = runner.perplexity(path, text, ctx=512, chunks=a.chunks, threads=a.threads, save_logits=base)
+            ppl = runner.perplexity(path, text, ctx=512, chunks=a.chunks, threads=a.threads, save_logits=base,
+                                    cuda=a.cuda)
         else:
-            ppl = runner.perplexity(path, text, ctx=512, chunks=a.chunks, threads=a.threads, kld_base=base)
-        b = runner.bench(path, threads=a.threads, n_gen=128, reps=a.reps)
+            ppl = runner.perplexity(path, text, ctx=512, chunks=a.chunks, threads=a.threads, kld_base=base,
+                                    cuda=a.cuda)
+        b = runner.bench(path, threads=a.threads, n_gen=128, reps=a.reps, cuda=a.cuda)
         rows.append({"file": name, "path": str(path), "mib": path.stat().st_size / 2**20, **ppl,
                      "tg128": b.get("tg_tok_s"), "tg128_std": b["tests"].get("tg128", {}).get("std"), "seconds": time.time() - t0})
         print(json.dumps(rows[-1]), flush=True)
     from quant2gguf.evaluate import evaluate
-    torch_eval = evaluate(a.ckpt, ref=model, ntokens=512 * a.chunks, seqlen=512, device="cpu")
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"CPU {platform.machine()}, {a.threads} threads",
+    torch_eval = evaluate(a.ckpt, ref=model, ntokens=512 * a.chunks, seqlen=512, device="cuda" if a.cuda else "cpu")
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(a),
            "ckpt": a.ckpt, "convert": info, "rows": rows,
            "torch": {k: torch_eval.get(k) for k in ("ppl", "ref_ppl", "kld", "top1", "tokens")}}
     if a.out:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# A real model end to end on the GPU machine: quantize with a method (PyTorch + Triton), export our
+# GGUF, and run it in the patched llama.cpp built with CUDA, against F16 and stock types (with and
+# without our importance matrix) -- perplexity, KLD vs F16, decode tok/s, all in one bench run.
+# Expects (earlier calls of the same warm machine): ~/stage/qwen05.part* (device-bundle.sh chunks),
+# ~/stage/whl/*.whl (datasets, dill, multiprocess, xxhash, gguf), ~/stage/data (news text, GSM);
+# carried: .device/llama-src.tar.xz (the pinned tree, device-bundle.sh).
+# usage: scripts/device_real.sh prep   -- stage, start the CUDA build in the background, quantize
+#        scripts/device_real.sh gguf   -- wait for the build, then scripts/bench_gguf.py --cuda
+# env: MODEL (qwen05), METHOD (laquant), G (128). Results under $OUT.
+set -u
+REPO=$PWD
+OUT=${OUT:-$REPO/device_out}
+mkdir -p "$OUT"
+MODEL=${MODEL:-qwen05} METHOD=${METHOD:-laquant} G=${G:-128}
+export QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$QUANT2GGUF_CACHE/gguf" "$QUANT2GGUF_CACHE/data"
+[ -d ~/stage/data ] && cp -rn ~/stage/data/* "$QUANT2GGUF_CACHE/data/" 2>/dev/null
+if [ ! -f ~/stage/qwen05.gguf ] && ls ~/stage/qwen05.part* >/dev/null 2>&1; then
+  cat ~/stage/qwen05.part0* > ~/stage/qwen05.gguf
+fi
+[ -f ~/stage/qwen05.gguf ] && ln -sf ~/stage/qwen05.gguf "$QUANT2GGUF_CACHE/gguf/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site ~/stage/whl/*.whl
+export PYTHONPATH=/tmp/site
+python3 -c "import quant2gguf.kernels" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
+CK=$HOME/bench/$MODEL-$METHOD-w3g$G
+T0=$(date +%s)
+wait_build() {  # until the background build is done or $1 s into this call
+  while pgrep -f "quant2gguf llama build" >/dev/null && [ $(( $(date +%s) - T0 )) -lt "$1" ]; do sleep 5; done
+  pgrep -f "quant2gguf llama build" >/dev/null && echo "build still running" || echo "build done"
+  tail -c 400 "$HOME/llama-build.log" | tr '\r' '\n' | tail -3
+}
+
+case ${1:-prep} in
+prep)
+  # the pinned tree into the tool's own cache slot (no PyPI here), patched by the tool
+  python3 - <<'EOF' || exit 1
+import tarfile
+from quant2gguf import llama
+from quant2gguf.cache import cache_dir
+d = cache_dir("llama") / f"src-{llama.cache_key()}"
+if not (d / "CMakeLists.txt").is_file():
+    tmp = d.with_name(d.name + ".part")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(".device/llama-src.tar.xz") as tf:
+        tf.extractall(tmp, filter="data")
+    llama.apply_patches(tmp)
+    tmp.rename(d)
+print("source:", d)
+EOF
+  setsid nohup python3 -m quant2gguf llama build --cuda >"$HOME/llama-build.log" 2>&1 < /dev/null &
+  echo "CUDA build started (pid $!)"
+  python3 scripts/bench_methods.py --workdir "$HOME/bench" --models "$MODEL:$G" --methods "$METHOD" --skip-fp \
+    --ntokens 4096 --out "$OUT/quantize-$METHOD.json" 2>"$OUT/quantize.err" | tail -4
+  ls "$CK" >/dev/null || { tail -20 "$OUT/quantize.err"; exit 1; }
+  wait_build 500
+  ;;
+gguf)
+  wait_build 400
+  python3 scripts/bench_gguf.py "$CK" --cuda --outtype q8_0 --types Q4_0 Q3_K_S Q3_K_S+imat Q3_K_M+imat \
+    --threads 8 --reps 3 --workdir "$HOME/gg" --out "$OUT/gguf-cuda.json" 2>"$OUT/gguf.err" | tail -16
+  grep -iE "error|Traceback" "$OUT/gguf.err" | tail -5
+  ;;
+esac
