@@ -194,8 +194,9 @@ def bench(gguf: str | Path, threads: int = 2, n_gen: int = 128, n_prompt: int = 
           ngl: int = 0, cuda: bool = False) -> dict:
     """llama-bench -o json: model size and params, tokens/s (mean, std) of each test (tgN, ppN)."""
     check_gguf(gguf)
+    ngl = ngl or (99 if cuda else 0)  # a CUDA build with -ngl 0 decodes on the CPU
     cmd = [_tool("llama-bench", cuda), "-m", gguf, "-t", threads, "-n", n_gen, "-p", n_prompt, "-r", reps,
-           *(["-ngl", ngl] if ngl or cuda else []), "-o", "json"]
+           *(["-ngl", ngl] if ngl else []), "-o", "json"]
     r = _run(cmd)
     try:
         rows = json.loads(r.stdout[r.stdout.index("["):])
