@@ -30,8 +30,9 @@ so each product f * x' is exact as before. x[b, 32c+j] is the same address for a
 Split-K partial sums go to an fp32 workspace; the last program of a row block (acq_rel counter)
 adds them up, adds the bias, writes y and resets its counter (one launch). Protected entries are
 scattered into the workspace with fp32 atomics (each program takes a share of its row block's CSR range).
-Launch configs are chosen by a heuristic per shape (no autotuning) and the compiled kernel is cached
-per call signature and launched directly (few us of host time).
+Launch configs are chosen by a heuristic per shape fitted to an H100 sweep (scripts/tune_kernels.py;
+no autotuning at run time); the compiled kernel is launched through its own launcher
+(kernels/launch.py), skipping Triton's JIT dispatch.
 Dense (> 8 rows): a Triton kernel dequantizes to (N, K) in the activation dtype, cuBLAS multiplies.
 A fused tl.dot GEMM kernel exists (force="gemm", tests) but the default never picks it.
 """
