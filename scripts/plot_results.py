@@ -2,8 +2,10 @@
 
 usage: python scripts/plot_results.py methods RESULTS.json [...] -o docs/results/methods.png
        python scripts/plot_results.py decode LLAMA_BENCH.json -o docs/results/decode.png
+       python scripts/plot_results.py gemv BENCH_KERNELS.json -o docs/results/gemv.png
 methods: KLD vs FP and perplexity per method, one panel row per model (bench_methods.py output).
 decode: tok/s against file size per type (llama-bench -o json output).
+gemv: batch-1 packed GEMV time vs cuBLAS fp16 per shape, and % of copy bandwidth (bench_kernels.py).
 """
 from __future__ import annotations
 
@@ -59,14 +61,43 @@ def plot_decode(path: str, out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+def plot_gemv(path: str, out: str) -> None:
+    d = json.load(open(path))
+    rows = [r for r in d["gemv"] if r["batch"] == 1 and r["slots"] == 0]
+    names = [f"{r['n']}x{r['k']}" for r in rows]
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = range(len(rows))
+    a0.bar([i - 0.2 for i in x], [r["fp16_graph_us"] for r in rows], 0.4, label="cuBLAS fp16", color="tab:gray")
+    a0.bar([i + 0.2 for i in x], [r["q_graph_us"] for r in rows], 0.4, label="packed 3.25 bpw (ours)", color="tab:red")
+    a0.set_ylabel("µs per call (CUDA-graph replay)")
+    a0.set_title("GEMV batch 1: time per call")
+    a0.legend()
+    a1.bar(list(x), [r["speedup_graph"] for r in rows], color="tab:red")
+    a1.axhline(3, color="k", ls="--", label="goal 3x")
+    a1.set_ylabel("x fp16")
+    a1.set_title("speedup over fp16 (numbers: % of copy bandwidth)")
+    for i, r in zip(x, rows):
+        a1.annotate(f"{100 * r['q_graph_frac_copy']:.0f}%", (i, r["speedup_graph"]), ha="center", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    a1.legend()
+    for a in (a0, a1):
+        a.set_xticks(list(x))
+        a.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    fig.suptitle(f"{d['device']}, {d['date']}, triton {d['triton']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["methods", "decode"])
+    ap.add_argument("kind", choices=["methods", "decode", "gemv"])
     ap.add_argument("inputs", nargs="+")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args()
     if a.kind == "methods":
         plot_methods(a.inputs, a.out)
+    elif a.kind == "gemv":
+        plot_gemv(a.inputs[0], a.out)
     else:
         plot_decode(a.inputs[0], a.out)
     print(a.out)
