@@ -116,7 +116,7 @@ def _block_r(group_size: int) -> int:
     return max(1, 1024 // group_size)
 
 
-_FWD_CONST = ("G", "P", "QMAX", "BLOCK_R")
+_FQ_CONST = ("G", "P", "QMAX", "BLOCK_R")
 
 
 def _launch_fwd(w, d, m, pidx, bits, group_size, out=None):
@@ -127,7 +127,7 @@ def _launch_fwd(w, d, m, pidx, bits, group_size, out=None):
     P = 0 if pidx is None else pidx.shape[-1]
     pi = pidx.contiguous() if P else d  # dummy pointer when no slots
     br = _block_r(group_size)
-    launch(_fq_fwd_kernel, "fq_fwd", (triton.cdiv(ng, br),), (w, d, m, pi, out, ng), _FWD_CONST,
+    launch(_fq_fwd_kernel, "fq_fwd", (triton.cdiv(ng, br),), (w, d, m, pi, out, ng), _FQ_CONST,
            (group_size, P, 2**bits - 1, br), 4, 1, w.device.index)
     return out
 
@@ -143,7 +143,7 @@ def _launch_bwd(w, d, m, pidx, g, bits, group_size, outs=None):
     pi = pidx.contiguous() if P else d
     br = _block_r(group_size)
     launch(_fq_bwd_kernel, "fq_bwd", (triton.cdiv(ng, br),), (w, d, m, pi, g.contiguous(), gw, gd, gm, ng),
-           _FWD_CONST, (group_size, P, 2**bits - 1, br), 4, 1, w.device.index)
+           _FQ_CONST, (group_size, P, 2**bits - 1, br), 4, 1, w.device.index)
     return gw, gd, gm
 
 

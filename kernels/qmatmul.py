@@ -164,7 +164,7 @@ def unpack(pw: PackedWeight) -> QuantizedWeight:
     if pw.slots:
         pidx = torch.full((n, k // g, pw.slots), EMPTY, dtype=torch.uint8, device=codes.device)
         pval = torch.zeros((n, k // g, pw.slots), dtype=torch.float16, device=codes.device)
-        if pw.prot_rows is not None and pw.prot_rows.numel():
+        if pw.has_prot:
             r, c = pw.prot_rows.long(), pw.prot_cols.long()
             grp = r * (k // g) + c // g
             # slot number = rank of this entry within its group (entries are sorted row-major)
@@ -181,7 +181,7 @@ def unpack(pw: PackedWeight) -> QuantizedWeight:
 def dequantize_packed(pw: PackedWeight) -> torch.Tensor:
     """fp32 (N, K), bit-exact with QuantizedWeight.dequantize."""
     w = dequantize(unpack_codes(pw.qweight), pw.scales.T, pw.offsets.T, pw.group_size)
-    if pw.prot_rows is not None and pw.prot_rows.numel():
+    if pw.has_prot:
         w[pw.prot_rows.long(), pw.prot_cols.long()] = pw.prot_val.float()
     return w
 
@@ -202,10 +202,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _field(a, b, c, j: tl.constexpr, EXACT: tl.constexpr, ONE):
-        # f = 1 + q[j] * 2^(P-23) as fp32 and the x scale 2^(23-P) of code j of a 32-code run in
-        # plane words a, b, c. EXACT: P = 20 for every j (one shift each). Otherwise P in {14, 17, 20}
-        # from the word itself or the word shifted by 9: the compiler shares those shifts between
-        # the fields of a word (3 shift instructions per 10 fields)
+        # f = 1 + q[j] * 2^(P-23) as fp32 for code j of a 32-code run in plane words a, b, c
+        # (_xscale gives the matching x scale 2^(23-P)). EXACT: P = 20 for every j (one shift
+        # each). Otherwise P in {14, 17, 20}: fields t = 1..3 / 4..6 / 7..9 of a word are read from
+        # the word shifted left by 9 / the word / the word shifted right by 9, so the compiler shares
+        # one shift between three fields (3 shift instructions per 10 fields)
         if j < 30:
             if j < 10:
                 w = a
@@ -215,23 +216,16 @@ if HAS_TRITON:
                 w = c
             t: tl.constexpr = j % 10
             O: tl.constexpr = 2 + 3 * t
-            if EXACT:
+            if EXACT or t == 0:
                 P: tl.constexpr = 20
-                bits = _fbits(w, O, P, ONE)
-            elif t == 0:
-                P: tl.constexpr = 20
-                bits = _fbits(w, O, P, ONE)
             elif t < 4:
                 P: tl.constexpr = O + 9
-                bits = ((w << 9) & (7 << P)) | ONE
             elif t < 7:
                 P: tl.constexpr = O
-                bits = (w & (7 << P)) | ONE
             else:
                 P: tl.constexpr = O - 9
-                bits = ((w >> 9) & (7 << P)) | ONE
+            bits = _fbits(w, O, P, ONE)
         else:
-            P: tl.constexpr = 20
             if j == 30:
                 bits = ((a << 20) & 0x300000) | ((c << 22) & 0x400000) | ONE
             else:
@@ -498,12 +492,13 @@ SPLIT_MAX = 32  # largest split-K of a GEMV launch (sizes the scratch)
 NUM_SMS = 132  # H100 SXM; refined from the device on first use
 
 
-def _workspace(device, ws_elems: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K scratch (fp32) and per-row-block counters (int32, kept at zero by the kernel).
-    Shared by all GEMV launches on a device: launches on concurrent streams must not overlap."""
+def _workspace(device, ws_elems: int, n_counters: int, grow_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch (fp32, >= ws_elems) and per-row-block counters (int32, kept at zero by the
+    kernel); a new scratch is made grow_to elements large. Shared by all GEMV launches on a
+    device: launches on concurrent streams must not overlap."""
     ws, cnt = _WS.get(device, (None, None))
     if ws is None or ws.numel() < ws_elems or cnt.numel() < n_counters:
-        ws = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
+        ws = torch.empty(max(grow_to, ws_elems, 1 << 20), dtype=torch.float32, device=device)
         cnt = torch.zeros(max(n_counters, 4096), dtype=torch.int32, device=device)
         _WS[device] = (ws, cnt)
         _WS[str(device)] = (ws, cnt)
@@ -518,10 +513,6 @@ def _refine_sms(device) -> None:
 
 
 _SMS_SEEN = False
-
-
-def gemv_max_batch() -> int:
-    return 8
 
 
 def gemv_config(n: int, k: int, mb: int) -> dict:
@@ -547,7 +538,8 @@ def gemv_config(n: int, k: int, mb: int) -> dict:
     return {"BN": bn, "BW": bw, "SPLIT": split, "PF": pf, "num_warps": 4, "num_stages": 1}
 
 
-DENSE_MIN_ROWS = 9  # from this many rows on, dequantize to a dense tile and use cuBLAS
+GEMV_ROWS = 8  # rows (batch) one GEMV launch takes; qmatmul uses the GEMV up to this many
+DENSE_MIN_ROWS = GEMV_ROWS + 1  # from this many rows on, dequantize to a dense tile and use cuBLAS
 
 
 def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None
@@ -564,7 +556,7 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype = torch.float16, out: 
     else:
         out.copy_(dequantize_packed(pw))
         return out
-    if pw.prot_rows is not None and pw.prot_rows.numel():
+    if pw.has_prot:
         out[pw.prot_rows.long(), pw.prot_cols.long()] = pw.prot_val.to(out.dtype)
     return out
 
@@ -587,8 +579,8 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
     hp = pw.has_prot
     has_bias = bias is not None
     b = bias if has_bias else pw.scales
-    for m0 in range(0, x2.shape[0], 8):
-        xs, ys = (x2, y) if x2.shape[0] <= 8 else (x2[m0:m0 + 8], y[m0:m0 + 8])
+    for m0 in range(0, x2.shape[0], GEMV_ROWS):
+        xs, ys = (x2, y) if x2.shape[0] <= GEMV_ROWS else (x2[m0:m0 + GEMV_ROWS], y[m0:m0 + GEMV_ROWS])
         mrows = xs.shape[0]
         mb = _next_pow2(mrows)
         if config is None:
@@ -614,9 +606,7 @@ def _gemv(x2: torch.Tensor, pw: PackedWeight, bias, y: torch.Tensor, config: dic
         wps = triton.cdiv(triton.cdiv(kw, split), bw) * bw
         nrb = triton.cdiv(n, bn)
         use_ws = split > 1 or hp
-        ws, cnt = _WS.get(xs.device, (None, None))
-        if ws is None or ws.numel() < split * mb * n or cnt.numel() < nrb:
-            ws, cnt = _workspace(xs.device, SPLIT_MAX * 8 * n, nrb)
+        ws, cnt = _workspace(xs.device, split * mb * n, nrb, grow_to=SPLIT_MAX * GEMV_ROWS * n)
         if hp and pw.prot_rowptr is None:  # a hand-built PackedWeight without the CSR offsets
             pw.prot_rowptr = _rowptr(pw.prot_rows, n)
         prot = (pw.prot_rowptr, pw.prot_rows, pw.prot_cols, pw.prot_delta) if hp else (cnt, cnt, cnt, ws)
