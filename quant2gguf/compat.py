@@ -21,10 +21,6 @@ import torch
 
 from .cache import atomic_path
 
-# config.model_type -> the converter's gguf-py architecture name
-GGUF_ARCH = {"llama": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}
-
-
 @torch.no_grad()
 def activation_sums(model, batches: torch.Tensor, device: str = "cpu", progress: bool = True
                     ) -> tuple[dict[str, torch.Tensor], int]:
@@ -58,11 +54,11 @@ def activation_sums(model, batches: torch.Tensor, device: str = "cpu", progress:
 def imatrix_entries(model_type: str, n_layers: int, sums: dict[str, torch.Tensor], tied: bool
                     ) -> dict[str, torch.Tensor]:
     """HF linear names -> GGUF tensor names (the pinned gguf-py's own name map), float32 sums."""
+    from .arch import get_arch
     from .export import vendored_gguf
+    get_arch(model_type)  # unsupported architectures fail here, with the supported ones named
     gguf = vendored_gguf()
-    if model_type not in GGUF_ARCH:
-        raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(GGUF_ARCH)}")
-    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[model_type]), n_layers)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[model_type.upper()], n_layers)  # llama -> LLAMA, ...
     out = {}
     for hf, s in sums.items():
         if hf == "lm_head" and tied:

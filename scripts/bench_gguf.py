@@ -56,16 +56,16 @@ def main() -> None:
     ours = wd / f"{Path(a.ckpt).name}-{a.outtype}.gguf"
     info = convert(a.ckpt, ours, outtype=a.outtype) if not ours.exists() else {}
     files = {"F16": f16, f"ours {man['method']} W{man['bits']}G{man['group_size']}": ours}
-    imat = None
+    imat = wd / f"{Path(model).name}.imatrix.gguf"
     for t in a.types:  # TYPE+imat: llama-quantize with our importance matrix (quant2gguf compat)
         p = wd / f"{Path(model).name}-{t}.gguf"
-        if t.endswith("+imat") and imat is None:
-            from quant2gguf.compat import make_imatrix
-            cal = man.get("calibration", {})
-            imat = make_imatrix(model, wd / f"{Path(model).name}.imatrix.gguf", cal.get("source", "news"),
-                                cal.get("nsamples", 32), cal.get("seqlen", 512))[0]
+        stock, use_imat = t.removesuffix("+imat"), t.endswith("+imat")
         if not p.exists():
-            runner.quantize_stock(f16, p, t.removesuffix("+imat"), imatrix=imat if t.endswith("+imat") else None,
+            if use_imat and not imat.exists():
+                from quant2gguf.compat import make_imatrix
+                cal = man.get("calibration", {})
+                make_imatrix(model, imat, cal.get("source", "news"), cal.get("nsamples", 32), cal.get("seqlen", 512))
+            runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
                                   threads=os.cpu_count() or 2, cuda=a.cuda)
         files[t] = p
     base = wd / "f16.logits"

@@ -2,27 +2,14 @@
 # A real model end to end on the GPU machine: quantize with a method (PyTorch + Triton), export our
 # GGUF, and run it in the patched llama.cpp built with CUDA, against F16 and stock types (with and
 # without our importance matrix) -- perplexity, KLD vs F16, decode tok/s, all in one bench run.
-# Expects (earlier calls of the same warm machine): ~/stage/qwen05.part* (device-bundle.sh chunks),
-# ~/stage/whl/*.whl (datasets, dill, multiprocess, xxhash, gguf), ~/stage/data (news text, GSM);
+# Expects what scripts/device_env.sh says (staged by earlier calls of the same warm machine);
 # carried: .device/llama-src.tar.xz (the pinned tree, device-bundle.sh).
 # usage: scripts/device_real.sh prep   -- stage, start the CUDA build in the background, quantize
 #        scripts/device_real.sh gguf   -- wait for the build, then scripts/bench_gguf.py --cuda
 # env: MODEL (qwen05), METHOD (laquant), G (128). Results under $OUT.
 set -u
-REPO=$PWD
-OUT=${OUT:-$REPO/device_out}
-mkdir -p "$OUT"
+. scripts/device_env.sh
 MODEL=${MODEL:-qwen05} METHOD=${METHOD:-laquant} G=${G:-128}
-export QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$QUANT2GGUF_CACHE/gguf" "$QUANT2GGUF_CACHE/data"
-[ -d ~/stage/data ] && cp -rn ~/stage/data/* "$QUANT2GGUF_CACHE/data/" 2>/dev/null
-if [ ! -f ~/stage/qwen05.gguf ] && ls ~/stage/qwen05.part* >/dev/null 2>&1; then
-  cat ~/stage/qwen05.part0* > ~/stage/qwen05.gguf
-fi
-[ -f ~/stage/qwen05.gguf ] && ln -sf ~/stage/qwen05.gguf "$QUANT2GGUF_CACHE/gguf/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
-[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site ~/stage/whl/*.whl
-export PYTHONPATH=/tmp/site
-python3 -c "import quant2gguf.kernels" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
 CK=$HOME/bench/$MODEL-$METHOD-w3g$G
 T0=$(date +%s)
 wait_build() {  # until the background build is done or $1 s into this call

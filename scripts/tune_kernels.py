@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as B  # noqa: E402  (shared timing helpers)
@@ -33,8 +34,8 @@ T0 = time.time()
 
 
 def split_for(n: int, k: int, bn: int, bw: int, per_sm: int) -> int:
-    nrb = -(-n // bn)
-    iters = -(-(k // 32) // bw)
+    nrb = triton.cdiv(n, bn)
+    iters = triton.cdiv(k // 32, bw)
     return max(1, min(iters, QM.SPLIT_MAX, round(per_sm * QM.NUM_SMS / nrb)))
 
 
@@ -53,16 +54,16 @@ def gemv_shape(n: int, k: int, cands: list[dict], budget: float) -> dict:
     rows = []
     seen = set()
     for cfg in [dict(heur, tag="heuristic")] + cands:
-        key = tuple(sorted((a, b) for a, b in cfg.items() if a != "tag"))
+        c = {a: b for a, b in cfg.items() if a != "tag"}
+        key = tuple(sorted(c.items()))
         if key in seen:
             continue
         seen.add(key)
         if time.time() - T0 > budget:
             break
-        c = {a: b for a, b in cfg.items() if a != "tag"}
         try:
             y = QM.qmatmul(x, pws[0], config=c, force="gemv")
-            err = ((y.double() - ref).norm() / ref.norm()).item()
+            err = B.rel(y, ref)
             t = B.graph_us([lambda p=p: QM.qmatmul(x, p, config=c, force="gemv") for p in pws]) if err < 1e-2 else float("nan")
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
             err, t = float("nan"), float("nan")
@@ -134,7 +135,7 @@ def tune_fq(budget: float) -> dict:
                 for nw in (2, 4, 8):
                     if time.time() - T0 > budget:
                         break
-                    grid = (triton_cdiv(ng, br),)
+                    grid = (triton.cdiv(ng, br),)
                     r = dict(n=n, k=k, slots=slots, BLOCK_R=br, num_warps=nw)
                     try:
                         r["fwd_us"] = B.med(lambda: FQ._fq_fwd_kernel[grid](
@@ -174,10 +175,6 @@ def floor_us() -> dict:
                q_us=B.graph_us([lambda p=p: QM.qmatmul(x, p) for p in pws]))
     print(f"floor (256x256 GEMV, graph replay): fp16 {out['fp16_us']:.2f} us, packed {out['q_us']:.2f} us", flush=True)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main():
