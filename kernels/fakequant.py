@@ -185,12 +185,15 @@ def _torch_bwd(w, d, m, pidx, g, bits, group_size):
 
 class FakeQuantFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, d, m, pidx, bits, group_size):
+    def forward(ctx, w, d, m, pidx, bits, group_size, triton=None):
+        """triton: None = Triton where it runs (use_triton), False = the torch path (CPU training
+        outside the slow interpreter), True = Triton."""
         w = w.contiguous()
         dc, mc = d.contiguous(), m.contiguous()
         ctx.save_for_backward(w, dc, mc, pidx)
+        ctx.triton = use_triton(w) if triton is None else triton
         ctx.cfg = (bits, group_size, d.dtype, m.dtype)
-        if use_triton(w):
+        if ctx.triton:
             return _launch_fwd(w, dc, mc, pidx, bits, group_size)
         return _torch_fwd(w, dc, mc, pidx, bits, group_size)
 
@@ -198,11 +201,11 @@ class FakeQuantFn(torch.autograd.Function):
     def backward(ctx, g):
         w, d, m, pidx = ctx.saved_tensors
         bits, group_size, ddt, mdt = ctx.cfg
-        if use_triton(w):
+        if ctx.triton:
             gw, gd, gm = _launch_bwd(w, d, m, pidx, g, bits, group_size)
         else:
             gw, gd, gm = _torch_bwd(w, d, m, pidx, g, bits, group_size)
-        return gw, gd.to(ddt), gm.to(mdt), None, None, None
+        return gw, gd.to(ddt), gm.to(mdt), None, None, None, None
 
 
 def fake_quant(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, group_size: int,

@@ -1,0 +1,253 @@
+"""Distillation QAT (Reasoning-QAT, arXiv 2601.14888): end to end, on the FP teacher's logits.
+
+The paper's findings this follows: knowledge distillation, KL(P_teacher || P_student) over
+next-token distributions, is the robust QAT objective for reasoning models; a PTQ result (GPTQ)
+is the initialisation; the QAT data should be of the calibration domain of that initialisation.
+
+Student = the model with every quantized linear replaced by an FQLinear: latent weights, group
+scales d and offsets m trained through the fused fake-quant (straight-through round; protected
+slots stay exactly their fp16 value), everything else frozen. Teacher = the FP model (bf16 on a
+GPU). Memory: bf16 autocast, activation checkpointing per decoder layer, and the loss computed
+from final hidden states in token chunks (the [tokens x vocab] logits never exist whole: each
+chunk's backward runs into the detached hidden state, whose gradient then flows once through the
+model). A held-out slice of the calibration data is scored every `eval_every` steps; the best
+state is kept and the init is returned when training never beats it. A non-finite loss stops the
+run and keeps the last good state.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantizer import EMPTY, QuantizedWeight, codes_for, expand
+from .laquant import _export
+from quant2gguf.kernels.fakequant import FakeQuantFn
+
+
+def _fq(w, d, m, pidx, bits, g, triton):
+    return FakeQuantFn.apply(w, d, m, pidx, bits, g, triton)
+
+
+class FQLinear(nn.Module):
+    """A linear computing with fake_quant(latent, d, m): exactly the deployed weight in forward."""
+
+    def __init__(self, lin: nn.Linear, q: QuantizedWeight, fp_weight: torch.Tensor, triton: bool | None):
+        super().__init__()
+        self.bits, self.group_size, self.triton = q.bits, q.group_size, triton
+        dev = lin.weight.device
+        deq = q.dequantize().to(dev)
+        d, m = q.scales.to(dev).float(), q.offsets.to(dev).float()
+        self.d, self.m = nn.Parameter(d.clone()), nn.Parameter(m.clone())
+        self.register_buffer("pidx", None if q.pidx is None else q.pidx.to(dev))
+        self.latent = nn.Parameter(_latent_init(deq, fp_weight.to(dev).float(), q, d, m))
+        self.bias = lin.bias
+        if self.pidx is not None:  # protected weights are stored exactly: never train them
+            mask = _protected_mask(self.pidx, self.group_size, deq.shape)
+            self.latent.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0))
+
+    def weight_q(self) -> torch.Tensor:
+        pidx = self.pidx if self.pidx is not None and self.pidx.numel() else None
+        return _fq(self.latent, self.d, self.m, pidx, self.bits, self.group_size, self.triton)
+
+    def forward(self, x):
+        w = self.weight_q()
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return F.linear(x.to(dt), w.to(dt), None if self.bias is None else self.bias.to(dt))
+
+    @torch.no_grad()
+    def export(self) -> QuantizedWeight:
+        from ..calib import QuantConfig
+        cfg = QuantConfig(self.bits, self.group_size, 0 if self.pidx is None else self.pidx.shape[-1])
+        return _export(self.latent.detach(), self.d.detach(), self.m.detach(), self.pidx, cfg)
+
+
+def _protected_mask(pidx: torch.Tensor, g: int, shape) -> torch.Tensor:
+    ar = torch.arange(g, device=pidx.device).view(1, 1, 1, -1)
+    return (pidx.long().unsqueeze(-1) == ar).any(-2).reshape(shape)
+
+
+@torch.no_grad()
+def _latent_init(deq, fp, q: QuantizedWeight, d, m) -> torch.Tensor:
+    """Latent weights that fake-quantize to exactly the init's codes but sit where the FP weight
+    sits inside its rounding cell: on the grid itself d and m would get zero gradient."""
+    qmax = 2**q.bits - 1
+    de = expand(d.to(torch.float16).float(), q.group_size)
+    codes = q.codes.to(deq.device).float()
+    lo = torch.where(codes == 0, torch.full_like(de, -math.inf), -0.45 * de)
+    hi = torch.where(codes == qmax, torch.full_like(de, math.inf), 0.45 * de)
+    lat = deq + torch.minimum(torch.maximum(fp - deq, lo), hi)
+    same = codes_for(lat, de, expand(m.to(torch.float16), q.group_size), q.bits) == codes
+    lat = torch.where(same, lat, deq)
+    if q.pidx is not None:  # protected positions: the stored value itself
+        mask = _protected_mask(q.pidx.to(deq.device), q.group_size, deq.shape)
+        lat = torch.where(mask, deq, lat)
+    return lat.contiguous()
+
+
+def attach(model, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor],
+           triton: bool | None = None) -> dict[str, FQLinear]:
+    """Swap every quantized linear of `model` for an FQLinear; freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mods = {}
+    for name, q in quantized.items():
+        parent, attr = name.rsplit(".", 1)
+        lin = model.get_submodule(name)
+        mods[name] = FQLinear(lin, q, fp_weights[name], triton)
+        setattr(model.get_submodule(parent), attr, mods[name])
+    return mods
+
+
+def _final_hidden(model, ids):
+    return model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _chunk_kl(h_s, h_t, head_s, head_t, chunk: int, backward: bool) -> float:
+    """Sum over tokens of KL(P_t || P_s), logits made `chunk` tokens at a time. With backward,
+    each chunk's gradient accumulates into h_s.grad (h_s must be a detached leaf)."""
+    hs, ht = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+    total = 0.0
+    for i in range(0, hs.shape[0], chunk):
+        lt = torch.log_softmax(head_t(ht[i:i + chunk]).float(), -1)
+        ls = torch.log_softmax(head_s(hs[i:i + chunk]).float(), -1)
+        kl = (lt.exp() * (lt - ls)).sum()
+        if backward:
+            kl.backward()
+        total += kl.item()
+    return total
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher, batches: torch.Tensor, device, batch: int, chunk: int) -> float:
+    """Mean per-token KL(teacher || student) over held-out calibration sequences."""
+    total, n = 0.0, 0
+    for ids in batches.split(batch):
+        ids = ids.to(device)
+        with _autocast(device):
+            hs, ht = _final_hidden(student, ids), _final_hidden(teacher, ids)
+            total += _chunk_kl(hs, ht, student.lm_head, teacher.lm_head, chunk, backward=False)
+        n += ids.numel()
+    return total / max(n, 1)
+
+
+def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor],
+            train: torch.Tensor, heldout: torch.Tensor, device, steps: int = 200, batch: int = 4,
+            lr_w: float = 1e-5, lr_q: float = 1e-4, eval_every: int = 25, chunk: int = 1024,
+            checkpointing: bool = True, triton: bool | None = None, max_minutes: float | None = None,
+            progress: Callable[[int, float, float | None], None] | None = None
+            ) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Train the student's quantized linears to match the teacher's next-token distributions.
+    Returns (the best quantized weights, stats). Both models must be on `device`. With
+    `max_minutes`, the step count is cut after 5 timed steps to fit (cosine schedule rescaled)."""
+    device = torch.device(device)
+    t0 = time.time()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mods = attach(student, quantized, fp_weights, triton)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if checkpointing:  # transformers >= 5.2x renamed it; the GPU machine has 5.17
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()  # checkpointing only acts in train mode; these models have no dropout
+
+    def score() -> float:
+        student.eval()
+        v = heldout_kl(student, teacher, heldout, device, batch, chunk)
+        student.train()
+        return v
+
+    init_kl = best_kl = score()
+    best = dict(quantized)
+    best_step, history, stopped = 0, [{"step": 0, "heldout_kl": init_kl}], None
+    params_w = [m.latent for m in mods.values()]
+    params_q = [p for m in mods.values() for p in (m.d, m.m)]
+    groups = ([{"params": params_w, "lr": lr_w}] if lr_w > 0 else []) + [{"params": params_q, "lr": lr_q}]
+    if lr_w <= 0:
+        for p in params_w:
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(train), generator=g)
+    pos = 0
+    t_train, budget_note = time.time(), None
+    for step in range(1, steps + 1):
+        if pos + batch > len(order):
+            order, pos = torch.randperm(len(train), generator=g), 0
+        ids = train[order[pos:pos + batch]].to(device)
+        pos += batch
+        n_tok = ids.numel()
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device):
+            hs = _final_hidden(student, ids)
+            with torch.no_grad():
+                ht = _final_hidden(teacher, ids)
+            leaf = hs.detach().requires_grad_(True)
+            loss = _chunk_kl(leaf, ht, student.lm_head, teacher.lm_head, chunk, backward=True) / n_tok
+        if not math.isfinite(loss):
+            stopped = f"loss turned {loss} at step {step}; kept the best state (step {best_step})"
+            break
+        hs.backward(leaf.grad / n_tok)
+        opt.step()
+        sched.step()
+        kl = None
+        if step % eval_every == 0 or step == steps:
+            kl = score()
+            history.append({"step": step, "train_kl": loss, "heldout_kl": kl})
+            if not math.isfinite(kl):
+                stopped = f"held-out KL turned {kl} at step {step}; kept the best state (step {best_step})"
+                break
+            if kl < best_kl:
+                best_kl, best_step = kl, step
+                best = {n: m.export() for n, m in mods.items()}
+        if progress:
+            progress(step, loss, kl)
+        if max_minutes and step == 5:
+            per_step = (time.time() - t_train) / 5
+            fit = int(5 + (max_minutes * 60 - (time.time() - t0)) / (per_step * (1 + 1.0 / eval_every)))  # a held-out score ~ one step
+            if fit < steps:
+                steps = max(fit, step + 1)
+                sched.T_max = steps
+                budget_note = f"cut to {steps} steps to fit {max_minutes} min ({per_step:.2f} s a step)"
+        if step >= steps:
+            break
+    stats = {"kd_heldout_kl_init": init_kl, "kd_heldout_kl_best": best_kl, "kd_best_step": best_step,
+             "kd_kept_init": best_step == 0, "kd_steps_run": history[-1]["step"], "kd_history": history,
+             "kd_seconds": round(time.time() - t0, 1)}
+    if stopped:
+        stats["kd_stopped"] = stopped
+    if budget_note:
+        stats["kd_budget"] = budget_note
+    if device.type == "cuda":
+        stats["kd_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return best, stats
+
+
+@torch.no_grad()
+def detach(model, quantized: dict[str, QuantizedWeight]) -> None:
+    """Put plain linears holding the deployed weights back in place of the FQLinears."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    model.eval()
+    for name, q in quantized.items():
+        parent, attr = name.rsplit(".", 1)
+        fq = model.get_submodule(name)
+        n, k = q.shape
+        lin = nn.Linear(k, n, bias=fq.bias is not None, device=fq.latent.device)
+        lin.weight.data.copy_(q.dequantize().to(lin.weight.device))
+        if fq.bias is not None:
+            lin.bias = fq.bias
+        setattr(model.get_submodule(parent), attr, lin)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU-machine session for qwen15 (issue 8): our methods vs llama.cpp's stock types, in one run.
+# Made for the device tool's limits (10 min a call, 30 s warm between calls, 64 MiB carried a call):
+#   prep         carry .device/llama-src.tar.xz .device/whl .device/data .device/model/qwen15.part00
+#                installs wheels, unpacks + patches the pinned llama.cpp, starts its CUDA build in the
+#                background (setsid: it outlives the call), stages chunk 00
+#   stage NN     carry .device/model/qwen15.partNN: copies it to ~/stage
+#   start        assemble + sha256-check the GGUF, copy the repo to ~/repo (the tree here is re-laid
+#                every call) and start scripts/qwen15_job.sh there in the background
+#   poll [S]     wait up to S seconds (default 540) for the job, print its progress; when it is done,
+#                pack ~/logs and the results into $OUT
+# Files are made by scripts/device_bundle.sh.
+set -u
+OUT=${OUT:-$PWD/device_out}
+mkdir -p ~/stage ~/logs "$OUT"
+case ${1:-} in
+prep)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl || exit 1
+  cp -rn .device/data ~/stage/ && cp .device/model/qwen15.sha256 ~/stage/
+  export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >~/logs/install.log 2>&1 || { tail ~/logs/install.log; exit 1; }
+  python3 - <<'EOF' || exit 1
+import tarfile
+from quant2gguf import llama
+from quant2gguf.cache import cache_dir
+d = cache_dir("llama") / f"src-{llama.cache_key()}"
+if not (d / "CMakeLists.txt").is_file():
+    tmp = d.with_name(d.name + ".part")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(".device/llama-src.tar.xz") as tf:
+        tf.extractall(tmp, filter="data")
+    llama.apply_patches(tmp)
+    tmp.rename(d)
+print("source:", d)
+EOF
+  setsid nohup python3 -m quant2gguf llama build --cuda -j 12 >~/logs/llama-build.log 2>&1 </dev/null &
+  echo "CUDA build started"
+  cp .device/model/qwen15.part00 ~/stage/ && ls ~/stage
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  ;;
+stage)
+  cp ".device/model/qwen15.part$2" ~/stage/ && echo "staged $2: $(ls ~/stage/qwen15.part* | wc -l) chunks"
+  ;;
+start)
+  cd ~/stage && cat qwen15.part* > qwen15.gguf && sha256sum -c qwen15.sha256 || exit 1
+  rm -f ~/stage/qwen15.part*
+  cd - >/dev/null
+  rm -rf ~/repo && mkdir ~/repo && cp -r quant2gguf kernels ggml_patches scripts pyproject.toml README.md ~/repo/
+  cd ~/repo && setsid nohup bash scripts/qwen15_job.sh >~/logs/job.log 2>&1 </dev/null &
+  sleep 20; tail -5 ~/logs/job.log
+  ;;
+poll)
+  T0=$(date +%s); S=${2:-540}
+  while [ ! -f ~/logs/job.done ] && [ $(( $(date +%s) - T0 )) -lt "$S" ]; do sleep 10; done
+  grep -E "^\[job\]|Error|error:|Traceback" ~/logs/job.log | tail -40
+  tail -c 1500 ~/logs/job.log | tr '\r' '\n' | tail -8
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+  tail -c 300 ~/logs/llama-build.log | tr '\r' '\n' | tail -2
+  cp ~/results/*.json ~/results/*.md ~/results/*.png "$OUT/" 2>/dev/null
+  tar -czf "$OUT/logs.tgz" -C ~ logs results 2>/dev/null
+  [ -f ~/logs/job.done ] && echo "JOB DONE" || echo "job still running"
+  ;;
+*) echo "usage: $0 prep|stage NN|start|poll [S]"; exit 2 ;;
+esac

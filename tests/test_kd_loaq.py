@@ -1,0 +1,223 @@
+"""LoaQ's closed form and distillation QAT on tiny models (CPU), plus their bad input."""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from quant2gguf import checkpoint, export
+from quant2gguf.arch import get_arch
+from quant2gguf.calib import QuantConfig, quantize_layers
+from quant2gguf.cli import app
+from quant2gguf.methods import gptq, kd, loaq
+from quant2gguf.pipeline import quantize_model
+from quant2gguf.quantizer import quantize
+
+PRE = "gpt-2"  # the tiny byte-level tokenizer's pre-tokenizer (see test_export)
+
+
+# ---------------------------------------------------------------- LoaQ
+
+def test_loaq_target_is_the_least_squares_solution():
+    """W~ = W + W C^T H^-1 minimises ||X_hat W~^T - X W^T|| (damp 0, float64, full-rank X_hat)."""
+    g = torch.Generator().manual_seed(0)
+    t, k, n = 400, 24, 10
+    x = torch.randn(t, k, generator=g, dtype=torch.float64)
+    xq = x + 0.1 * torch.randn(t, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    mom = loaq.Moments(k, "cpu")
+    mom.h, mom.c = mom.h.double(), mom.c.double()  # float64 sums, as Moments.add does in fp32
+    for a, b in zip(x.split(100), xq.split(100)):
+        mom.h.addmm_(b.t(), b, alpha=2.0)
+        mom.c.addmm_(b.t(), a - b, alpha=2.0)
+        mom.n += a.shape[0]
+    h, c = mom.value()
+    got = loaq.target_weight(w, h, c, damp=0.0).double()
+    want = torch.linalg.lstsq(xq, x @ w.t()).solution.t()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+    # and it beats W itself on the FP-output objective
+    err = lambda v: ((xq @ v.t() - x @ w.t()) ** 2).sum()  # noqa: E731
+    assert err(got) < err(w)
+
+
+def test_loaq_moments_accumulate_in_fp32():
+    g = torch.Generator().manual_seed(1)
+    x, xq = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+    mom = loaq.Moments(8, "cpu")
+    mom.add(x[:32], xq[:32])
+    mom.add(x[32:], xq[32:])
+    h, c = mom.value()
+    assert torch.allclose(h, 2 * xq.t() @ xq / 64, atol=1e-5)
+    assert torch.allclose(c, 2 * xq.t() @ (x - xq) / 64, atol=1e-5)
+
+
+def test_loaq_equals_gptq_when_streams_agree():
+    """X_hat = X gives C = 0, so W~ is W bit for bit and LoaQ's GPTQ is GPTQ's."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 128, generator=g)
+    w = torch.randn(32, 128, generator=g) * 0.05
+    mom = loaq.Moments(128, "cpu")
+    mom.add(x, x)
+    h, c = mom.value()
+    assert not c.any()
+    wt = loaq.target_weight(w, h, c)
+    assert torch.equal(wt, w)
+    a, b = gptq.gptq_quantize(wt, h, 3, 64), gptq.gptq_quantize(w, h, 3, 64)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.offsets, b.offsets)
+
+
+def test_loaq_layer_zero_qkv_matches_gptq_and_lowers_output_error(tiny_llama_dir):
+    """In layer 0 the q/k/v input is the embedding in both streams (X_hat = X): identical to GPTQ.
+    Over the whole model LoaQ's quantized-stream output error is lower than GPTQ's."""
+    batches = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, fn in (("gptq", gptq.quantize_layer), ("loaq", loaq.quantize_layer)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        out[name] = quantize_layers(model, get_arch("llama"), batches, fn, QuantConfig(3, 64), batch_size=4)
+    for lin in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        a, b = out["gptq"][0][f"model.layers.0.{lin}"], out["loaq"][0][f"model.layers.0.{lin}"]
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    assert out["loaq"][1][-1]["out_rel_err"] < out["gptq"][1][-1]["out_rel_err"]
+    assert out["loaq"][1][1]["loaq_max_rel_shift"] > 0
+
+
+# ---------------------------------------------------------------- distillation QAT
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    from conftest import make_tiny_model
+    return make_tiny_model("qwen2", tmp_path_factory.mktemp("kd-tiny"))
+
+
+@pytest.fixture(scope="module")
+def gptq_ckpt(tiny_qwen, tmp_path_factory):
+    return quantize_model(tiny_qwen, tmp_path_factory.mktemp("kd") / "gptq", method="gptq", group_size=64,
+                          nsamples=8, seqlen=64, device="cpu")
+
+
+def _kd(src, init, out, **kw):
+    o = dict(method="kd", init=str(init), group_size=64, seqlen=64, device="cpu", steps=20, batch=4,
+             eval_every=5, heldout=4)
+    o.update(kw)
+    return quantize_model(src, out, **o)
+
+
+def test_fqlinear_starts_at_the_init_and_exports_what_it_computes(gptq_ckpt, tiny_qwen):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    _, quantized = checkpoint.load_quantized(gptq_ckpt)
+    fp = {n: model.get_submodule(n).weight.data.clone() for n in quantized}
+    mods = kd.attach(model, quantized, fp, triton=False)
+    for n, m in mods.items():  # at init: exactly the checkpoint's deployed weights
+        assert torch.equal(m.weight_q().detach(), quantized[n].dequantize())
+    m = next(iter(mods.values()))
+    with torch.no_grad():  # move latents and scales off the init: export still equals forward
+        m.latent.add_(torch.randn_like(m.latent) * m.d.mean())
+        m.d.mul_(1.03)
+    assert torch.equal(m.weight_q().detach(), m.export().dequantize())
+
+
+def test_kd_lowers_heldout_kl_and_converts_bit_exactly(gptq_ckpt, tiny_qwen, tmp_path):
+    ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd", steps=30, lr_w=1e-4, lr_q=1e-5)
+    man = json.loads((ck / "manifest.json").read_text())
+    st = man["kd"]
+    assert st["kd_heldout_kl_best"] < st["kd_heldout_kl_init"] and not st["kd_kept_init"], st
+    assert man["init"]["checkpoint"] == str(gptq_ckpt) and man["calibration"]["source"] == "news"
+    info = export.convert(ck, tmp_path / "kd.gguf", tokenizer_pre=PRE)
+    from quant2gguf import gguf_types
+    _, quantized = checkpoint.load_quantized(ck)
+    model, _, _, _ = checkpoint.load_model(ck)
+    tensors = {t.name: t for t in export.read_gguf(info["path"]).tensors}
+    name = "model.layers.1.mlp.down_proj"  # no row permutation on this one
+    t = tensors["blk.1.ffn_down.weight"]
+    got = gguf_types.dequantize(np.asarray(t.data), int(t.tensor_type), tuple(quantized[name].shape))
+    assert np.array_equal(np.asarray(got, dtype=np.float32).view(np.uint32),
+                          quantized[name].dequantize().numpy().view(np.uint32))
+    assert torch.equal(model.get_submodule(name).weight.data, quantized[name].dequantize())
+
+
+def test_kd_guard_returns_the_init_when_training_only_hurts(gptq_ckpt, tiny_qwen, tmp_path):
+    ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd", steps=10, lr_w=0.5, lr_q=0.5)
+    st = json.loads((ck / "manifest.json").read_text())["kd"]
+    assert st["kd_kept_init"] and st["kd_heldout_kl_best"] == st["kd_heldout_kl_init"]
+    _, a = checkpoint.load_quantized(ck)
+    _, b = checkpoint.load_quantized(gptq_ckpt)
+    for n in b:
+        assert torch.equal(a[n].codes, b[n].codes) and torch.equal(a[n].scales, b[n].scales)
+
+
+def test_kd_nan_loss_stops_and_keeps_last_good_state(gptq_ckpt, tiny_qwen, tmp_path, monkeypatch):
+    real = kd._chunk_kl
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        v = real(*a, **k)
+        if k.get("backward"):
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                return float("nan")
+        return v
+    monkeypatch.setattr(kd, "_chunk_kl", poisoned)
+    ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd", steps=10, eval_every=2, lr_w=1e-4, lr_q=1e-5)
+    st = json.loads((ck / "manifest.json").read_text())["kd"]
+    assert "loss turned nan at step 3" in st["kd_stopped"] and st["kd_steps_run"] == 2
+    assert checkpoint.load_quantized(ck)[1]  # a complete checkpoint was written
+
+
+def test_kd_from_a_method_name_runs_the_init_first(tiny_qwen, tmp_path):
+    ck = _kd(tiny_qwen, "rtn", tmp_path / "kd", steps=4, eval_every=2)
+    man = json.loads((ck / "manifest.json").read_text())
+    assert man["init"]["method"] == "rtn" and len(man["init"]["layers"]) == 2
+
+
+# ---------------------------------------------------------------- bad input: one line, before training
+
+def _fails(args, tmp_path, pattern):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_kd_refuses_an_init_of_another_group_size(gptq_ckpt, tiny_qwen, tmp_path):
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--init", gptq_ckpt, "-g", "128"],
+           tmp_path, "is W3G64 but W3G128 was asked")
+
+
+def test_kd_refuses_an_init_of_another_model(gptq_ckpt, tmp_path):
+    from conftest import make_tiny_model
+    other = make_tiny_model("qwen2", tmp_path / "other", hidden=192)
+    _fails(["quantize", other, "-o", tmp_path / "out", "--method", "kd", "--init", gptq_ckpt, "-g", "64"],
+           tmp_path, "was made from another model")
+
+
+def test_kd_refuses_an_init_of_another_architecture(gptq_ckpt, tiny_llama_dir, tmp_path):
+    _fails(["quantize", tiny_llama_dir, "-o", tmp_path / "out", "--method", "kd", "--init", gptq_ckpt, "-g", "64"],
+           tmp_path, "is a qwen2 checkpoint")
+
+
+def test_kd_refuses_different_tokenizers(gptq_ckpt, tiny_qwen, tmp_path):
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    other = tmp_path / "other"
+    shutil.copytree(tiny_qwen, other)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["completely different text 987"] * 10, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(other)
+    _fails(["quantize", other, "-o", tmp_path / "out", "--method", "kd", "--init", gptq_ckpt, "-g", "64"],
+           tmp_path, "tokenizers differ")
+
+
+def test_kd_refuses_bad_numbers_and_a_missing_init(tiny_qwen, tmp_path):
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--steps", "0"], tmp_path, "--steps")
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--init", tmp_path / "nope"],
+           tmp_path, "neither a method")
