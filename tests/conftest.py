@@ -16,11 +16,11 @@ if not torch.cuda.is_available():
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
-def tiny_config(arch: str, hidden: int = 128, layers: int = 2):
+def tiny_config(arch: str, hidden: int = 128, layers: int = 2, tie: bool = False):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
     common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                  max_position_embeddings=256, tie_word_embeddings=False)
+                  max_position_embeddings=256, tie_word_embeddings=tie)
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
@@ -30,11 +30,12 @@ def tiny_config(arch: str, hidden: int = 128, layers: int = 2):
     raise ValueError(arch)
 
 
-def make_tiny_model(arch: str, path, hidden: int = 128, layers: int = 2, seed: int = 0):
-    """Save a tiny random model (with a byte-level tokenizer trained on nothing) to `path`."""
+def make_tiny_model(arch: str, path, hidden: int = 128, layers: int = 2, seed: int = 0, tie: bool = False):
+    """Save a tiny random model (with a byte-level tokenizer trained on nothing) to `path`;
+    tie=True shares the embedding with lm_head (like SmolLM2 and Qwen2.5-1.5B)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, hidden, layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, hidden, layers, tie))
     with torch.no_grad():  # random init gives near-identical logits; spread the weights a bit
         for n, p in model.named_parameters():
             if p.dim() == 2:

