@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,14 @@ def _tool(name: str, cuda: bool = False) -> Path:
 
 
 def check_gguf(path: str | Path) -> Path:
-    """Raise ValueError unless `path` is a complete GGUF whose tensor types this build knows."""
+    """Raise ValueError unless `path` is a complete model GGUF whose tensor types this build knows
+    (an imatrix or other data GGUF has no general.architecture and is refused here)."""
     from .export import read_gguf
-    read_gguf(path)
+    r = read_gguf(path)
+    if "general.architecture" not in r.fields or not r.tensors:
+        kind = r.fields["general.type"].contents() if "general.type" in r.fields else "not a model"
+        raise ValueError(f"{path} is a GGUF but not a model ({kind}: no general.architecture); "
+                         "pass a model .gguf")
     return Path(path)
 
 
@@ -52,8 +58,35 @@ def _run(cmd: list, need: str | None = None, tries: int = 5, strict: bool = True
 
 
 def _exec(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                          stdin=subprocess.DEVNULL)  # never wait on a prompt
+    """Run to completion; the result also carries the child's peak resident memory (.peak_rss_mib,
+    its VmHWM sampled every 20 ms). Not wait4's ru_maxrss: Linux carries the parent's high-water
+    mark across fork + exec, so from a Python process holding torch every tool would report that."""
+    import time
+    with tempfile.TemporaryFile("w+", errors="replace") as out, tempfile.TemporaryFile("w+", errors="replace") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # never wait on a prompt
+        peak = 0.0
+        try:
+            while p.poll() is None:
+                peak = max(peak, vm_hwm_mib(p.pid) or 0.0)
+                time.sleep(0.02)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        r = subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
+    r.peak_rss_mib = peak
+    return r
+
+
+def vm_hwm_mib(pid: int) -> float | None:
+    """Peak resident memory (VmHWM) of a live process in MiB; None once it has exited."""
+    try:
+        m = re.search(r"VmHWM:\s*(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024 if m else None
 
 
 def _gpu_args(cuda: bool) -> list:
@@ -80,13 +113,16 @@ _PATTERNS = {  # key -> regex over llama-perplexity's output (tools/perplexity/p
     "kld": rf"Mean\s+KLD:\s*{_FLOAT}\s*±\s*{_FLOAT}",
     "rms_dp_pct": rf"RMS Δp\s*:\s*{_FLOAT}\s*±\s*{_FLOAT} %",
     "same_top_p_pct": rf"Same top p:\s*{_FLOAT}\s*±\s*{_FLOAT} %",
+    "kld_p99": rf"99\.0%\s+KLD:\s*{_FLOAT}",
+    "kld_max": rf"Maximum KLD:\s*{_FLOAT}",
     "n_chunks": r"(?:calculating perplexity|computing) over (\d+) chunks",
 }
 
 
 def parse_perplexity(text: str) -> dict:
     """Numbers llama-perplexity printed: ppl (and ppl_err), and in KLD mode ppl_base, kld,
-    rms_dp_pct, same_top_p_pct (each with _err), n_chunks."""
+    rms_dp_pct, same_top_p_pct (each with _err), kld_p99 and kld_max (99th percentile and maximum
+    over the scored tokens), n_chunks."""
     res: dict = {}
     for key, pat in _PATTERNS.items():
         m = re.search(pat, text)
@@ -94,8 +130,10 @@ def parse_perplexity(text: str) -> dict:
             continue
         if key == "n_chunks":
             res[key] = int(m.group(1))
-            continue
-        res[key], res[key + "_err"] = float(m.group(1)), float(m.group(2))
+        elif m.re.groups == 1:
+            res[key] = float(m.group(1))
+        else:
+            res[key], res[key + "_err"] = float(m.group(1)), float(m.group(2))
     q = (res.pop("ppl_q", None), res.pop("ppl_q_err", None))
     if "ppl" not in res and q[0] is not None:  # KLD mode prints Mean PPL(Q) instead of a final estimate
         res["ppl"], res["ppl_err"] = q
@@ -192,7 +230,8 @@ def ppl_from_logits_file(path: str | Path) -> float:
 
 def bench(gguf: str | Path, threads: int = 2, n_gen: int = 128, n_prompt: int = 0, reps: int = 3,
           ngl: int = 0, cuda: bool = False) -> dict:
-    """llama-bench -o json: model size and params, tokens/s (mean, std) of each test (tgN, ppN)."""
+    """llama-bench -o json: model size and params, tokens/s (mean, std) of each test (tgN, ppN),
+    and llama-bench's peak resident memory (peak_rss_mib; with -ngl the weights live in VRAM)."""
     check_gguf(gguf)
     ngl = ngl or (99 if cuda else 0)  # a CUDA build with -ngl 0 decodes on the CPU
     cmd = [_tool("llama-bench", cuda), "-m", gguf, "-t", threads, "-n", n_gen, "-p", n_prompt, "-r", reps,
@@ -210,7 +249,7 @@ def bench(gguf: str | Path, threads: int = 2, n_gen: int = 128, n_prompt: int = 
     pick = lambda prefix: next((v["tok_s"] for k, v in tests.items() if k.startswith(prefix)), None)  # noqa: E731
     return {"tg_tok_s": pick("tg"), "pp_tok_s": pick("pp"), "model_size": first.get("model_size"),
             "model_n_params": first.get("model_n_params"), "threads": threads, "ngl": ngl, "backend": first.get("backends"), "cpu": first.get("cpu_info"),
-            "gpu": first.get("gpu_info"), "tests": tests}
+            "gpu": first.get("gpu_info"), "tests": tests, "peak_rss_mib": round(r.peak_rss_mib, 1)}
 
 
 # ---------------------------------------------------------------------- stock baselines -------
@@ -227,6 +266,30 @@ def quantize_stock(f16_gguf: str | Path, out: str | Path, type: str, imatrix: st
         _run([*cmd, f16_gguf, tmp, type, threads])
         check_gguf(tmp)
     return out
+
+
+_FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
+                       r"[^\n]*?-> falling back to\s+(\S+)")
+_QUANT_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB \(([0-9.]+) BPW\)")
+_TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-.*->.*\((\w+)\)\s*$", re.MULTILINE)
+
+
+def stock_plan(f16_gguf: str | Path, type: str, cuda: bool = False) -> dict:
+    """What llama-quantize would make of f16_gguf as `type`, without quantizing (--dry-run):
+    {"type", "mib", "bpw", "main", "fallbacks": [{"tensor", "ncols", "block", "wanted", "got"}]}.
+    A fallback is a tensor whose row width is not a multiple of the block of the ggml type the
+    mix wants for it (256 for K and IQ types), stored as another type instead; `main` is the ggml
+    type the mix wants for most tensors (q3_K for Q3_K_M). An unknown type raises."""
+    check_gguf(f16_gguf)
+    # no thread count here: after an unknown type, llama-quantize would read it as a numeric type
+    r = _run([_tool("llama-quantize", cuda), "--dry-run", f16_gguf, type], need=_QUANT_SIZE.pattern)
+    out = r.stderr + r.stdout
+    m = _QUANT_SIZE.search(out)
+    fb = [{"tensor": t, "ncols": int(n), "block": int(b), "wanted": w, "got": g}
+          for t, n, b, w, g in _FALLBACK.findall(out)]
+    wanted = dict(_TENSOR_LINE.findall(out)) | {f["tensor"]: f["wanted"] for f in fb}
+    main = max(set(wanted.values()), key=list(wanted.values()).count) if wanted else None
+    return {"type": type, "mib": float(m.group(1)), "bpw": float(m.group(2)), "main": main, "fallbacks": fb}
 
 
 def fp16_gguf(hf_folder: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None) -> dict:
