@@ -1,0 +1,239 @@
+"""Stock llama.cpp block formats as exact formulas over explicit integer parts (issue 10).
+
+A method that learns codes and integer sub-scales for a stock type writes them with `pack`; the
+value each weight takes in llama.cpp is `dequantize_parts(parts)`, bit-identical to ggml's
+`dequantize_row_*` (tests/test_stock_types.py checks it against libggml's to_float and gguf-py).
+Ids and sizes come from gguf-py (GGMLQuantizationType, GGML_QUANT_SIZES); byte dequantization is
+gguf-py's own numpy (`gguf.quants.dequantize`), which is bit-exact with libggml for these types.
+
+Parts (arrays over n blocks; codes are unsigned, the format's offset is part of the formula).
+Every product below is exact in fp32 (fp16 mantissa x 6-bit x 4-bit < 24 bits), so FMA
+contraction in C cannot change a bit; only Q4_K's final subtraction rounds.
+
+    Q4_0 (32):  d fp16 (n,), q uint8 (n, 32) in 0..15
+                y = f32(d) * (q - 8)
+                bytes: d | qs[16]; qs[j] = q[j] | q[j + 16] << 4
+    Q4_K (256): d, dmin fp16 (n,), sc, m uint8 (n, 8) in 0..63, q uint8 (n, 256) in 0..15
+                y[32s + l] = (f32(d) * sc[s]) * q - f32(dmin) * m[s]
+                bytes: d | dmin | scales[12] | qs[128]; qs[32c + l] = q[64c + l] | q[64c + 32 + l] << 4
+                scales (ggml get_scale_min_k4): b[j] = sc[j] | (sc[j+4] >> 4) << 6,
+                b[j+4] = m[j] | (m[j+4] >> 4) << 6, b[j+8] = sc[j+4] & 15 | (m[j+4] & 15) << 4, j < 4
+    Q3_K (256): d fp16 (n,), sc int8 (n, 16) in -32..31, q uint8 (n, 256) in 0..7
+                y[16s + l] = (f32(d) * sc[s]) * (q - 4)
+                bytes: hmask[32] | qs[64] | scales[12] | d; weight e = 128h + 32j + l (l < 32):
+                q & 3 at bits 2j of qs[32h + l], q >> 2 at bit 4h + j of hmask[l];
+                u = sc + 32 (6 bits): b[i] = u[i] & 15 | (u[i+8] & 15) << 4 (i < 8),
+                b[8+i] = u[i] >> 4 | (u[i+4] >> 4) << 2 | (u[i+8] >> 4) << 4 | (u[i+12] >> 4) << 6 (i < 4)
+
+`quantize_rtn(w)` is a plain vectorised round-to-nearest into the format (not llama.cpp's
+quantizer): valid blocks close to w, for tests and as a starting point for methods.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+
+REGISTRY: dict[str, type["StockType"]] = {}
+
+_fp16_max = float(np.finfo(np.float16).max)
+
+
+def _f16(x) -> np.ndarray:
+    return np.asarray(x, np.float32).clip(-_fp16_max, _fp16_max).astype("<f2")
+
+
+def _u8(x, lo: int, hi: int, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise ValueError(f"{what} must lie in {lo}..{hi}, got {a.min()}..{a.max()}")
+    return a.astype(np.uint8)
+
+
+def _half_bytes(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x).astype("<f2")).reshape(-1, 1).view(np.uint8)
+
+
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at:at + 2].copy().view("<f2")[:, 0]
+
+
+class StockType:
+    """One stock ggml block format; subclasses register as `class X(StockType, qtype="Q4_0")`."""
+    qtype: GGMLQuantizationType
+    block_size: int
+    type_size: int
+    parts: tuple[str, ...]
+
+    def __init_subclass__(cls, qtype: str, **kw):
+        super().__init_subclass__(**kw)
+        cls.qtype = GGMLQuantizationType[qtype]
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.qtype]
+        REGISTRY[qtype] = cls
+
+    @classmethod
+    def blocks(cls, data: np.ndarray) -> np.ndarray:
+        """Any uint8 array holding whole blocks as (n_blocks, type_size)."""
+        b = np.ascontiguousarray(data, dtype=np.uint8)
+        if b.size % cls.type_size:
+            raise ValueError(f"{cls.qtype.name}: {b.size} bytes is not a whole number of {cls.type_size}-byte blocks")
+        return b.reshape(-1, cls.type_size)
+
+    @classmethod
+    def dequantize(cls, blocks: np.ndarray) -> np.ndarray:
+        """float32 (n_blocks, block_size), bit-identical to ggml's to_float (gguf-py's numpy)."""
+        return gq.dequantize(cls.blocks(blocks), cls.qtype).reshape(-1, cls.block_size)
+
+    @classmethod
+    def unpack(cls, blocks: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @classmethod
+    def pack(cls, **parts) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def dequantize_parts(cls, **parts) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_rtn(cls, w: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def _sub_blocks(cls, w: np.ndarray, sub: int) -> np.ndarray:
+        w = np.asarray(w, np.float32)
+        if w.ndim != 2 or w.shape[1] % cls.block_size:
+            raise ValueError(f"{cls.qtype.name}: need a 2-D weight with rows a multiple of {cls.block_size}, "
+                             f"got {w.shape}")
+        return w.reshape(-1, cls.block_size // sub, sub)
+
+
+class Q4_0(StockType, qtype="Q4_0"):
+    parts = ("d", "q")
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        qs = b[:, 2:]
+        return {"d": _half(b, 0), "q": np.concatenate([qs & 15, qs >> 4], axis=1)}
+
+    @classmethod
+    def pack(cls, d, q):
+        q = _u8(q, 0, 15, "Q4_0 codes").reshape(-1, 32)
+        return np.concatenate([_half_bytes(d), q[:, :16] | q[:, 16:] << 4], axis=1)
+
+    @classmethod
+    def dequantize_parts(cls, d, q):
+        return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 8)
+
+    @classmethod
+    def quantize_rtn(cls, w):
+        """gguf-py's Q4_0 quantizer (mirrors llama.cpp's quantize_row_q4_0_ref)."""
+        cls._sub_blocks(w, 32)
+        return cls.blocks(gq.quantize(np.ascontiguousarray(w, np.float32), cls.qtype))
+
+
+class Q4_K(StockType, qtype="Q4_K"):
+    parts = ("d", "dmin", "sc", "m", "q")
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        s = b[:, 4:16]
+        hi = s[:, 8:]
+        sc = np.concatenate([s[:, 0:4] & 63, (hi & 15) | (s[:, 0:4] >> 6) << 4], axis=1)
+        m = np.concatenate([s[:, 4:8] & 63, (hi >> 4) | (s[:, 4:8] >> 6) << 4], axis=1)
+        qs = b[:, 16:].reshape(-1, 4, 1, 32)
+        q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(-1, 256)
+        return {"d": _half(b, 0), "dmin": _half(b, 2), "sc": sc, "m": m, "q": q}
+
+    @classmethod
+    def pack(cls, d, dmin, sc, m, q):
+        sc = _u8(sc, 0, 63, "Q4_K sub-scales").reshape(-1, 8)
+        m = _u8(m, 0, 63, "Q4_K sub-mins").reshape(-1, 8)
+        q = _u8(q, 0, 15, "Q4_K codes").reshape(-1, 4, 2, 32)
+        s = np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4) << 6,
+                            m[:, :4] | (m[:, 4:] >> 4) << 6,
+                            (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
+        qs = (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
+        return np.concatenate([_half_bytes(d), _half_bytes(dmin), s, qs], axis=1)
+
+    @classmethod
+    def dequantize_parts(cls, d, dmin, sc, m, q):
+        d1 = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # (n, 8), C: d * sc
+        m1 = np.asarray(dmin).astype(np.float32)[:, None] * np.asarray(m, np.float32)
+        y = d1[:, :, None] * np.asarray(q, np.float32).reshape(-1, 8, 32) - m1[:, :, None]
+        return y.reshape(-1, 256)
+
+    @classmethod
+    def quantize_rtn(cls, w):
+        """Min-max per 32-weight sub-block (min clamped to <= 0), 6-bit sub-scales/mins on fp16
+        super-scales, codes against the stored (rounded) scales."""
+        x = cls._sub_blocks(w, 32)
+        lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+        s, mn = (hi - lo) / 15, -lo  # per sub-block, both >= 0
+        d = _f16(s.max(-1) / 63)
+        dmin = _f16(mn.max(-1) / 63)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(0, 63)
+            m = np.where(dmin[:, None] > 0, np.rint(mn / dmin.astype(np.float32)[:, None]), 0).clip(0, 63)
+            ds = d.astype(np.float32)[:, None] * sc
+            dm = dmin.astype(np.float32)[:, None] * m
+            q = np.where(ds[..., None] > 0, np.rint((x + dm[..., None]) / ds[..., None]), 0).clip(0, 15)
+        return cls.pack(d=d, dmin=dmin, sc=sc.astype(np.uint8), m=m.astype(np.uint8), q=q.astype(np.uint8))
+
+
+class Q3_K(StockType, qtype="Q3_K"):
+    parts = ("d", "sc", "q")
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        hmask, qs, s = b[:, :32], b[:, 32:96].reshape(-1, 2, 1, 32), b[:, 96:108]
+        low = (qs >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # (n, h, j, l)
+        high = (hmask[:, None, None, :] >> np.arange(8, dtype=np.uint8).reshape(2, 4, 1)) & 1
+        q = (low | high << 2).reshape(-1, 256)
+        lo4 = np.concatenate([s[:, :8] & 15, s[:, :8] >> 4], axis=1)  # u[0..7], u[8..15]
+        hi2 = (s[:, 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3  # (n, i, k): u[i + 4k]
+        u = lo4 | hi2.transpose(0, 2, 1).reshape(-1, 16) << 4
+        return {"d": _half(b, 108), "sc": u.astype(np.int8) - 32, "q": q}
+
+    @classmethod
+    def pack(cls, d, sc, q):
+        u = (np.asarray(sc).astype(np.int16) + 32)
+        u = _u8(u, 0, 63, "Q3_K sub-scales + 32").reshape(-1, 16)
+        q = _u8(q, 0, 7, "Q3_K codes").reshape(-1, 2, 4, 32)  # (n, h, j, l)
+        qs = ((q & 3) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
+        hmask = ((q >> 2) << np.arange(8, dtype=np.uint8).reshape(2, 4, 1)).sum((1, 2), dtype=np.uint8)
+        hi2 = (u >> 4).reshape(-1, 4, 4)  # (n, k, i): u[4k + i]
+        s = np.concatenate([(u[:, :8] & 15) | (u[:, 8:] & 15) << 4,
+                            (hi2 << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(1, dtype=np.uint8)], axis=1)
+        return np.concatenate([hmask, qs, s, _half_bytes(d)], axis=1)
+
+    @classmethod
+    def dequantize_parts(cls, d, sc, q):
+        dl = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # C: d_all * (sc - 32)
+        return (dl[:, :, None] * (np.asarray(q, np.float32).reshape(-1, 16, 16) - 4)).reshape(-1, 256)
+
+    @classmethod
+    def quantize_rtn(cls, w):
+        """Symmetric per 16-weight sub-block: the largest-magnitude weight maps to code 0 (-4), so
+        it is exact up to scale rounding; signed 6-bit sub-scales on an fp16 super-scale."""
+        x = cls._sub_blocks(w, 16)
+        amax = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+        s = -amax / 4  # signed: x = s * (q - 4) with q - 4 = -4 at the extreme
+        d = _f16(np.abs(s).max(-1) / 31)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(-32, 31)
+            dl = d.astype(np.float32)[:, None] * sc
+            q = np.where(dl[..., None] != 0, np.rint(x / dl[..., None]), 0).clip(-4, 3) + 4
+        return cls.pack(d=d, sc=sc.astype(np.int8), q=q.astype(np.uint8))
+
+
+def stock_type(t: str | int | GGMLQuantizationType) -> type[StockType]:
+    """Look a stock type up by name ("Q4_K"), ggml id (12) or GGMLQuantizationType."""
+    name = GGMLQuantizationType(t).name if not isinstance(t, str) else t.upper()
+    if name not in REGISTRY:
+        raise ValueError(f"no stock type {t!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
