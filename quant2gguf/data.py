@@ -275,6 +275,22 @@ def token_batches(tokenizer, source: str = "news", split: str = "calib", nsample
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
 
 
+def train_heldout_batches(tokenizer, source: str, ntrain: int, nheld: int, seqlen: int = 512,
+                          seed: int = 0, split: str = "calib") -> tuple[torch.Tensor, torch.Tensor]:
+    """For training on a calibration split (distillation QAT): ntrain random windows from the
+    first part of its token stream and nheld contiguous windows from its end, never overlapping
+    (the held-out part is the last nheld * seqlen tokens, at most a quarter of the stream)."""
+    stream = _token_stream(tokenizer, texts(source, split))
+    cut = len(stream) - nheld * seqlen
+    if nheld < 1 or cut < max(3 * nheld * seqlen, seqlen):
+        raise ValueError(f"{describe_split(source, split)} has {len(stream)} tokens: too few for {nheld} held-out "
+                         f"windows of {seqlen} plus training data; lower --seqlen or use a larger source")
+    held = stream[cut:].view(nheld, seqlen).clone()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, cut - seqlen + 1, (ntrain,), generator=g)
+    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()]), held
+
+
 def eval_tokens(tokenizer, source: str = "news", ntokens: int = 8192, seqlen: int = 512) -> torch.Tensor:
     """(n, seqlen) LongTensor: contiguous non-overlapping chunks from the start of the eval split,
     n = ntokens // seqlen, fewer if the split is shorter (a warning says so)."""
@@ -325,17 +341,39 @@ def _boxed(text: str) -> list[str]:
     return out
 
 
+_SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>|</?s>|<(?:start|end)_of_turn>")  # chat-template tokens
+# "answer is ..." up to the end of its sentence or line: its last number is the answer
+# ("The final answer is: 5200 / 12 = 42" -> 42, "The answer is 18 feet." -> 18)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|=|:)[ \t:*]*([^\n]*?)(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
+_LAST_NUM = re.compile(rf"({_NUM})(?:\s*/\s*(\d+(?:\.\d+)?)(?!\d|\.\d))?")
+
+
+def _num_or_fraction(m: re.Match) -> float | None:
+    return _to_float(f"{m.group(1)}/{m.group(2)}" if m.group(2) else m.group(1))
+
+
 def parse_answer(text: str) -> float | None:
-    """The final numeric answer of a solution: the last \\boxed{}, else the number after the last
-    `####`, else the last number in the text. Commas, $ and % are ignored; a/b gives a float."""
+    """The final numeric answer of a (model's) solution, or None when it gives none:
+    the last \\boxed{}, else the first number after the last `####`, else the last "answer is N"
+    (or "answer: N"), else the last number (a/b as a fraction). Chat-template tokens
+    (<|im_end|>, </s>, ...) are dropped, and when the text has a `</think>` the part after it is
+    read first. Commas, $ and % are ignored; units after the number do not matter."""
     if not text:
         return None
+    text = _SPECIAL.sub(" ", text)
+    if "</think>" in text:
+        after = text.rsplit("</think>", 1)[1]
+        if (v := parse_answer(after)) is not None:
+            return v
     for b in reversed(_boxed(text)):
         if (v := _to_float(b)) is not None:
             return v
     if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip().splitlines()
-        if tail and (m := re.match(rf"\$?\s*({_NUM})", tail[0].strip())):
+        tail = [ln.strip() for ln in text.rsplit("####", 1)[1].splitlines() if ln.strip()]
+        if tail and (m := re.match(rf"[$*\s]*({_NUM})", tail[0])):
             return _to_float(m.group(1))
-    nums = re.findall(_NUM, text)
-    return _to_float(nums[-1]) if nums else None
+    for m in reversed(list(_ANSWER_IS.finditer(text))):
+        if found := list(_LAST_NUM.finditer(m.group(1))):
+            return _num_or_fraction(found[-1])
+    found = list(_LAST_NUM.finditer(text))
+    return _num_or_fraction(found[-1]) if found else None

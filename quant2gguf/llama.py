@@ -21,7 +21,7 @@ from pathlib import Path
 from .cache import atomic_path, cache_dir, pip_download
 
 TARGETS = ["llama", "llama-completion", "llama-perplexity", "llama-bench", "llama-quantize",
-           "llama-imatrix", "test-backend-ops", "test-quantize-fns"]
+           "llama-imatrix", "llama-server", "test-backend-ops", "test-quantize-fns"]
 MARKER = ".quant2gguf-built"  # written last: a build dir without it is (re)built
 CUDA_ARCHS = "90-real"  # H100/H200 (shared docs DEVICE.md)
 
@@ -102,15 +102,22 @@ def _locked(name: str):
         yield
 
 
-def source_dir() -> Path:
-    """The pinned llama.cpp with the series applied (built once, then reused)."""
+def source_dir(tarball: str | Path | None = None) -> Path:
+    """The pinned llama.cpp with the series applied (built once, then reused). `tarball`: the
+    pinned tree as a tar file instead of the sdist from PyPI (machines without PyPI, e.g. the GPU
+    machine: scripts/device_bundle.sh makes it)."""
     key = cache_key()
     final = cache_dir("llama") / f"src-{key}"
     with _locked(f"src-{key}"):
         if (final / "CMakeLists.txt").is_file():
             return final
         with atomic_path(final, is_dir=True) as tmp:
-            extract_source(tmp)
+            if tarball:
+                import tarfile
+                with tarfile.open(tarball) as tf:
+                    tf.extractall(tmp, filter="data")
+            else:
+                extract_source(tmp)
             apply_patches(tmp)
     return final
 
@@ -143,14 +150,16 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
     src = source_dir()
     bdir = _build_dir(cuda)
     with _locked(bdir.name):
-        if (bdir / MARKER).is_file():
+        if not _missing_targets(bdir):
             return bdir / "bin"
         bdir.mkdir(parents=True, exist_ok=True)
         log = bdir / "build.log"
         log.write_text("")
         cfg = ["cmake", "-S", str(src), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
                "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=ON",
-               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_APP=OFF",
+               # llama-server without its web UI: the prebuilt one is a download from a HF bucket
+               "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
         if cuda:
             if not shutil.which("nvcc"):
                 raise RuntimeError("--cuda needs nvcc on PATH (CUDA toolkit with cuBLAS); build without --cuda for CPU")
@@ -163,8 +172,22 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
         with status_cm as status:
             _run_logged(cfg, log, status)
             _run_logged(bld, log, status)
-        (bdir / MARKER).write_text(json.dumps({"pin": pin(), "patch_hash": patch_hash(), "cuda": cuda}))
+        (bdir / MARKER).write_text(json.dumps({"pin": pin(), "patch_hash": patch_hash(), "cuda": cuda,
+                                               "targets": TARGETS}))
     return bdir / "bin"
+
+
+def _missing_targets(bdir: Path) -> list[str]:
+    """TARGETS a build dir lacks: all of them before its marker; those added to TARGETS since it
+    was built otherwise (the cache key is pin + patch hash only, so a new target, llama-server,
+    is built on demand into the same dir; cmake rebuilds only what changed)."""
+    try:
+        built = json.loads((bdir / MARKER).read_text()).get("targets")
+    except (FileNotFoundError, ValueError):
+        return list(TARGETS)
+    if built is None:  # a marker from before targets were recorded: check the executables
+        return [t for t in TARGETS if t.startswith(("llama-", "test-")) and not (bdir / "bin" / t).is_file()]
+    return [t for t in TARGETS if t not in built]
 
 
 @contextmanager
@@ -187,8 +210,11 @@ def bin_dir(cuda: bool = False) -> Path:
 
 
 def tool(name: str, cuda: bool = False) -> Path:
-    """Path of one built executable, e.g. tool("llama-completion")."""
+    """Path of one built executable, e.g. tool("llama-completion"); a target added to TARGETS
+    after the cached build was made (llama-server) is built here, once."""
     p = bin_dir(cuda) / name
+    if not p.is_file() and name in _missing_targets(_build_dir(cuda)):
+        build(cuda=cuda)
     if not p.is_file():
         raise RuntimeError(f"{p} is missing from the build; rebuild with `quant2gguf llama build`"
                            f" (built targets: {', '.join(TARGETS)})")

@@ -1,6 +1,7 @@
 """Whole jobs as plain functions: load -> calibrate -> quantize -> checkpoint, and the quickstart."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import time
@@ -30,6 +31,12 @@ def load_hf(model: str | Path, dtype=torch.float32):
     return m.eval(), tok, folder
 
 
+def _params(fn) -> set[str]:
+    """A method's keyword options (its signature, not its local variables)."""
+    import inspect
+    return set(inspect.signature(fn).parameters) - {"ctx"}
+
+
 def _progress_bar(total: int, label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -56,8 +63,12 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another -o")
+    if method == "kd":
+        return distill_model(model, out, bits=bits, group_size=group_size, calib=calib, nsamples=nsamples,
+                             seqlen=seqlen, device=device, seed=seed, batch_size=batch_size, offload=offload,
+                             slots=slots, **options)
     if method not in METHODS:
-        raise ValueError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method '{method}'; available: {', '.join(METHODS)}, kd")
     if group_size not in (32, 64, 128):
         raise ValueError(f"group size {group_size} not supported; use 32, 64 or 128")
     dev = torch.device(pick_device(device))
@@ -72,7 +83,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     else:
         batches = token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed)
     fn = METHODS[method]
-    opts = {k: v for k, v in options.items() if k in fn.__code__.co_varnames}
+    opts = {k: v for k, v in options.items() if k in _params(fn) and v is not None}
     slots = (2 if method == "quantlrm" else 0) if slots is None else slots
     if slots not in (0, 2):
         raise ValueError(f"--slots {slots}: the GGUF types hold 0 or 2 protected weights per group")
@@ -99,6 +110,126 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     return checkpoint.save(out, mdl, tok, quantized, manifest)
 
 
+KD_DEFAULTS = {"init": "gptq", "steps": 200, "batch": 4, "lr_w": 1e-3, "lr_q": 1e-4, "eval_every": 25,
+               "heldout": 8, "max_minutes": None}
+
+
+def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, calib: str, steps: int,
+                     batch: int, lr_w: float, lr_q: float, eval_every: int, heldout: int,
+                     max_minutes: float | None = None) -> dict | None:
+    """Every distillation option checked before a model loads. Returns the --init checkpoint's
+    manifest (None when the init is a method to run first)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .fixtures import resolve_model
+    if max_minutes is not None and max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be > 0 (got {max_minutes})")
+    if steps < 1 or batch < 1 or eval_every < 1 or heldout < 1:
+        raise ValueError(f"--steps, --batch, --eval-every and --heldout must be >= 1 "
+                         f"(got {steps}, {batch}, {eval_every}, {heldout})")
+    if not (lr_q > 0 and lr_w >= 0):
+        raise ValueError(f"--lr-q must be > 0 and --lr-w >= 0 (got {lr_q}, {lr_w}); --lr-w 0 trains scales/offsets only")
+    if init == "quantlrm":
+        raise ValueError("--init quantlrm needs its importance pass: make a quantlrm checkpoint first and pass it as --init CKPT")
+    if init in METHODS:
+        return None
+    if not Path(init).exists():
+        raise FileNotFoundError(f"--init {init}: neither a method ({', '.join(METHODS)}) nor an existing checkpoint")
+    man = checkpoint.read_manifest(init)
+    if (man["bits"], man["group_size"]) != (bits, group_size):
+        raise ValueError(f"--init {init} is W{man['bits']}G{man['group_size']} but W{bits}G{group_size} was asked; "
+                         f"pass --bits {man['bits']} -g {man['group_size']}")
+    folder = resolve_model(str(model))
+    cfg, icfg = AutoConfig.from_pretrained(folder), AutoConfig.from_pretrained(init)
+    if cfg.model_type != man.get("arch", icfg.model_type):
+        raise ValueError(f"--init {init} is a {man.get('arch')} checkpoint, {model} is {cfg.model_type}")
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    diff = [k for k in keys if getattr(cfg, k, None) != getattr(icfg, k, None)]
+    if diff:
+        raise ValueError(f"--init {init} was made from another model ({', '.join(diff)} differ from {model}'s); "
+                         f"quantize {model} first or pass its checkpoint")
+    if AutoTokenizer.from_pretrained(folder).get_vocab() != AutoTokenizer.from_pretrained(init).get_vocab():
+        raise ValueError(f"teacher {model} and student {init} tokenizers differ; distillation compares "
+                         f"next-token distributions token by token, so they must be the same")
+    src = man.get("calibration", {}).get("source")
+    if src and src != calib:
+        raise ValueError(f"--calib {calib} differs from the init's calibration ({src}); distillation trains on "
+                         f"the init's domain (Reasoning-QAT): pass --calib {src}")
+    return man
+
+
+def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size: int = 128, calib: str = "news",
+                  nsamples: int = 32, seqlen: int = 512, device: str = "auto", seed: int = 0,
+                  batch_size: int = 4, offload: bool = False, slots: int | None = None, **options) -> Path:
+    """Distillation QAT (methods/kd.py) from a PTQ init: a checkpoint (--init CKPT) or a method
+    run first on the same calibration source. Saves an ordinary checkpoint at `out`."""
+    from .data import token_batches, train_heldout_batches
+    from .methods import kd
+
+    o = {**KD_DEFAULTS, **{k: v for k, v in options.items() if k in KD_DEFAULTS and v is not None}}
+    init = str(o["init"])
+    init_man = check_kd_options(model, init, bits, group_size, calib, o["steps"], o["batch"], o["lr_w"],
+                                o["lr_q"], o["eval_every"], o["heldout"], o["max_minutes"])
+    if calib == "traces":
+        raise ValueError("--method kd takes news | gsm | champ | FILE as --calib (for traces, make the init "
+                         "with --calib traces and pass the traces file the manifest names)")
+    dev = torch.device(pick_device(device))
+    t0 = time.time()
+    torch.manual_seed(seed)
+    mdl, tok, folder = load_hf(model)
+    arch = get_arch(mdl.config.model_type)
+    teacher = copy.deepcopy(mdl)
+    train, held = train_heldout_batches(tok, calib, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed)
+    if init_man is None:  # run the PTQ init on the same source
+        opts = {k: v for k, v in options.items()  # KD's own options (lr_w, lr_q, ...) are not the init's
+                if k in _params(METHODS[init]) and k not in KD_DEFAULTS and v is not None}
+        cfg = QuantConfig(bits=bits, group_size=group_size, slots=slots or 0)
+        prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{init} W{bits}G{group_size} (kd init)")
+        with prog:
+            quantized, layer_stats = quantize_layers(
+                mdl, arch, token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed),
+                functools.partial(METHODS[init], **opts), cfg, dev, batch_size=batch_size, offload=offload,
+                progress=update)
+        init_desc = {"method": init, "options": opts, "layers": layer_stats}
+    else:
+        _, quantized = checkpoint.load_quantized(init)
+        init_desc = {"checkpoint": str(init), "method": init_man.get("method"),
+                     "calibration": init_man.get("calibration")}
+    fp_weights = {n: teacher.get_submodule(n).weight.data for n in quantized}
+    mdl.to(dev)
+    teacher.to(dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    prog = Progress(TextColumn("[bold]kd"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"))
+    task = prog.add_task("kd", total=o["steps"], info="")
+    last = {"kl": None}
+
+    def update(step, loss, kl):
+        last["kl"] = kl if kl is not None else last["kl"]
+        held_s = "" if last["kl"] is None else f" held-out KL {last['kl']:.4f}"
+        prog.update(task, advance=1, info=f"loss {loss:.4f}{held_s}")
+    with prog:
+        best, stats = kd.distill(mdl, teacher, quantized, fp_weights, train, held, dev, steps=o["steps"],
+                                 batch=o["batch"], lr_w=o["lr_w"], lr_q=o["lr_q"], eval_every=o["eval_every"],
+                                 max_minutes=o["max_minutes"], triton=None if dev.type == "cuda" else False,
+                                 checkpointing=dev.type == "cuda",  # CPU: memory is plenty, time is short
+                                 progress=update)
+    if "kd_stopped" in stats:
+        print(f"warning: {stats['kd_stopped']}", flush=True)
+    kd.detach(mdl, best)
+    del teacher
+    manifest = {
+        "method": "kd", "bits": bits, "group_size": group_size, "slots": next(iter(best.values())).slots,
+        "init": init_desc, "options": {k: o[k] for k in ("steps", "batch", "lr_w", "lr_q", "eval_every", "heldout", "max_minutes")},
+        "arch": arch.name, "source_model": str(model),
+        "calibration": {"source": calib, "split": "calib", "nsamples": int(train.shape[0]), "seqlen": seqlen,
+                        "seed": seed, "heldout": f"last {held.shape[0]} x {seqlen} tokens of the calib split"},
+        "kd": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
+    }
+    mdl.to("cpu")
+    return checkpoint.save(out, mdl, tok, {n: q.to("cpu") for n, q in best.items()}, manifest)
+
+
 def weight_updates(model, tok, base, ft_calib, steps, seqlen, seed, device) -> dict:
     """|W - W_base| per decoder linear: from a base checkpoint, or a short pseudo-fine-tune."""
     from .data import token_batches
@@ -112,13 +243,12 @@ def weight_updates(model, tok, base, ft_calib, steps, seqlen, seed, device) -> d
 
 
 def quickstart(model: str = "smollm2", workdir: str | Path = "out/quickstart", method: str = "gptq",
-               group_size: int = 64, nsamples: int = 32, seqlen: int = 512) -> dict:
-    """Fetch, quantize, convert, build patched llama.cpp, run a prompt, and measure size,
-    decode speed and perplexity against the FP16 GGUF of the same model."""
-    from . import llama, runner
-    from .data import eval_text_file
+               group_size: int = 64, nsamples: int = 32, seqlen: int = 512, gsm: int = 20) -> dict:
+    """Fetch, quantize, convert, build patched llama.cpp, run a prompt, and bench the file
+    (quant2gguf.bench: KLD/PPL, GSM pass@1, speed, memory) against the F16 GGUF of the same model
+    and stock Q4_0 with an importance matrix; the report goes to WORKDIR/report."""
+    from . import bench, llama, runner
     from .export import convert
-    from .fixtures import resolve_model
 
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -130,16 +260,10 @@ def quickstart(model: str = "smollm2", workdir: str | Path = "out/quickstart", m
     if not gguf.exists():  # embeddings at q8_0: a file size comparable with stock llama-quantize
         convert(ckpt, gguf, outtype="q8_0")
     llama.build()
-    f16 = wd / f"{Path(str(model)).name}-f16.gguf"
-    if not f16.exists():
-        runner.fp16_gguf(resolve_model(str(model)), f16)
-    text = eval_text_file("news")
-    res = {"model": str(model), "method": method, "checkpoint": str(ckpt), "gguf": str(gguf),
-           "sample": runner.run_prompt(gguf, "The capital of France is", n=32)}
-    for name, path in (("quantized", gguf), ("f16", f16)):
-        b = runner.bench(path, n_gen=64, reps=2)
-        p = runner.perplexity(path, text, ctx=512, chunks=8)
-        res[name] = {"size_mib": round(path.stat().st_size / 2**20, 1), "tg_tok_s": b.get("tg_tok_s"),
-                     "ppl": p.get("ppl")}
-    (wd / f"{tag}.json").write_text(json.dumps(res, indent=1))
-    return res
+    sample = runner.run_prompt(gguf, "The capital of France is", n=32)
+    # a CPU-sized bench: 8 perplexity chunks, GSM answers capped at 384 tokens
+    report = bench.bench([gguf], ref=model, vs=["Q4_0"], out=wd / "report", calib="news", gsm=gsm,
+                         chunks=8, reps=2, gsm_max_tokens=384, nsamples=nsamples, seqlen=seqlen,
+                         command=f"quant2gguf quickstart --model {model} --method {method} -g {group_size}")
+    return {"model": str(model), "method": method, "checkpoint": str(ckpt), "gguf": str(gguf), "sample": sample,
+            "report_md": str(wd / "report" / "report.md"), "report": report}

@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="out/compare")
     ap.add_argument("--out", default="out/compare/results.json")
     ap.add_argument("--cuda", action="store_true")
+    ap.add_argument("--tokenizer-pre", default=None, help="for tokenizers llama.cpp's converter cannot hash (tiny test models: gpt-2)")
     ap.add_argument("--wait", type=int, default=900, help="seconds to wait for a checkpoint to appear")
     a = ap.parse_args()
     wd, out = Path(a.workdir), Path(a.out)
@@ -119,7 +120,7 @@ def main() -> None:
     name = Path(str(a.model)).name
     f16 = wd / f"{name}-F16.gguf"
     if not f16.exists():
-        runner.fp16_gguf(folder, f16)
+        runner.fp16_gguf(folder, f16, tokenizer_pre=a.tokenizer_pre)
     params = None
     rows, bases = [], {t: wd / f"f16-{t}.logits" for t in a.texts}
     imat = wd / f"{name}.imatrix.gguf"
@@ -158,7 +159,8 @@ def main() -> None:
             continue
         p = wd / f"{ck.name}.gguf"
         if not p.exists():
-            info = convert(ck, p, outtype="f16", embd_type=a.embd_type, threads=os.cpu_count() or 2)
+            info = convert(ck, p, outtype="f16", embd_type=a.embd_type, threads=os.cpu_count() or 2,
+                           tokenizer_pre=a.tokenizer_pre)
             _say(f"converted {ck.name}: {json.dumps(info)[:400]}")
         rows.append(_measure(_label(ck), p, a.texts, bases, wd, a, params))
         save()

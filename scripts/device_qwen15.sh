@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session for qwen15 (issue 8): our methods vs llama.cpp's stock types, in one run.
 # Made for the device tool's limits (10 min a call, 30 s warm between calls, 64 MiB carried a call):
-#   prep         carry .device/llama-src.tar.xz .device/whl .device/data .device/model/qwen15.part00
+#   prep         carry .device/llama-src.tar.xz .device/whl .device/data .device/model/qwen15.sha256
 #                installs wheels, unpacks + patches the pinned llama.cpp, starts its CUDA build in the
-#                background (setsid: it outlives the call), stages chunk 00
+#                background (setsid: it outlives the call)
 #   stage NN     carry .device/model/qwen15.partNN: copies it to ~/stage
 #   start        assemble + sha256-check the GGUF, copy the repo to ~/repo (the tree here is re-laid
 #                every call) and start scripts/qwen15_job.sh there in the background
@@ -19,23 +19,10 @@ prep)
   cp -rn .device/data ~/stage/ && cp .device/model/qwen15.sha256 ~/stage/
   export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache
   python3 -m pip install -q --no-deps --no-build-isolation -e . >~/logs/install.log 2>&1 || { tail ~/logs/install.log; exit 1; }
-  python3 - <<'EOF' || exit 1
-import tarfile
-from quant2gguf import llama
-from quant2gguf.cache import cache_dir
-d = cache_dir("llama") / f"src-{llama.cache_key()}"
-if not (d / "CMakeLists.txt").is_file():
-    tmp = d.with_name(d.name + ".part")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(".device/llama-src.tar.xz") as tf:
-        tf.extractall(tmp, filter="data")
-    llama.apply_patches(tmp)
-    tmp.rename(d)
-print("source:", d)
-EOF
+  python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('.device/llama-src.tar.xz'))" || exit 1
   setsid nohup python3 -m quant2gguf llama build --cuda -j 12 >~/logs/llama-build.log 2>&1 </dev/null &
   echo "CUDA build started"
-  cp .device/model/qwen15.part00 ~/stage/ && ls ~/stage
+  ls ~/stage
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
 stage)
@@ -46,7 +33,8 @@ start)
   rm -f ~/stage/qwen15.part*
   cd - >/dev/null
   rm -rf ~/repo && mkdir ~/repo && cp -r quant2gguf kernels ggml_patches scripts pyproject.toml README.md ~/repo/
-  cd ~/repo && setsid nohup bash scripts/qwen15_job.sh >~/logs/job.log 2>&1 </dev/null &
+  cd ~/repo && PYTHONPATH=/tmp/site python3 -m pip install -q --no-deps --no-build-isolation -e . >~/logs/install2.log 2>&1
+  setsid nohup bash scripts/qwen15_job.sh >~/logs/job.log 2>&1 </dev/null &
   sleep 20; tail -5 ~/logs/job.log
   ;;
 poll)

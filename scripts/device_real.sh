@@ -21,20 +21,7 @@ wait_build() {  # until the background build is done or $1 s into this call
 case ${1:-prep} in
 prep)
   # the pinned tree into the tool's own cache slot (no PyPI here), patched by the tool
-  python3 - <<'EOF' || exit 1
-import tarfile
-from quant2gguf import llama
-from quant2gguf.cache import cache_dir
-d = cache_dir("llama") / f"src-{llama.cache_key()}"
-if not (d / "CMakeLists.txt").is_file():
-    tmp = d.with_name(d.name + ".part")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(".device/llama-src.tar.xz") as tf:
-        tf.extractall(tmp, filter="data")
-    llama.apply_patches(tmp)
-    tmp.rename(d)
-print("source:", d)
-EOF
+  python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('.device/llama-src.tar.xz'))" || exit 1
   setsid nohup python3 -m quant2gguf llama build --cuda >"$HOME/llama-build.log" 2>&1 < /dev/null &
   echo "CUDA build started (pid $!)"
   python3 scripts/bench_methods.py --workdir "$HOME/bench" --models "$MODEL:$G" --methods "$METHOD" --skip-fp \

@@ -15,7 +15,7 @@ cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
 [ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
 ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 log() { echo "[job] $(date +%T) $*"; }
-KD_MIN=${KD_MIN:-5} KD_STEPS=${KD_STEPS:-600}
+KD_MIN=${KD_MIN:-3.5} KD_STEPS=${KD_STEPS:-600}
 
 log "fixture"
 python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
@@ -32,22 +32,21 @@ ev() {  # ev NAME ARGS...: PyTorch eval of ~/bench/NAME (or the FP model) into ~
   python3 -m quant2gguf eval $ck --ref qwen15 --text champ --ntokens 8192 --json ~/results/eval-$1-champ.json >>~/logs/eval-$1.log 2>&1
   log "eval $1 rc=$?"
 }
-KD="--method kd --steps $KD_STEPS --max-minutes $KD_MIN --batch 4 --eval-every 50 --lr-w ${KD_LRW:-1e-5} --lr-q ${KD_LRQ:-1e-5}"
-# KD peaks ~30 GB: the two KD runs may overlap, the evaluations wait for both
-( q loaq-g64 --method loaq -g 64 && q kd-g64 $KD --init ~/bench/loaq-g64 -g 64 ) &
+KD="--method kd --steps $KD_STEPS --max-minutes $KD_MIN --batch 4 --eval-every 50 --lr-w ${KD_LRW:-5e-5} --lr-q ${KD_LRQ:-1e-5}"
+( q gptq-g128 --method gptq -g 128 && q kd-g128 $KD --init ~/bench/gptq-g128 -g 128 ) &
 A=$!
-( ev fp; q gptq-g128 --method gptq -g 128 && q kd-g128 $KD --init ~/bench/gptq-g128 -g 128 ) &
+( q loaq-g64 --method loaq -g 64 ) &
 B=$!
 # llama.cpp side: waits for the build, does the stock files first, then ours as they appear
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json \
-    --types IQ3_S+imat Q3_K_M+imat IQ3_XXS+imat Q3_K_S+imat IQ3_M+imat Q3_G64 Q3_G128 \
-    --ckpts ~/bench/gptq-g128 ~/bench/loaq-g64 ~/bench/kd-g128 ~/bench/kd-g64 --wait 1200 >~/logs/compare.log 2>&1
+    --types IQ3_S+imat Q3_K_M+imat Q3_G128 IQ3_XXS+imat Q3_K_S+imat IQ3_M+imat \
+    --ckpts ~/bench/gptq-g128 ~/bench/kd-g128 ~/bench/loaq-g64 --wait 1200 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 wait $A $B
-( ev kd-g64; ev loaq-g64 ) &
-( ev kd-g128; ev gptq-g128 ) &
+( ev kd-g128; ev fp ) &
+( ev gptq-g128; ev loaq-g64 ) &
 wait
 log "all done"
 touch ~/logs/job.done

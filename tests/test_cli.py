@@ -78,3 +78,15 @@ def test_existing_output_refused(tiny_llama_dir, tmp_path):
     (tmp_path / "ck").mkdir()
     r = _run("quantize", tiny_llama_dir, "-o", tmp_path / "ck")
     assert r.exit_code == 1 and "exists" in r.output
+
+
+@pytest.mark.parametrize("method", ["laquant", "loaq"])
+def test_quantize_method_options_reach_only_their_method(method, tiny_llama_dir, tmp_path):
+    """The CLI passes every method's options (kd's --steps too): each method takes only its own
+    keyword parameters, never a name that merely is one of its local variables."""
+    ck = tmp_path / "ck"
+    r = _run("quantize", tiny_llama_dir, "-o", ck, "--method", method, "-g", "64", "--nsamples", "4",
+             "--seqlen", "64", "--device", "cpu", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    man = json.loads((ck / "manifest.json").read_text())
+    assert man["method"] == method and "steps" not in man["options"]

@@ -34,7 +34,11 @@ def _fq(w, d, m, pidx, bits, g, triton):
 
 
 class FQLinear(nn.Module):
-    """A linear computing with fake_quant(latent, d, m): exactly the deployed weight in forward."""
+    """A linear computing with fake_quant(latent, d, m): exactly the deployed weight in forward.
+
+    Latent weights, d and m are trained in units of each group's initial step u = d_init (so a
+    learning rate means "fraction of a grid cell per step", the same on a 135M model whose steps
+    are ~0.1 and a 1.5B one whose steps are ~0.01): latent = latent_n * u, d = d_n * u, m = m_n * u."""
 
     def __init__(self, lin: nn.Linear, q: QuantizedWeight, fp_weight: torch.Tensor, triton: bool | None):
         super().__init__()
@@ -42,17 +46,28 @@ class FQLinear(nn.Module):
         dev = lin.weight.device
         deq = q.dequantize().to(dev)
         d, m = q.scales.to(dev).float(), q.offsets.to(dev).float()
-        self.d, self.m = nn.Parameter(d.clone()), nn.Parameter(m.clone())
+        u = torch.where(d > 0, d, torch.ones_like(d))  # a constant group (d = 0) keeps unit 1
+        self.register_buffer("u", u)
+        self.d, self.m = nn.Parameter(d / u), nn.Parameter(m / u)
         self.register_buffer("pidx", None if q.pidx is None else q.pidx.to(dev))
-        self.latent = nn.Parameter(_latent_init(deq, fp_weight.to(dev).float(), q, d, m))
+        lat = _latent_init(deq, fp_weight.to(dev).float(), q, d, m)
+        self.latent = nn.Parameter(self._per_group(lat, 1.0 / u))
         self.bias = lin.bias
         if self.pidx is not None:  # protected weights are stored exactly: never train them
             mask = _protected_mask(self.pidx, self.group_size, deq.shape)
             self.latent.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0))
 
+    def _per_group(self, w, f):
+        n, k = w.shape
+        return (w.view(n, k // self.group_size, self.group_size) * f.unsqueeze(-1)).view(n, k)
+
+    def params(self):
+        """(latent, d, m) in weight units, differentiable."""
+        return self._per_group(self.latent, self.u), self.d * self.u, self.m * self.u
+
     def weight_q(self) -> torch.Tensor:
         pidx = self.pidx if self.pidx is not None and self.pidx.numel() else None
-        return _fq(self.latent, self.d, self.m, pidx, self.bits, self.group_size, self.triton)
+        return _fq(*self.params(), pidx, self.bits, self.group_size, self.triton)
 
     def forward(self, x):
         w = self.weight_q()
@@ -63,7 +78,7 @@ class FQLinear(nn.Module):
     def export(self) -> QuantizedWeight:
         from ..calib import QuantConfig
         cfg = QuantConfig(self.bits, self.group_size, 0 if self.pidx is None else self.pidx.shape[-1])
-        return _export(self.latent.detach(), self.d.detach(), self.m.detach(), self.pidx, cfg)
+        return _export(*self.params(), self.pidx, cfg)
 
 
 def _protected_mask(pidx: torch.Tensor, g: int, shape) -> torch.Tensor:
@@ -101,6 +116,13 @@ def attach(model, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, t
         mods[name] = FQLinear(lin, q, fp_weights[name], triton)
         setattr(model.get_submodule(parent), attr, mods[name])
     return mods
+
+
+def _lr_factor(i: int, warm: int, total: int) -> float:
+    """Linear warmup over `warm` steps, then cosine to 0 at `total`."""
+    if i < warm:
+        return (i + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm))))
 
 
 def _final_hidden(model, ids):
@@ -141,11 +163,12 @@ def heldout_kl(student, teacher, batches: torch.Tensor, device, batch: int, chun
 
 def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor],
             train: torch.Tensor, heldout: torch.Tensor, device, steps: int = 200, batch: int = 4,
-            lr_w: float = 1e-5, lr_q: float = 1e-4, eval_every: int = 25, chunk: int = 1024,
+            lr_w: float = 1e-3, lr_q: float = 1e-4, eval_every: int = 25, chunk: int = 1024,
             checkpointing: bool = True, triton: bool | None = None, max_minutes: float | None = None,
             progress: Callable[[int, float, float | None], None] | None = None
             ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Train the student's quantized linears to match the teacher's next-token distributions.
+    lr_w, lr_q are in grid cells per step (FQLinear); AdamW, linear warmup then cosine.
     Returns (the best quantized weights, stats). Both models must be on `device`. With
     `max_minutes`, the step count is cut after 5 timed steps to fit (cosine schedule rescaled)."""
     device = torch.device(device)
@@ -179,7 +202,9 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
         for p in params_w:
             p.requires_grad_(False)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    warm = max(1, min(20, steps // 10))  # linear warmup: Adam's first steps move every weight at once
+    sched_len = [max(steps, 1)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, warm, sched_len[0]))
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(train), generator=g)
     pos = 0
@@ -220,7 +245,7 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
             fit = int(5 + (max_minutes * 60 - (time.time() - t0)) / (per_step * (1 + 1.0 / eval_every)))  # a held-out score ~ one step
             if fit < steps:
                 steps = max(fit, step + 1)
-                sched.T_max = steps
+                sched_len[0] = steps
                 budget_note = f"cut to {steps} steps to fit {max_minutes} min ({per_step:.2f} s a step)"
         if step >= steps:
             break
