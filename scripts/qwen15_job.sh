@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The qwen15 job on the GPU machine (started by scripts/device_qwen15.sh start, from ~/repo):
 #  GPU, two lanes in parallel (GPTQ-style loops are launch-bound, so two overlap on one GPU):
-#    lane A: LoaQ W3G64  -> distillation QAT from it
-#    lane B: GPTQ W3G128 -> distillation QAT from it
+#    lane A: GPTQ W3G128 -> distillation QAT from it
+#    lane B: LoaQ W3G64
+#  (2026-11-28: staging took 15 of the 30 device minutes, so keep the lanes this short)
 #  then PyTorch evaluation of every checkpoint (news and CHAMP eval splits, GSM held-out problems);
 #  beside them, once the CUDA build is done: F16, stock types with an importance matrix, and our
 #  files through llama.cpp (scripts/compare_gguf.py). Results: ~/results. Env: KD_MIN, KD_STEPS.
@@ -32,7 +33,8 @@ ev() {  # ev NAME ARGS...: PyTorch eval of ~/bench/NAME (or the FP model) into ~
   python3 -m quant2gguf eval $ck --ref qwen15 --text champ --ntokens 8192 --json ~/results/eval-$1-champ.json >>~/logs/eval-$1.log 2>&1
   log "eval $1 rc=$?"
 }
-KD="--method kd --steps $KD_STEPS --max-minutes $KD_MIN --batch 4 --eval-every 50 --lr-w ${KD_LRW:-5e-5} --lr-q ${KD_LRQ:-1e-5}"
+# KD rates default to the method's (grid cells a step); KD_LRW / KD_LRQ override
+KD="--method kd --steps $KD_STEPS --max-minutes $KD_MIN --batch 4 --eval-every 50 ${KD_LRW:+--lr-w $KD_LRW} ${KD_LRQ:+--lr-q $KD_LRQ}"
 ( q gptq-g128 --method gptq -g 128 && q kd-g128 $KD --init ~/bench/gptq-g128 -g 128 ) &
 A=$!
 ( q loaq-g64 --method loaq -g 64 ) &
