@@ -167,12 +167,12 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     from .methods import kd
 
     o = {**KD_DEFAULTS, **{k: v for k, v in options.items() if k in KD_DEFAULTS and v is not None}}
-    init = str(o["init"])
-    init_man = check_kd_options(model, init, bits, group_size, calib, o["steps"], o["batch"], o["lr_w"],
-                                o["lr_q"], o["eval_every"], o["heldout"], o["max_minutes"])
     if calib == "traces":
         raise ValueError("--method kd takes news | gsm | champ | FILE as --calib (for traces, make the init "
                          "with --calib traces and pass the traces file the manifest names)")
+    init = str(o["init"])
+    init_man = check_kd_options(model, init, bits, group_size, calib, o["steps"], o["batch"], o["lr_w"],
+                                o["lr_q"], o["eval_every"], o["heldout"], o["max_minutes"])
     dev = torch.device(pick_device(device))
     t0 = time.time()
     torch.manual_seed(seed)

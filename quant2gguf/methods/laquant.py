@@ -1,6 +1,6 @@
 """LAQuant: layer-wise weight-only QAT with a one-layer lookahead loss (2026; no public code).
 
-Our specification (METHODS.md), every term switchable:
+Our specification (an interpretation of the paper), every term switchable:
 
     Y = F_l(X_l),  Y_hat = F_l^q(X_hat_l)                    FP target vs quantized layer l
     L = ||Y_hat - Y||^2 + lam * ||F_{l+1}(Y_hat) - F_{l+1}(Y)||^2 + mu * KV(l+1)
