@@ -176,10 +176,15 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     dev = torch.device(pick_device(device))
     t0 = time.time()
     torch.manual_seed(seed)
+    from transformers import AutoTokenizer
+
+    from .fixtures import resolve_model
+    # the data (and a source too short for --heldout) is checked before the model loads
+    tok = AutoTokenizer.from_pretrained(resolve_model(str(model)))
+    train, held = train_heldout_batches(tok, calib, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed)
     mdl, tok, folder = load_hf(model)
     arch = get_arch(mdl.config.model_type)
     teacher = copy.deepcopy(mdl)
-    train, held = train_heldout_batches(tok, calib, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed)
     if init_man is None:  # run the PTQ init on the same source
         opts = {k: v for k, v in options.items()  # KD's own options (lr_w, lr_q, ...) are not the init's
                 if k in _params(METHODS[init]) and k not in KD_DEFAULTS and v is not None}

@@ -219,5 +219,9 @@ def test_kd_refuses_different_tokenizers(gptq_ckpt, tiny_qwen, tmp_path):
 
 def test_kd_refuses_bad_numbers_and_a_missing_init(tiny_qwen, tmp_path):
     _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--steps", "0"], tmp_path, "--steps")
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--max-minutes", "0"], tmp_path,
+           "--max-minutes")
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--heldout", "100000"], tmp_path,
+           "too few for 100000 held-out")
     _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--init", tmp_path / "nope"],
            tmp_path, "neither a method")
