@@ -21,7 +21,15 @@ LOG_TAIL = 3000  # characters of a failing tool's output kept in the error
 
 def _tool(name: str, cuda: bool = False) -> Path:
     from . import llama
-    return llama.tool(name, cuda=cuda)  # RuntimeError telling to run `quant2gguf llama build`
+    try:
+        return llama.tool(name, cuda=cuda)  # RuntimeError telling to run `quant2gguf llama build`
+    except RuntimeError as e:
+        if cuda:
+            raise
+        try:  # a GPU machine may hold only the CUDA build: its tools run on the CPU as well
+            return llama.tool(name, cuda=True)
+        except RuntimeError:
+            raise e from None
 
 
 def check_gguf(path: str | Path) -> Path:

@@ -34,7 +34,7 @@ def _label(ck: Path) -> str:
     man = checkpoint.read_manifest(ck)
     init = man.get("init", {})
     via = f"{init.get('method')}→" if man["method"] == "kd" and init else ""
-    return f"ours {via}{man['method']} W{man['bits']}G{man['group_size']}"
+    return f"ours {ck.name}: {via}{man['method']} W{man['bits']}G{man['group_size']}"
 
 
 def _measure(name, path, texts, bases, wd, a, params) -> dict:

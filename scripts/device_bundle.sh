@@ -59,7 +59,7 @@ for m in "${models[@]}"; do
   gg=$($PY -c "import sys; from quant2gguf import fixtures; print(fixtures.gguf_file(sys.argv[1]))" "$m")
   (cd "$(dirname "$gg")" && sha256sum "$(basename "$gg")" | sed "s/ .*/  $m.gguf/") > "$tmp/$m.sha256"
   rm -f "$out/model/$m".part*
-  split -b 50M -d "$gg" "$out/model/$m.part"
+  split -b 60M -d "$gg" "$out/model/$m.part"  # 60 MiB + the ~2 MiB tree fits one 64 MiB call
   mv "$tmp/$m.sha256" "$out/model/$m.sha256"  # last: its presence means the chunks are complete
 done
 du -sh "$out"/* | sed 's/^/  /'

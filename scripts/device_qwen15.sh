@@ -9,8 +9,10 @@
 #                every call) and start scripts/qwen15_job.sh there in the background
 #   poll [S]     wait up to S seconds (default 540) for the job, print its progress; when it is done,
 #                pack ~/logs and the results into $OUT
-# Files are made by scripts/device_bundle.sh.
+# Files are made by scripts/device_bundle.sh. With SNAP=DIR (a carried, git-ignored copy of the repo,
+# e.g. .device/snap from `git archive`), prep and start install and run that copy instead of the tree.
 set -u
+R=$(cd "${SNAP:-.}" && pwd); T=$PWD
 OUT=${OUT:-$PWD/device_out}
 mkdir -p ~/stage ~/logs "$OUT"
 case ${1:-} in
@@ -18,9 +20,9 @@ prep)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl || exit 1
   cp -rn .device/data ~/stage/ && cp .device/model/qwen15.sha256 ~/stage/
   export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >~/logs/install.log 2>&1 || { tail ~/logs/install.log; exit 1; }
-  python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('.device/llama-src.tar.xz'))" || exit 1
-  setsid nohup python3 -m quant2gguf llama build --cuda -j 12 >~/logs/llama-build.log 2>&1 </dev/null &
+  (cd "$R" && python3 -m pip install -q --no-deps --no-build-isolation -e .) >~/logs/install.log 2>&1 || { tail ~/logs/install.log; exit 1; }
+  (cd "$R" && python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('$T/.device/llama-src.tar.xz'))") || exit 1
+  (cd "$R" && setsid nohup python3 -m quant2gguf llama build --cuda -j 12 >~/logs/llama-build.log 2>&1 </dev/null &)
   echo "CUDA build started"
   ls ~/stage
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -32,7 +34,7 @@ start)
   cd ~/stage && cat qwen15.part* > qwen15.gguf && sha256sum -c qwen15.sha256 || exit 1
   rm -f ~/stage/qwen15.part*
   cd - >/dev/null
-  rm -rf ~/repo && mkdir ~/repo && cp -r quant2gguf kernels ggml_patches scripts pyproject.toml README.md ~/repo/
+  rm -rf ~/repo && mkdir ~/repo && (cd "$R" && cp -r quant2gguf kernels ggml_patches scripts pyproject.toml README.md ~/repo/)
   cd ~/repo && PYTHONPATH=/tmp/site python3 -m pip install -q --no-deps --no-build-isolation -e . >~/logs/install2.log 2>&1
   setsid nohup bash scripts/qwen15_job.sh >~/logs/job.log 2>&1 </dev/null &
   sleep 20; tail -5 ~/logs/job.log
@@ -44,7 +46,7 @@ poll)
   tail -c 1500 ~/logs/job.log | tr '\r' '\n' | tail -8
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   tail -c 300 ~/logs/llama-build.log | tr '\r' '\n' | tail -2
-  cp ~/results/*.json ~/results/*.md ~/results/*.png "$OUT/" 2>/dev/null
+  cp ~/results/gguf.json ~/results/gguf.md ~/results/*.png "$OUT/" 2>/dev/null  # $OUT takes 8 files: the rest is in logs.tgz
   tar -czf "$OUT/logs.tgz" -C ~ logs results 2>/dev/null
   [ -f ~/logs/job.done ] && echo "JOB DONE" || echo "job still running"
   ;;

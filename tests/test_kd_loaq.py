@@ -121,6 +121,29 @@ def test_fqlinear_starts_at_the_init_and_exports_what_it_computes(gptq_ckpt, tin
     assert torch.equal(m.weight_q().detach(), m.export().dequantize())
 
 
+def test_frozen_codes_mode_trains_only_scales_and_exports_what_it_computes(gptq_ckpt, tiny_qwen, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    _, quantized = checkpoint.load_quantized(gptq_ckpt)
+    mods = kd.attach(model, quantized, {}, triton=False, train_codes=False)  # no FP weights needed
+    n, m = next(iter(mods.items()))
+    assert not hasattr(m, "latent") and torch.equal(m.weight_q().detach(), quantized[n].dequantize())
+    with torch.no_grad():
+        m.d.mul_(1.0 + 1e-3 * torch.randn_like(m.d))  # off the fp16 grid: forward rounds as export does
+        m.m.add_(0.01)
+    e = m.export()
+    assert torch.equal(e.codes, quantized[n].codes) and torch.equal(m.weight_q().detach(), e.dequantize())
+    w = m.weight_q()
+    w.sum().backward()  # exact gradients: d gets sum(q), m gets the group size
+    assert m.d.grad is not None and torch.allclose(
+        m.m.grad, torch.full_like(m.m.grad, 64.0) * m.u, rtol=1e-6)
+    ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd0", steps=30, lr_w=0.0, lr_q=2e-3)
+    st = json.loads((ck / "manifest.json").read_text())["kd"]
+    assert st["kd_heldout_kl_best"] < st["kd_heldout_kl_init"], st
+    _, got = checkpoint.load_quantized(ck)
+    assert all(torch.equal(got[k].codes, quantized[k].codes) for k in quantized)  # codes never moved
+    assert any(not torch.equal(got[k].scales, quantized[k].scales) for k in quantized)
+
+
 def test_kd_lowers_heldout_kl_and_converts_bit_exactly(gptq_ckpt, tiny_qwen, tmp_path):
     ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd", steps=30)  # default rates (grid cells a step)
     man = json.loads((ck / "manifest.json").read_text())

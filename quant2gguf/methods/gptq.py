@@ -59,6 +59,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    cols = perm.tolist()  # one host copy: indexing the GPU tensor per column syncs every column
+    hdiag = torch.diag(H)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     pre = torch.zeros(n, k, dtype=torch.float32, device=w.device) if return_prequant else None
     for i1 in range(0, k, blocksize):
@@ -66,11 +68,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = cols[i1 + i]
             g = col // group_size
             if not static and col % group_size == 0:  # group starts: fit on the updated weights
                 sl = slice(i, i + group_size)
-                dg, mg = _group_params(W1[:, sl], torch.diag(H)[i1 + i:i1 + i + group_size], bits, group_size, clip)
+                dg, mg = _group_params(W1[:, sl], hdiag[i1 + i:i1 + i + group_size], bits, group_size, clip)
                 d[:, g], m[:, g] = dg[:, 0], mg[:, 0]
             wc = W1[:, i]
             q = codes_for(wc, d[:, g], m[:, g], bits)

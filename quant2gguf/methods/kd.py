@@ -34,15 +34,20 @@ def _fq(w, d, m, pidx, bits, g, triton):
 
 
 class FQLinear(nn.Module):
-    """A linear computing with fake_quant(latent, d, m): exactly the deployed weight in forward.
+    """A linear computing exactly the deployed weight in forward.
 
-    Latent weights, d and m are trained in units of each group's initial step u = d_init (so a
-    learning rate means "fraction of a grid cell per step", the same on a 135M model whose steps
-    are ~0.1 and a 1.5B one whose steps are ~0.01): latent = latent_n * u, d = d_n * u, m = m_n * u."""
+    Two modes. train_codes (the default): fake_quant(latent, d, m), latent weights, d and m trained
+    through the straight-through round. Frozen codes (EfficientQAT's E2E-QP): w = d * q + m with
+    the init's integer codes q fixed, only d and m trained (exact gradients, no code flips, no fp32
+    latent copy of the weights: the cheap and stable mode for a short run or a large model).
+    Latent, d and m are trained in units of each group's initial step u = d_init (so a learning rate
+    means "fraction of a grid cell per step", the same on a 135M model whose steps are ~0.1 and a
+    1.5B one whose steps are ~0.01): latent = latent_n * u, d = d_n * u, m = m_n * u."""
 
-    def __init__(self, lin: nn.Linear, q: QuantizedWeight, fp_weight: torch.Tensor, triton: bool | None):
+    def __init__(self, lin: nn.Linear, q: QuantizedWeight, fp_weight: torch.Tensor, triton: bool | None,
+                 train_codes: bool = True, span: float = 0.25):
         super().__init__()
-        self.bits, self.group_size, self.triton = q.bits, q.group_size, triton
+        self.bits, self.group_size, self.triton, self.train_codes = q.bits, q.group_size, triton, train_codes
         dev = lin.weight.device
         deq = q.dequantize().to(dev)
         d, m = q.scales.to(dev).float(), q.offsets.to(dev).float()
@@ -50,11 +55,17 @@ class FQLinear(nn.Module):
         self.register_buffer("u", u)
         self.d, self.m = nn.Parameter(d / u), nn.Parameter(m / u)
         self.register_buffer("pidx", None if q.pidx is None else q.pidx.to(dev))
-        lat = _latent_init(deq, fp_weight.to(dev).float(), q, d, m)
-        self.latent = nn.Parameter(self._per_group(lat, 1.0 / u))
         self.bias = lin.bias
-        if self.pidx is not None:  # protected weights are stored exactly: never train them
-            mask = _protected_mask(self.pidx, self.group_size, deq.shape)
+        mask = None if q.pidx is None else _protected_mask(self.pidx, self.group_size, deq.shape)
+        if not train_codes:
+            self.register_buffer("codes", q.codes.to(dev))
+            self.register_buffer("pmask", mask)
+            self.register_buffer("pfixed", None if mask is None else torch.where(mask, deq, 0.0))
+            self.pval = None if q.pval is None else q.pval.to(dev)
+            return
+        lat = _latent_init(deq, fp_weight.to(dev).float(), q, d, m, span)
+        self.latent = nn.Parameter(self._per_group(lat, 1.0 / u))
+        if mask is not None:  # protected weights are stored exactly: never train them
             self.latent.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0))
 
     def _per_group(self, w, f):
@@ -66,6 +77,12 @@ class FQLinear(nn.Module):
         return self._per_group(self.latent, self.u), self.d * self.u, self.m * self.u
 
     def weight_q(self) -> torch.Tensor:
+        if not self.train_codes:
+            d, m = self.d * self.u, self.m * self.u
+            d = d + (d.to(torch.float16).float() - d).detach()  # stored as fp16: straight-through cast
+            m = m + (m.to(torch.float16).float() - m).detach()
+            w = expand(d, self.group_size) * self.codes.float() + expand(m, self.group_size)
+            return w if self.pmask is None else torch.where(self.pmask, self.pfixed, w)
         pidx = self.pidx if self.pidx is not None and self.pidx.numel() else None
         return _fq(*self.params(), pidx, self.bits, self.group_size, self.triton)
 
@@ -76,6 +93,11 @@ class FQLinear(nn.Module):
 
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
+        if not self.train_codes:
+            d16, m16 = (self.d * self.u).to(torch.float16), (self.m * self.u).to(torch.float16)
+            return QuantizedWeight(self.codes.cpu(), d16.cpu(), m16.cpu(), self.bits, self.group_size,
+                                   None if self.pidx is None else self.pidx.cpu(),
+                                   None if self.pval is None else self.pval.cpu())
         from ..calib import QuantConfig
         cfg = QuantConfig(self.bits, self.group_size, 0 if self.pidx is None else self.pidx.shape[-1])
         return _export(*self.params(), self.pidx, cfg)
@@ -87,14 +109,17 @@ def _protected_mask(pidx: torch.Tensor, g: int, shape) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _latent_init(deq, fp, q: QuantizedWeight, d, m) -> torch.Tensor:
+def _latent_init(deq, fp, q: QuantizedWeight, d, m, span: float = 0.25) -> torch.Tensor:
     """Latent weights that fake-quantize to exactly the init's codes but sit where the FP weight
-    sits inside its rounding cell: on the grid itself d and m would get zero gradient."""
+    sits inside its rounding cell, at most `span` cells from its centre: on the grid itself d and m
+    would get zero gradient, and at the cell's edge (where a GPTQ init leaves many weights, its
+    codes compensating error, not rounding the FP weight) gradient noise flips codes at once:
+    measured on qwen15, span 0.45 lost GPTQ's gain within 50 steps."""
     qmax = 2**q.bits - 1
     de = expand(d.to(torch.float16).float(), q.group_size)
     codes = q.codes.to(deq.device).float()
-    lo = torch.where(codes == 0, torch.full_like(de, -math.inf), -0.45 * de)
-    hi = torch.where(codes == qmax, torch.full_like(de, math.inf), 0.45 * de)
+    lo = torch.where(codes == 0, torch.full_like(de, -math.inf), -span * de)
+    hi = torch.where(codes == qmax, torch.full_like(de, math.inf), span * de)
     lat = deq + torch.minimum(torch.maximum(fp - deq, lo), hi)
     same = codes_for(lat, de, expand(m.to(torch.float16), q.group_size), q.bits) == codes
     lat = torch.where(same, lat, deq)
@@ -105,7 +130,7 @@ def _latent_init(deq, fp, q: QuantizedWeight, d, m) -> torch.Tensor:
 
 
 def attach(model, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor],
-           triton: bool | None = None) -> dict[str, FQLinear]:
+           triton: bool | None = None, train_codes: bool = True) -> dict[str, FQLinear]:
     """Swap every quantized linear of `model` for an FQLinear; freeze everything else."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -113,7 +138,7 @@ def attach(model, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, t
     for name, q in quantized.items():
         parent, attr = name.rsplit(".", 1)
         lin = model.get_submodule(name)
-        mods[name] = FQLinear(lin, q, fp_weights[name], triton)
+        mods[name] = FQLinear(lin, q, fp_weights.get(name), triton, train_codes)
         setattr(model.get_submodule(parent), attr, mods[name])
     return mods
 
@@ -168,14 +193,15 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
             progress: Callable[[int, float, float | None], None] | None = None
             ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Train the student's quantized linears to match the teacher's next-token distributions.
-    lr_w, lr_q are in grid cells per step (FQLinear); AdamW, linear warmup then cosine.
+    lr_w, lr_q are in grid cells per step (FQLinear), lr_w 0 freezing the codes (E2E-QP); AdamW,
+    linear warmup then cosine.
     Returns (the best quantized weights, stats). Both models must be on `device`. With
     `max_minutes`, the step count is cut after 5 timed steps to fit (cosine schedule rescaled)."""
     device = torch.device(device)
     t0 = time.time()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    mods = attach(student, quantized, fp_weights, triton)
+    mods = attach(student, quantized, fp_weights, triton, train_codes=lr_w > 0)  # lr_w 0: codes frozen
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -195,12 +221,9 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
     init_kl = best_kl = score()
     best = dict(quantized)
     best_step, history, stopped = 0, [{"step": 0, "heldout_kl": init_kl}], None
-    params_w = [m.latent for m in mods.values()]
+    params_w = [m.latent for m in mods.values()] if lr_w > 0 else []
     params_q = [p for m in mods.values() for p in (m.d, m.m)]
-    groups = ([{"params": params_w, "lr": lr_w}] if lr_w > 0 else []) + [{"params": params_q, "lr": lr_q}]
-    if lr_w <= 0:
-        for p in params_w:
-            p.requires_grad_(False)
+    groups = ([{"params": params_w, "lr": lr_w}] if params_w else []) + [{"params": params_q, "lr": lr_q}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, min(20, steps // 10))  # linear warmup: Adam's first steps move every weight at once
     sched_len = [max(steps, 1)]
@@ -271,7 +294,7 @@ def detach(model, quantized: dict[str, QuantizedWeight]) -> None:
         parent, attr = name.rsplit(".", 1)
         fq = model.get_submodule(name)
         n, k = q.shape
-        lin = nn.Linear(k, n, bias=fq.bias is not None, device=fq.latent.device)
+        lin = nn.Linear(k, n, bias=fq.bias is not None, device=fq.d.device)
         lin.weight.data.copy_(q.dequantize().to(lin.weight.device))
         if fq.bias is not None:
             lin.bias = fq.bias
