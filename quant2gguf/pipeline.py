@@ -15,6 +15,7 @@ from .calib import QuantConfig, quantize_layers
 from .evaluate import pick_device
 from .methods import METHODS
 from .methods.quantlrm import importances, pseudo_finetune
+from .validate import check_quantize_options
 
 
 def load_hf(model: str | Path, dtype=torch.float32):
@@ -63,14 +64,11 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another -o")
+    check_quantize_options(method, bits, group_size, {"slots": slots} if slots is not None else {})
     if method == "kd":
         return distill_model(model, out, bits=bits, group_size=group_size, calib=calib, nsamples=nsamples,
                              seqlen=seqlen, device=device, seed=seed, batch_size=batch_size, offload=offload,
                              slots=slots, **options)
-    if method not in METHODS:
-        raise ValueError(f"unknown method '{method}'; available: {', '.join(METHODS)}, kd")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group size {group_size} not supported; use 32, 64 or 128")
     dev = torch.device(pick_device(device))
     t0 = time.time()
     torch.manual_seed(seed)
@@ -85,8 +83,6 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     fn = METHODS[method]
     opts = {k: v for k, v in options.items() if k in _params(fn) and v is not None}
     slots = (2 if method == "quantlrm" else 0) if slots is None else slots
-    if slots not in (0, 2):
-        raise ValueError(f"--slots {slots}: the GGUF types hold 0 or 2 protected weights per group")
     cfg = QuantConfig(bits=bits, group_size=group_size, slots=slots)
     extra = {}
     if method == "quantlrm":

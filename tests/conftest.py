@@ -67,3 +67,22 @@ def tiny_model_dir(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mha_dir(tmp_path_factory):
+    """A tiny llama with multi-head attention (as many K/V heads as query heads): v_proj's outputs
+    are o_proj's inputs, so AWQ's v_proj -> o_proj fold runs (the GQA configs above never take it)."""
+    from transformers import AutoModelForCausalLM
+    path = tmp_path_factory.mktemp("tiny-mha")
+    cfg = tiny_config("llama")
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

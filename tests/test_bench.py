@@ -248,6 +248,15 @@ def test_not_a_gguf(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_existing_report_needs_force(tmp_path, monkeypatch):
+    """A finished report is not overwritten without --force; an OUT without one (interrupted) resumes."""
+    monkeypatch.setattr(B, "bench", lambda *a, **k: pytest.fail("ran"))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.md").write_text("keep me")
+    _one_line_failure(_cli(tmp_path / "x.gguf", "--ref", "smollm2", "-o", tmp_path / "r"), "report.md exists; pass --force")
+    assert (tmp_path / "r" / "report.md").read_text() == "keep me"
+
+
 def test_gguf_that_is_not_a_model(tmp_path):
     import torch
 
@@ -298,7 +307,7 @@ def test_cli_bench_prints_the_table(benched, tiny, monkeypatch):
     r = _cli(tiny["gguf"], "--ref", tiny["hf"], "-o", out, "--tokenizer-pre", "gpt-2", "--vs", "Q4_0",
              "--gsm", 3, "--long", 1, "--gsm-max-tokens", 16, "--long-max-tokens", 24, "--chunks", 2,
              "--ctx", 128, "--nsamples", 2, "--seqlen", 64, "-np", 2, "-t", 2,
-             "--server-args", "--override-kv llama.context_length=int:2048")
+             "--server-args", "--override-kv llama.context_length=int:2048", "--force")
     assert r.exit_code == 0, r.output
     assert "ours-w3g64" in r.output and "Q4_0+imat" in r.output and str(out / "report.md") in r.output
     rep = json.loads((out / "report.json").read_text())

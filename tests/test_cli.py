@@ -80,13 +80,92 @@ def test_existing_output_refused(tiny_llama_dir, tmp_path):
     assert r.exit_code == 1 and "exists" in r.output
 
 
-@pytest.mark.parametrize("method", ["laquant", "loaq"])
-def test_quantize_method_options_reach_only_their_method(method, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("method, flag, option", [("laquant", "--epochs", ("epochs", 1)),
+                                                  ("loaq", "--act-order", ("act_order", True))])
+def test_quantize_method_options_reach_only_their_method(method, flag, option, tiny_llama_dir, tmp_path):
     """The CLI passes every method's options (kd's --steps too): each method takes only its own
     keyword parameters, never a name that merely is one of its local variables."""
     ck = tmp_path / "ck"
     r = _run("quantize", tiny_llama_dir, "-o", ck, "--method", method, "-g", "64", "--nsamples", "4",
-             "--seqlen", "64", "--device", "cpu", "--epochs", "1")
+             "--seqlen", "64", "--device", "cpu", flag, *([1] if flag == "--epochs" else []))
     assert r.exit_code == 0, r.output
     man = json.loads((ck / "manifest.json").read_text())
-    assert man["method"] == method and "steps" not in man["options"]
+    assert man["method"] == method and "steps" not in man["options"] and man["options"][option[0]] == option[1]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if any model weights are loaded (the options must be refused before)."""
+    import quant2gguf.pipeline as P
+    calls = []
+
+    def load_hf(*a, **k):
+        calls.append(a)
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(P, "load_hf", load_hf)
+    return calls
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--bits", "4"], "--bits 4: the GGUF types hold 3-bit codes; use --bits 3"),
+    (["-g", "32"], "--group-size 32: the GGUF types have groups of 64 or 128"),
+    (["--slots", "1", "--method", "quantlrm"], "--slots 1: the GGUF types hold 0 or 2 protected weights"),
+    (["--slots", "2"], "--slots 2: gptq does not choose protected weights"),
+    (["--slots", "2", "--method", "rtn"], "--slots 2: rtn does not choose protected weights"),
+    (["--slots", "2", "--method", "awq"], "--slots 2: awq does not choose protected weights"),
+    (["--method", "laquant", "--act-order"], "--act-order: --method laquant ignores it; drop it"),
+    (["--method", "laquant", "--no-clip", "--epochs", "1"], "--no-clip: --method laquant ignores it"),
+    (["--method", "laquant", "--init", "quantlrm"], "--init quantlrm: laquant starts from rtn | gptq | awq | loaq"),
+    (["--method", "gptq", "--epochs", "3", "--base", "x"], "--epochs --base: --method gptq ignores them"),
+    (["--method", "rtn", "--act-order"], "--act-order: --method rtn ignores it"),
+    (["--method", "kd", "--init", "ck0", "--no-clip"], "--no-clip: --method kd ignores it"),
+    (["--method", "nope"], "unknown method 'nope'"),
+])
+def test_bad_options_refused_before_loading(args, pattern, tiny_llama_dir, tmp_path, no_loading):
+    r = _run("quantize", tiny_llama_dir, "-o", tmp_path / "ck", "--device", "cpu", *args)
+    _assert_clean_failure(r, tmp_path, pattern)
+    assert not no_loading
+
+
+def test_api_refuses_what_the_types_cannot_hold(tiny_llama_dir, tmp_path, no_loading):
+    from quant2gguf.pipeline import quantize_model
+    with pytest.raises(ValueError, match="groups of 64 or 128"):
+        quantize_model(tiny_llama_dir, tmp_path / "ck", group_size=32)
+    with pytest.raises(ValueError, match="awq does not choose protected weights"):
+        quantize_model(tiny_llama_dir, tmp_path / "ck", method="awq", slots=2)
+    assert not no_loading and not (tmp_path / "ck").exists()
+
+
+def test_method_options_follow_the_signatures():
+    """What the check allows is what the pipeline routes to the method (its signature)."""
+    from quant2gguf.gguf_types import TYPES
+    from quant2gguf.validate import GROUP_SIZES, method_options
+    assert GROUP_SIZES == sorted({t.group_size for t in TYPES.values()})
+    assert {"act_order", "clip"} <= method_options("gptq", None)
+    assert not {"act_order", "clip"} & method_options("laquant", None)
+    assert {"base", "ft_steps", "clip"} <= method_options("quantlrm", None)
+    assert "act_order" in method_options("kd", "gptq") and "act_order" not in method_options("kd", "ck/")
+
+
+@pytest.mark.parametrize("cmd", ["convert", "eval"])
+def test_existing_output_needs_force(cmd, tmp_path, monkeypatch):
+    import quant2gguf.evaluate as E
+    import quant2gguf.export as X
+    monkeypatch.setattr(X, "convert", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: pytest.fail("ran"))
+    old = tmp_path / "old.out"
+    old.write_text("keep me")
+    args = ["convert", tmp_path / "ck", "-o", old] if cmd == "convert" else ["eval", tmp_path / "ck", "--json", old]
+    r = _run(*args)
+    assert r.exit_code == 1 and "old.out exists; pass --force" in r.output, r.output
+    assert old.read_text() == "keep me"
+
+
+def test_eval_json_force_overwrites_atomically(tmp_path, monkeypatch):
+    import quant2gguf.evaluate as E
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: {"ppl": 1.5})
+    out = tmp_path / "res.json"
+    out.write_text("old")
+    r = _run("eval", tmp_path / "ck", "--json", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text()) == {"ppl": 1.5} and [p.name for p in tmp_path.iterdir()] == ["res.json"]

@@ -25,7 +25,7 @@ def test_series_applies_cleanly_to_fresh_pinned_tree(tmp_path):
         llama.apply_patches(tree, check=True)
 
 
-def test_patch_hash_changes_with_any_patch(tmp_path):
+def test_patch_hash_changes_with_any_patch(tmp_path, monkeypatch):
     d = tmp_path / "patches"
     shutil.copytree(llama.patch_dir(), d)
     h0 = llama.patch_hash(d)
@@ -35,21 +35,48 @@ def test_patch_hash_changes_with_any_patch(tmp_path):
     h1 = llama.patch_hash(d)
     assert h1 != h0
     first.rename(first.with_name("9999-" + first.name[5:]))  # order is part of the key
-    assert llama.patch_hash(d) not in (h0, h1)
+    h2 = llama.patch_hash(d)
+    assert h2 not in (h0, h1)
     (d / "README.md").write_text("docs do not count")
-    assert llama.patch_hash(d) == llama.patch_hash(d)
+    assert llama.patch_hash(d) == h2
+    # and the build cache follows: a changed series never reuses the old build
+    monkeypatch.setattr(llama, "patch_dir", lambda: d)
+    assert llama._build_dir(False).name == f"build-{llama.pin()['version']}-{h2}" != f"build-{llama.pin()['version']}-{h0}"
 
 
 def test_cache_dirs_follow_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANT2GGUF_CACHE", str(tmp_path))
     key = llama.cache_key()
     assert key == f"{llama.pin()['version']}-{llama.patch_hash()}"
-    assert llama._build_dir(False).name == f"build-{key}"
-    assert llama._build_dir(True).name == f"build-{key}-cuda"
+    assert llama._build_dir(False).name == f"build-{key}"  # the CPU key CI's cached build uses
+    assert llama._build_dir(True).name == f"build-{key}-cuda-native"
+    assert llama._build_dir(True, "89,90a").name == f"build-{key}-cuda-89_90a"
+    with pytest.raises(ValueError, match="--cuda-arch"):
+        llama._build_dir(True, "../90")
     with pytest.raises(RuntimeError, match="quant2gguf llama build"):
         llama.bin_dir()
-    with pytest.raises(RuntimeError, match="quant2gguf llama build --cuda"):
+    with pytest.raises(RuntimeError, match="quant2gguf llama build --cuda --cuda-arch native"):
         llama.tool("llama-completion", cuda=True)
+
+
+def test_cuda_arch_reaches_cmake_and_the_key(tmp_path, monkeypatch):
+    """`--cuda-arch` goes to CMAKE_CUDA_ARCHITECTURES and keys the build; other archs stay unbuilt."""
+    monkeypatch.setenv("QUANT2GGUF_CACHE", str(tmp_path))
+    monkeypatch.setattr(llama, "source_dir", lambda: tmp_path / "src")
+    monkeypatch.setattr(llama.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "nvcc" else None)
+    cmds = []
+    monkeypatch.setattr(llama, "_run_logged", lambda cmd, log, status: cmds.append(cmd))
+    from typer.testing import CliRunner
+
+    from quant2gguf.cli import app
+    r = CliRunner().invoke(app, ["llama", "build", "--cuda", "--cuda-arch", "89,90"])
+    assert r.exit_code == 0, r.output
+    assert "-DCMAKE_CUDA_ARCHITECTURES=89;90" in cmds[0] and "-DGGML_CUDA=ON" in cmds[0]
+    assert llama.bin_dir(cuda=True, cuda_arch="89,90").parent.name.endswith("-cuda-89_90")
+    with pytest.raises(RuntimeError, match="--cuda-arch 90"):
+        llama.bin_dir(cuda=True, cuda_arch="90")
+    r = CliRunner().invoke(app, ["llama", "build", "--cuda-arch", "89"])
+    assert r.exit_code == 1 and "add --cuda" in r.output
 
 
 def test_failed_command_names_command_and_log(tmp_path):
@@ -58,3 +85,21 @@ def test_failed_command_names_command_and_log(tmp_path):
         llama._run_logged(["sh", "-c", "echo compiling; exit 3"], log, None)
     assert "sh -c" in str(e.value) and str(log) in str(e.value) and "exit 3" in str(e.value)
     assert "compiling" in log.read_text()
+
+
+def test_cpu_tools_fall_back_to_the_cuda_build(monkeypatch, tmp_path):
+    """On a GPU machine only the CUDA build exists; llama-quantize (convert's dry run) runs from it."""
+    from quant2gguf import llama, runner
+    built = {True: tmp_path / "cuda" / "llama-quantize"}
+
+    def tool(name, cuda=False):
+        if cuda not in built:
+            raise RuntimeError(f"llama.cpp is not built; run `quant2gguf llama build{' --cuda' if cuda else ''}`")
+        return built[cuda]
+    monkeypatch.setattr(llama, "tool", tool)
+    assert runner._tool("llama-quantize") == built[True]
+    built.clear()
+    with pytest.raises(RuntimeError, match=r"build`$"):  # the CPU build's message, not the CUDA one's
+        runner._tool("llama-quantize")
+    with pytest.raises(RuntimeError, match="--cuda"):
+        runner._tool("llama-quantize", cuda=True)

@@ -53,12 +53,22 @@ def test_protected_positions_exact_and_range_excludes_them():
         Q.quantize(w, 3, 64, protect=bad, slots=2)
 
 
-def test_clip_search_never_worse_than_minmax():
-    w = torch.randn(32, 256)
-    w[0, 0] = 8.0
-    plain = (Q.quantize(w, 3, 128).dequantize() - w).pow(2).sum()
-    clipped = (Q.quantize(w, 3, 128, clip=Q.search_clip(w, 3, 128)).dequantize() - w).pow(2).sum()
-    assert clipped <= plain
+@pytest.mark.parametrize("weighted", [False, True])
+def test_clip_search_finds_the_brute_force_optimum(weighted):
+    """Per group, the searched ratio's error is the minimum over the search's grid of ratios (each
+    tried by the deployed quantize/dequantize path), on weights with outliers where min-max loses."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 256, generator=g)
+    w[torch.rand(w.shape, generator=g) < 0.01] *= 6  # heavy tails: clipping the range pays
+    x = torch.rand(256, generator=g) * 4 if weighted else torch.ones(256)
+
+    def err(ratio):  # (rows, groups) weighted squared error
+        return ((Q.quantize(w, 3, 64, clip=ratio).dequantize() - w) ** 2 * x).reshape(16, 4, 64).sum(-1)
+    grid = [1.0 - 0.5 * i / 19 for i in range(20)]  # search_clip's defaults: 20 ratios in [0.5, 1]
+    best = torch.stack([err(r) for r in grid]).amin(0)
+    ratio = Q.search_clip(w, 3, 64, x=x if weighted else None)
+    torch.testing.assert_close(err(ratio), best, rtol=1e-6, atol=0)
+    assert (best < err(1.0)).float().mean() > 0.5 and (ratio < 1).float().mean() > 0.5  # min-max is not optimal here
 
 
 def test_check_weight_messages():

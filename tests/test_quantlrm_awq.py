@@ -26,20 +26,48 @@ def test_protected_mask_top_slots_per_group():
     assert mask[:, [62, 63, 126, 127]].all()
 
 
-def test_awq_fold_preserves_function(tiny_model_dir):
-    """With quantization disabled (8-bit, then compare pre-quant), scaling + folding is exact math."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = torch.randint(0, 512, (1, 16))
+def _awq_unrounded(path, monkeypatch):
+    """The project's AWQ over every layer with scales far from 1 (any s must keep the function),
+    then each linear set back to the weights it had right before rounding: what remains is only
+    the scaling and the folds. Returns (logits before, logits after, the producers folded into)."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (4, 16))
     with torch.no_grad():
         ref = model(ids).logits
-    layer = model.model.layers[0]
-    s = torch.rand(layer.self_attn.q_proj.in_features) + 0.5
+    folded, real_fold = set(), awq.fold
+
+    def fold(ctx, prev, s):
+        folded.add(prev)
+        real_fold(ctx, prev, s)
+    monkeypatch.setattr(awq, "fold", fold)
+    monkeypatch.setattr(awq, "search_scale", lambda ws, x, stat, *a: (torch.rand(stat.numel()) * 1.5 + 0.25, 0.5, []))
+    pre = {}
+
+    def method(ctx):
+        out = awq.quantize_layer(ctx, clip=False)
+        pre.update({f"model.layers.{ctx.index}.{n}": w for n, w in ctx.prequant.items()})
+        return out
+    quantize_layers(model, get_arch(model.config.model_type), ids, method, QuantConfig(3, 64))
     with torch.no_grad():
-        layer.input_layernorm.weight.div_(s)
-        for n in ("q_proj", "k_proj", "v_proj"):
-            getattr(layer.self_attn, n).weight.mul_(s)
+        for n, w in pre.items():
+            model.get_submodule(n).weight.copy_(w)
         out = model(ids).logits
-    assert torch.allclose(out, ref, atol=1e-4)
+    return ref, out, folded
+
+
+def test_awq_fold_preserves_function(tiny_model_dir, monkeypatch):
+    """GQA (every arch): norms and up_proj absorb 1/s; v_proj cannot (fewer rows than o_proj's input)."""
+    ref, out, folded = _awq_unrounded(tiny_model_dir, monkeypatch)
+    assert folded == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_fold_into_v_proj_preserves_function(tiny_mha_dir, monkeypatch):
+    """MHA: o_proj's scale is folded into v_proj's rows."""
+    ref, out, folded = _awq_unrounded(tiny_mha_dir, monkeypatch)
+    assert "self_attn.v_proj" in folded
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_quantlrm_layer_protects_exact_fp16(tiny_llama_dir):

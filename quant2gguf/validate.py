@@ -1,0 +1,57 @@
+"""Every `quantize` option checked before a model loads: each problem is one ValueError naming the fix.
+What is valid comes from the GGUF type table (bits, group sizes, slots) and from the methods'
+signatures (the options the pipeline routes to them), never from a second list."""
+from __future__ import annotations
+
+from .gguf_types import TYPES
+from .methods import METHODS
+
+BITS = 3  # every type in TYPES is a Q3_*: 3-bit codes
+GROUP_SIZES = sorted({t.group_size for t in TYPES.values()})
+SLOTS = sorted({t.slots for t in TYPES.values()})
+FILLS_SLOTS = ("quantlrm",)  # the only method choosing protected weights; awq would write the slots empty
+PIPELINE_OPTIONS = {"quantlrm": {"base", "ft_steps"}}  # read by the pipeline, not the method's signature
+LAQUANT_INITS = [m for m in METHODS if m not in ("laquant", "quantlrm")]  # quantlrm needs its importance pass
+
+
+def method_options(method: str, init: str | None) -> set[str]:
+    """The options `method` reads: its signature's (as pipeline.quantize_model routes them); kd's
+    own plus, when its init is a method run first, that method's."""
+    from .pipeline import KD_DEFAULTS, _params
+    if method == "kd":
+        return set(KD_DEFAULTS) | (_params(METHODS[init]) if init in METHODS else set())
+    return _params(METHODS[method]) | PIPELINE_OPTIONS.get(method, set())
+
+
+def _flag(name: str, value) -> str:
+    return f"--{'no-' if value is False else ''}{name.replace('_', '-')}"
+
+
+def check_quantize_options(method: str, bits: int, group_size: int, given: dict | None = None) -> None:
+    """Raise ValueError for the first option the run cannot honour. `given`: the method options set
+    explicitly (name -> value, e.g. {"slots": 2, "act_order": True}); each must be one the method reads."""
+    from .pipeline import KD_DEFAULTS
+    given = given or {}
+    if method not in METHODS and method != "kd":
+        raise ValueError(f"unknown method '{method}'; use --method {' | '.join([*METHODS, 'kd'])}")
+    if bits != BITS:
+        raise ValueError(f"--bits {bits}: the GGUF types hold {BITS}-bit codes; use --bits {BITS}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"--group-size {group_size}: the GGUF types have groups of "
+                         f"{' or '.join(map(str, GROUP_SIZES))}; use one of them")
+    slots = given.get("slots")
+    if slots is not None and slots not in SLOTS:
+        raise ValueError(f"--slots {slots}: the GGUF types hold {' or '.join(map(str, SLOTS))} protected "
+                         f"weights per group; use one of them")
+    if slots and method not in FILLS_SLOTS:
+        raise ValueError(f"--slots {slots}: {method} does not choose protected weights (they would stay "
+                         f"empty); drop --slots or use --method {' | '.join(FILLS_SLOTS)}")
+    init = given.get("init", KD_DEFAULTS["init"] if method == "kd" else None)
+    if method == "laquant" and init is not None and init not in LAQUANT_INITS:
+        raise ValueError(f"--init {init}: laquant starts from {' | '.join(LAQUANT_INITS)}; pass one of them")
+    known = set(KD_DEFAULTS).union(*(method_options(m, None) for m in METHODS))
+    reads = method_options(method, init)
+    ignored = [_flag(k, v) for k, v in given.items() if k in known and k not in reads]
+    if ignored:
+        what = "them" if len(ignored) > 1 else "it"
+        raise ValueError(f"{' '.join(ignored)}: --method {method} ignores {what}; drop {what}")
