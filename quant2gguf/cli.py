@@ -60,8 +60,8 @@ def quantize(
     epochs: int = typer.Option(2, help="LAQuant: epochs over the calibration set per layer"),
     lam: float = typer.Option(1.0, help="LAQuant: weight of the next-layer lookahead term (0 = off)"),
     mu: float = typer.Option(1.0, help="LAQuant: weight of the next layer's K/V term (0 = off)"),
-    lr_w: Optional[float] = typer.Option(None, help="latent weight learning rate: LAQuant absolute (1e-5); kd in grid cells a step (1e-3; 0 = scales/offsets only)"),
-    lr_q: Optional[float] = typer.Option(None, help="scale/offset learning rate: LAQuant absolute (1e-4); kd in grid cells a step (1e-4)"),
+    lr_w: Optional[float] = typer.Option(None, help="latent weight learning rate: LAQuant absolute (1e-5); kd in grid cells a step (default 0: codes frozen, scales/offsets trained; 1e-3 trains the weights too)"),
+    lr_q: Optional[float] = typer.Option(None, help="scale/offset learning rate: LAQuant absolute (1e-4); kd in grid cells a step (2e-3)"),
     offload: bool = typer.Option(False, help="keep layers and activations on CPU between uses (GPU short of memory)"),
     seed: int = typer.Option(0),
 ):

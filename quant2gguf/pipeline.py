@@ -106,7 +106,9 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     return checkpoint.save(out, mdl, tok, quantized, manifest)
 
 
-KD_DEFAULTS = {"init": "gptq", "steps": 200, "batch": 4, "lr_w": 1e-3, "lr_q": 1e-4, "eval_every": 25,
+# lr_w 0 (codes frozen, scales/offsets trained) by default: on qwen15 it beat latent-weight training on
+# news and CHAMP at a third of the memory (docs/BENCHMARKS.md, 2026-11-28)
+KD_DEFAULTS = {"init": "gptq", "steps": 200, "batch": 4, "lr_w": 0.0, "lr_q": 2e-3, "eval_every": 25,
                "heldout": 8, "max_minutes": None}
 
 

@@ -1,10 +1,10 @@
 """Our checkpoints as GGUF files against llama.cpp's stock types of the same model, in one run.
 
 usage: python scripts/compare_gguf.py --model qwen15 --ckpts CK1 CK2 ... --types IQ3_S+imat Q3_K_M+imat Q3_G64
-        [--texts news champ] [--embd-type auto] [--workdir DIR] [--out results.json] [--cuda] [--wait 900]
+        [--texts news champ code] [--calib news] [--embd-type auto] [--workdir DIR] [--out results.json] [--cuda] [--wait 900]
 
 Stock rows: llama-quantize of the model's F16 GGUF (TYPE+imat: with an importance matrix from
---imat-nsamples x 512 tokens of the news calibration split, quant2gguf.compat.make_imatrix; a
+--imat-nsamples x 512 tokens of the --calib source's calib split, quant2gguf.compat.make_imatrix; a
 plain TYPE of ours, Q3_G64/Q3_G128, is llama-quantize's C RTN reference). Our rows: `convert`
 with --embd-type for token_embd/output (the rule in docs/GGUF.md). Every file: whole-file MiB and
 bpw over all parameters, llama-perplexity PPL and KLD against the F16 file (mean, p99, same top-1)
@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen15")
     ap.add_argument("--ckpts", nargs="*", default=[])
     ap.add_argument("--types", nargs="*", default=["IQ3_S+imat", "Q3_K_M+imat"])
-    ap.add_argument("--texts", nargs="+", default=["news", "champ"])
+    ap.add_argument("--texts", nargs="+", default=["news", "champ", "code"])
+    ap.add_argument("--calib", default="news", help="the importance matrix's source (the checkpoints' calibration source)")
     ap.add_argument("--embd-type", default="auto")
     ap.add_argument("--imat-nsamples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=8)
@@ -127,7 +128,7 @@ def main() -> None:
 
     def save():
         res = {"date": time.strftime("%Y-%m-%d"), "model": a.model, "cuda": a.cuda, "texts": a.texts,
-               "embd_type": a.embd_type, "imatrix": f"{a.imat_nsamples} x 512 tokens of the news calib split",
+               "embd_type": a.embd_type, "imatrix": f"{a.imat_nsamples} x 512 tokens of the {a.calib} calib split",
                "rows": rows}
         out.write_text(json.dumps(res, indent=1))
         out.with_suffix(".md").write_text(_table(rows, a.texts) + "\n")
@@ -145,7 +146,7 @@ def main() -> None:
         if not p.exists():
             if use_imat and not imat.exists():
                 from quant2gguf.compat import make_imatrix
-                make_imatrix(a.model, imat, "news", a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
+                make_imatrix(a.model, imat, a.calib, a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
             runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
                                   threads=os.cpu_count() or 2, cuda=a.cuda)
         rows.append(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, a.texts, bases, wd, a, params))

@@ -46,7 +46,7 @@ poll)
   tail -c 1500 ~/logs/job.log | tr '\r' '\n' | tail -8
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   tail -c 300 ~/logs/llama-build.log | tr '\r' '\n' | tail -2
-  cp ~/results/gguf.json ~/results/gguf.md ~/results/*.png "$OUT/" 2>/dev/null  # $OUT takes 8 files: the rest is in logs.tgz
+  cp ~/results/gguf.json ~/results/gguf.md ~/results/gguf-*.png ~/results/bench-report.md "$OUT/" 2>/dev/null  # $OUT takes 8 files: the rest is in logs.tgz
   tar -czf "$OUT/logs.tgz" -C ~ logs results 2>/dev/null
   [ -f ~/logs/job.done ] && echo "JOB DONE" || echo "job still running"
   ;;

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The qwen15 job on the GPU machine (started by scripts/device_qwen15.sh start, from ~/repo).
-# Staging the model takes ~11 of the session's 30 device minutes, so one run does:
-#   lane A: GPTQ W3G128 (news calib, 128 x 512 tokens), then two distillation-QAT runs from it in
-#           parallel: kd-scales (codes frozen, group scales/offsets trained: E2E-QP) and kd-full
-#           (latent weights + scales/offsets), each cut to KD_MIN minutes
-#   lane B: RTN and LoaQ W3G128 (same calib)
-#   llama.cpp, once the CUDA build is done: F16, the stock types with an importance matrix from the
-#           same 128 x 512 calibration tokens, then our checkpoints as they appear, KLD/PPL on the
-#           news and CHAMP eval splits (scripts/compare_gguf.py). Results: ~/results.
+# Staging takes ~3 of the session's 30 device minutes when the 18 stage calls are issued together,
+# leaving ~24 for this job:
+#   lane A: GPTQ W3G128 on CALIB (default news+code: CHAMP math stays out, the held-out domain), then
+#           distillation QAT from it on the same source (codes frozen, scales/offsets trained), KD_MIN min
+#   lane B: RTN W3G128, then GPTQ W3G128 on news alone (2026-11-28's calibration, for the comparison)
+#   llama.cpp, once the CUDA build is done: F16, the stock types with an importance matrix from the same
+#           NS x 512 CALIB tokens, then our checkpoints as they appear; KLD/PPL on the news, CHAMP and
+#           code eval splits (scripts/compare_gguf.py)
+#   then `quant2gguf bench` of the KD file and compare's IQ3_S + imatrix file: GSM pass@1 on held-out problems
+#           through llama-server (BENCH_GSM problems, Wilson intervals)
+# Results: ~/results. Env: CALIB, KD_MIN, NS, BENCH_GSM.
 set -u
 export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -17,9 +20,9 @@ cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
 [ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
 ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 log() { echo "[job] $(date +%T) $*"; }
-KD_MIN=${KD_MIN:-5} NS=${NS:-128}
+CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-8} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-150}
 
-log "fixture"
+log "fixture (calib $CALIB)"
 python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
 log "fixture ready"
 
@@ -28,24 +31,28 @@ q() {  # q NAME ARGS...: quantize into ~/bench/NAME
   python3 -m quant2gguf quantize qwen15 -o ~/bench/$1 "${@:2}" --nsamples $NS --device cuda >~/logs/$1.log 2>&1
   log "$1 rc=$? $(( $(date +%s) - t0 )) s"
 }
-KD="--method kd --init $HOME/bench/gptq-g128 -g 128 --steps 3000 --max-minutes $KD_MIN --batch 8 --eval-every 25 --heldout 16"
-( q gptq-g128 --method gptq -g 128
-  q kd-scales $KD --lr-w 0 --lr-q 2e-3 &
-  q kd-full $KD --lr-w 1e-3 --lr-q 1e-3 &
-  wait ) &
+( q gptq-g128 --method gptq -g 128 --calib $CALIB
+  q kd-g128 --method kd --init ~/bench/gptq-g128 -g 128 --calib $CALIB --steps 3000 --max-minutes $KD_MIN \
+    --batch 8 --eval-every 25 --heldout 16 ) &
 A=$!
-( q rtn-g128 --method rtn -g 128; q loaq-g128 --method loaq -g 128 ) &
+( q rtn-g128 --method rtn -g 128 --calib $CALIB; q gptq-g128-news --method gptq -g 128 --calib news ) &
 B=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
-  python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --imat-nsamples $NS \
-    --types IQ3_S+imat Q3_K_S+imat IQ3_XXS+imat IQ3_M+imat Q3_K_M+imat \
-    --ckpts ~/bench/gptq-g128 ~/bench/rtn-g128 ~/bench/loaq-g128 ~/bench/kd-scales ~/bench/kd-full --wait 1500 \
+  python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
+    --imat-nsamples $NS --texts news champ code --types IQ3_S+imat Q3_K_S+imat IQ3_XXS+imat IQ3_M+imat Q3_K_M+imat \
+    --ckpts ~/bench/kd-g128 ~/bench/gptq-g128 ~/bench/rtn-g128 ~/bench/gptq-g128-news --wait 1500 \
     >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
+D=$!
 wait $A $B
-for n in gptq-g128 rtn-g128 loaq-g128 kd-scales kd-full; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+for n in gptq-g128 kd-g128 rtn-g128 gptq-g128-news; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
+# GSM through llama-server once our KD file exists (compare converts it first)
+( t0=$(date +%s); while [ ! -f ~/gg/kd-g128.gguf ] && [ $(( $(date +%s) - t0 )) -lt 900 ]; do sleep 10; done
+  python3 -m quant2gguf bench ~/gg/kd-g128.gguf ~/gg/qwen15-IQ3_S+imat.gguf --ref qwen15 --vs '' --text champ \
+    --gsm $BENCH_GSM --cuda -o ~/bench-gsm --force >~/logs/bench.log 2>&1
+  log "bench rc=$?"; cp ~/bench-gsm/report.md ~/results/bench-report.md; cp ~/bench-gsm/report.json ~/results/bench-report.json ) &
 wait
 log "all done"
 touch ~/logs/job.done

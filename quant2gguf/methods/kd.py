@@ -188,7 +188,7 @@ def heldout_kl(student, teacher, batches: torch.Tensor, device, batch: int, chun
 
 def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor],
             train: torch.Tensor, heldout: torch.Tensor, device, steps: int = 200, batch: int = 4,
-            lr_w: float = 1e-3, lr_q: float = 1e-4, eval_every: int = 25, chunk: int = 1024,
+            lr_w: float = 0.0, lr_q: float = 2e-3, eval_every: int = 25, chunk: int = 1024,
             checkpointing: bool = True, triton: bool | None = None, max_minutes: float | None = None,
             progress: Callable[[int, float, float | None], None] | None = None
             ) -> tuple[dict[str, QuantizedWeight], dict]:
