@@ -4,7 +4,8 @@
 # leaving ~24 for this job:
 #   lane A: GPTQ W3G128 on CALIB (default news+code: CHAMP math stays out, the held-out domain), then
 #           distillation QAT from it on the same source (codes frozen, scales/offsets trained), KD_MIN min
-#   lane B: RTN W3G128, then GPTQ W3G128 on news alone (2026-11-28's calibration, for the comparison)
+#   lane B: RTN W3G128, then the same distillation from it (codes that never leave the FP weights' cells)
+#   lane C: GPTQ W3G128 on news alone (2026-11-28's calibration, for the comparison)
 #   llama.cpp, once the CUDA build is done: F16, the stock types with an importance matrix from the same
 #           NS x 512 CALIB tokens, then our checkpoints as they appear; KLD/PPL on the news, CHAMP and
 #           code eval splits (scripts/compare_gguf.py)
@@ -20,7 +21,7 @@ cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
 [ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
 ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 log() { echo "[job] $(date +%T) $*"; }
-CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-8} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-150}
+CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-7} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-150}
 
 log "fixture (calib $CALIB)"
 python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
@@ -31,22 +32,23 @@ q() {  # q NAME ARGS...: quantize into ~/bench/NAME
   python3 -m quant2gguf quantize qwen15 -o ~/bench/$1 "${@:2}" --nsamples $NS --device cuda >~/logs/$1.log 2>&1
   log "$1 rc=$? $(( $(date +%s) - t0 )) s"
 }
-( q gptq-g128 --method gptq -g 128 --calib $CALIB
-  q kd-g128 --method kd --init ~/bench/gptq-g128 -g 128 --calib $CALIB --steps 3000 --max-minutes $KD_MIN \
-    --batch 8 --eval-every 25 --heldout 16 ) &
+KD="--method kd -g 128 --calib $CALIB --steps 3000 --max-minutes $KD_MIN --batch 8 --eval-every 25 --heldout 16"
+( q gptq-g128 --method gptq -g 128 --calib $CALIB; q kd-g128 $KD --init ~/bench/gptq-g128 ) &
 A=$!
-( q rtn-g128 --method rtn -g 128 --calib $CALIB; q gptq-g128-news --method gptq -g 128 --calib news ) &
+( q rtn-g128 --method rtn -g 128 --calib $CALIB; q kd-rtn-g128 $KD --init ~/bench/rtn-g128 ) &
 B=$!
+( q gptq-g128-news --method gptq -g 128 --calib news ) &
+B2=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --types IQ3_S+imat Q3_K_S+imat IQ3_XXS+imat IQ3_M+imat Q3_K_M+imat \
-    --ckpts ~/bench/kd-g128 ~/bench/gptq-g128 ~/bench/rtn-g128 ~/bench/gptq-g128-news --wait 1500 \
+    --ckpts ~/bench/kd-g128 ~/bench/kd-rtn-g128 ~/bench/gptq-g128 ~/bench/rtn-g128 ~/bench/gptq-g128-news --wait 1500 \
     >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 D=$!
-wait $A $B
-for n in gptq-g128 kd-g128 rtn-g128 gptq-g128-news; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+wait $A $B $B2
+for n in gptq-g128 kd-g128 rtn-g128 kd-rtn-g128 gptq-g128-news; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 # GSM through llama-server once our KD file exists (compare converts it first)
 ( t0=$(date +%s); while [ ! -f ~/gg/kd-g128.gguf ] && [ $(( $(date +%s) - t0 )) -lt 900 ]; do sleep 10; done
