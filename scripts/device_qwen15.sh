@@ -9,8 +9,13 @@
 #                every call) and start scripts/qwen15_job.sh there in the background
 #   poll [S]     wait up to S seconds (default 540) for the job, print its progress; when it is done,
 #                pack ~/logs and the results into $OUT
-# Files are made by scripts/device_bundle.sh. With SNAP=DIR (a carried, git-ignored copy of the repo,
-# e.g. .device/snap from `git archive`), prep and start install and run that copy instead of the tree.
+# Files are made by scripts/device_bundle.sh. With SNAP=DIR (a carried, git-ignored copy of the repo:
+#   rm -rf .device/snap && mkdir -p .device/snap && git archive HEAD | tar -x -C .device/snap
+# ), prep and start install and run that committed copy instead of a tree others are editing.
+# Issue the 18 `stage` calls together (one message, one call each): 3 minutes in all on 2026-11-28,
+# against 35-40 s a call when each waited for the previous answer. Each call must come within 30 s
+# of the last one's end or the machine is given back. Never `pkill -f PATTERN` where PATTERN appears
+# in the command itself: it kills the call's own shell.
 set -u
 R=$(cd "${SNAP:-.}" && pwd); T=$PWD
 OUT=${OUT:-$PWD/device_out}
