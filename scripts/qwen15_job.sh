@@ -5,9 +5,10 @@
 #   lane A: GPTQ W3G128 on CALIB (default news+code: CHAMP math stays out, the held-out domain), then
 #           distillation QAT from it on the same source (codes frozen, scales/offsets trained), KD_MIN min
 #   lane B: RTN W3G128, then the same distillation from it (codes that never leave the FP weights' cells)
-#   lane C: GPTQ W3G128 on news alone (2026-11-28's calibration, for the comparison)
+#   lane C: GPTQ W3G128 on news alone (2026-11-28's calibration, for the comparison), then GPTQ on CALIB
+#           with 10x the Hessian damping (--damp 0.1: less error compensation fitted to the calibration text)
 #   llama.cpp, once the CUDA build is done: F16, the stock types with an importance matrix from the same
-#           NS x 512 CALIB tokens, then our checkpoints as they appear; KLD/PPL on the news, CHAMP and
+#           NS x 512 CALIB tokens, then our checkpoints (the PTQ ones while KD trains); KLD/PPL on the news, CHAMP and
 #           code eval splits (scripts/compare_gguf.py)
 #   then `quant2gguf bench` of the KD file and compare's IQ3_S + imatrix file: GSM pass@1 on held-out problems
 #           through llama-server (BENCH_GSM problems, Wilson intervals)
@@ -37,18 +38,19 @@ KD="--method kd -g 128 --calib $CALIB --steps 3000 --max-minutes $KD_MIN --batch
 A=$!
 ( q rtn-g128 --method rtn -g 128 --calib $CALIB; q kd-rtn-g128 $KD --init ~/bench/rtn-g128 ) &
 B=$!
-( q gptq-g128-news --method gptq -g 128 --calib news ) &
+( q gptq-g128-news --method gptq -g 128 --calib news; q gptq-g128-d10 --method gptq -g 128 --calib $CALIB --damp 0.1 ) &
 B2=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --types IQ3_S+imat Q3_K_S+imat IQ3_XXS+imat IQ3_M+imat Q3_K_M+imat \
-    --ckpts ~/bench/kd-g128 ~/bench/kd-rtn-g128 ~/bench/gptq-g128 ~/bench/rtn-g128 ~/bench/gptq-g128-news --wait 1500 \
+    --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/gptq-g128-news ~/bench/gptq-g128-d10 ~/bench/kd-g128 ~/bench/kd-rtn-g128 \
+    --wait 1500 \
     >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 D=$!
 wait $A $B $B2
-for n in gptq-g128 kd-g128 rtn-g128 kd-rtn-g128 gptq-g128-news; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+for n in gptq-g128 kd-g128 rtn-g128 kd-rtn-g128 gptq-g128-news gptq-g128-d10; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 # GSM through llama-server once our KD file exists (compare converts it first)
 ( t0=$(date +%s); while [ ! -f ~/gg/kd-g128.gguf ] && [ $(( $(date +%s) - t0 )) -lt 900 ]; do sleep 10; done
