@@ -10,9 +10,9 @@
 #   llama.cpp, once the CUDA build is done: F16, the stock types with an importance matrix from the same
 #           NS x 512 CALIB tokens, then our checkpoints (the PTQ ones while KD trains); KLD/PPL on the news, CHAMP and
 #           code eval splits (scripts/compare_gguf.py)
-#   then `quant2gguf bench` of the KD file and compare's IQ3_S + imatrix file: GSM pass@1 on held-out problems
-#           through llama-server (BENCH_GSM problems, Wilson intervals)
-# Results: ~/results. Env: CALIB, KD_MIN, NS, BENCH_GSM.
+#   then `quant2gguf bench` of the KD file against F16 and stock IQ3_S, Q3_K_M, Q4_K_M: GSM pass@1 on
+#           BENCH_GSM held-out problems and BENCH_LONG CHAMP long decodes through llama-server (16 slots)
+# Results: ~/results. Env: CALIB, KD_MIN, NS, BENCH_GSM, BENCH_LONG.
 set -u
 export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -22,7 +22,7 @@ cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
 [ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
 ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 log() { echo "[job] $(date +%T) $*"; }
-CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-7} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-150}
+CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-6} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-250} BENCH_LONG=${BENCH_LONG:-16}
 
 log "fixture (calib $CALIB)"
 python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
@@ -52,10 +52,11 @@ D=$!
 wait $A $B $B2
 for n in gptq-g128 kd-g128 rtn-g128 kd-rtn-g128 gptq-g128-news gptq-g128-d10; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
-# GSM through llama-server once our KD file exists (compare converts it first)
+# one bench run (issue 9): F16, our KD file and stock IQ3_S, Q3_K_M, Q4_K_M (the source grid) with an
+# imatrix from the same CALIB tokens; GSM pass@1 on BENCH_GSM held-out problems, CHAMP long decodes
 ( t0=$(date +%s); while [ ! -f ~/gg/kd-g128.gguf ] && [ $(( $(date +%s) - t0 )) -lt 900 ]; do sleep 10; done
-  python3 -m quant2gguf bench ~/gg/kd-g128.gguf ~/gg/qwen15-IQ3_S+imat.gguf --ref qwen15 --vs '' --text champ \
-    --gsm $BENCH_GSM --cuda -o ~/bench-gsm --force >~/logs/bench.log 2>&1
+  python3 -m quant2gguf bench ~/gg/kd-g128.gguf --ref qwen15 --vs IQ3_S,Q3_K_M,Q4_K_M --calib $CALIB --nsamples $NS \
+    --text champ --gsm $BENCH_GSM --long $BENCH_LONG --parallel 16 --cuda -o ~/bench-gsm --force >~/logs/bench.log 2>&1
   log "bench rc=$?"; cp ~/bench-gsm/report.md ~/results/bench-report.md; cp ~/bench-gsm/report.json ~/results/bench-report.json ) &
 wait
 log "all done"
