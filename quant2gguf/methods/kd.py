@@ -81,7 +81,9 @@ class FQLinear(nn.Module):
             d, m = self.d * self.u, self.m * self.u
             d = d + (d.to(torch.float16).float() - d).detach()  # stored as fp16: straight-through cast
             m = m + (m.to(torch.float16).float() - m).detach()
-            w = expand(d, self.group_size) * self.codes.float() + expand(m, self.group_size)
+            n, k = self.codes.shape  # broadcast per group (repeat_interleave copies): same d * q + m as dequantize
+            w = (self.codes.view(n, k // self.group_size, self.group_size).float() * d.unsqueeze(-1)
+                 + m.unsqueeze(-1)).view(n, k)
             return w if self.pmask is None else torch.where(self.pmask, self.pfixed, w)
         pidx = self.pidx if self.pidx is not None and self.pidx.numel() else None
         return _fq(*self.params(), pidx, self.bits, self.group_size, self.triton)
