@@ -55,8 +55,11 @@ def check_weight(name: str, w: torch.Tensor, group_size: int) -> None:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     k = w.shape[1]
     if k % group_size:
-        ok = [g for g in (32, 64, 128) if k % g == 0]
-        hint = f"use --group-size {' or '.join(map(str, ok))}" if ok else "no group size in 32/64/128 divides it"
+        from .gguf_types import TYPES  # the group sizes our GGUF types hold (imported late: it imports us)
+        sizes = sorted({t.group_size for t in TYPES.values()})
+        ok = [g for g in sizes if k % g == 0]
+        hint = (f"use --group-size {' or '.join(map(str, ok))}" if ok
+                else f"no group size our types hold ({'/'.join(map(str, sizes))}) divides it")
         raise ValueError(f"{name}: input dim {k} is not divisible by group size {group_size} ({hint})")
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()

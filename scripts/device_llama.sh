@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Patched llama.cpp with CUDA on the GPU machine (shared docs DEVICE.md), in phases, one per call:
+# Patched llama.cpp with CUDA on the GPU machine in phases, one per call:
 #   build  — untar the pinned tree (.device/llama-src.tar.xz from device-bundle.sh), apply
 #            ggml_patches/, build ggml-cuda + tools into ~/lcpp (survives while the machine is warm)
 #   test   — test-backend-ops (CUDA vs CPU) for our types: MUL_MAT, GET_ROWS

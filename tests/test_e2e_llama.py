@@ -84,8 +84,31 @@ def test_llama_matches_torch(model, text_file, tmp_path):
     assert float((lp.argmax(-1) == ll.argmax(-1)).float().mean()) > 0.9
 
 
-def test_completion_and_bench_load_it(model):
-    _, gguf = model
+def test_greedy_tokens_are_torch_greedy_tokens_and_tools_load_it(model):
+    """llama-server's greedy tokens (/completion with return_tokens) are PyTorch's greedy decoding of
+    the same checkpoint, compared up to the first step where torch's two best logits are within 0.01
+    (ggml's dot products round activations to 8 bits: a near tie either side may break; measured
+    1.5e-3 ties flipping); llama-completion and llama-bench load the file."""
+    from quant2gguf import server
+    ckpt, gguf = model
+    m, tok, _, _ = checkpoint.load_model(ckpt)
+    compared = 0
+    with server.serve(gguf, parallel=1, ctx=256, extra_args=["-ctk", "f32", "-ctv", "f32"]) as s:  # torch keeps K/V in fp32
+        for prompt in ("the quick brown fox", "twelve plus thirty makes", "a lazy dog jumps over"):
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            res = server._post(f"{s.url}/completion", {"prompt": ids, "n_predict": 12, "temperature": 0, "top_k": 1,
+                                                       "return_tokens": True, "cache_prompt": False}, timeout=120)
+            got, x, want = res["tokens"], torch.tensor([ids]), []
+            with torch.no_grad():
+                for _ in range(len(got)):
+                    top = m(x).logits[0, -1].float().topk(2)
+                    if float(top.values[0] - top.values[1]) < 1e-2:
+                        break
+                    want.append(int(top.indices[0]))
+                    x = torch.cat([x, top.indices[:1].view(1, 1)], 1)
+            assert got[:len(want)] == want, (prompt, got, want)
+            compared += len(want)
+    assert compared >= 8, compared
     assert isinstance(runner.run_prompt(gguf, "the quick brown", n=8), str)
     b = runner.bench(gguf, n_gen=16, reps=1)
     assert b["tg_tok_s"] > 0 and b["model_size"] == pytest.approx(gguf.stat().st_size, rel=0.2)

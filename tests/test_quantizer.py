@@ -72,7 +72,7 @@ def test_clip_search_finds_the_brute_force_optimum(weighted):
 
 
 def test_check_weight_messages():
-    with pytest.raises(ValueError, match=r"blk\.w: input dim 576 is not divisible by group size 128 \(use --group-size 32 or 64\)"):
+    with pytest.raises(ValueError, match=r"blk\.w: input dim 576 is not divisible by group size 128 \(use --group-size 64\)"):
         Q.check_weight("blk.w", torch.zeros(4, 576), 128)
     w = torch.zeros(4, 128)
     w[1, 2] = float("nan")
