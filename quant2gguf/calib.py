@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -125,14 +126,54 @@ def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return num / max(den, 1e-30)
 
 
+_QW_FIELDS = ("codes", "scales", "offsets", "pidx", "pval")
+
+
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_layer_state(path: Path, layer: nn.Module, result: dict[str, QuantizedWeight], stats: dict) -> None:
+    """One finished layer, atomically: its parameters other than the quantized weights (norms a
+    method folded scales into), its QuantizedWeights, stats and the RNG state after it."""
+    from .cache import atomic_path
+    skip = {f"{n}.weight" for n in result}
+    rec = {"params": {k: v.detach().cpu().clone() for k, v in layer.state_dict().items() if k not in skip},
+           "quantized": {n: {"bits": q.bits, "group_size": q.group_size,
+                             **{f: getattr(q, f).cpu() for f in _QW_FIELDS if getattr(q, f) is not None}}
+                         for n, q in result.items()},
+           "stats": stats, "rng": _rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(rec, tmp)
+
+
+def load_layer_state(path: Path, layer: nn.Module) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Put a saved layer back exactly as the run left it; returns (its QuantizedWeights, stats)."""
+    rec = torch.load(path, map_location="cpu", weights_only=True)
+    quantized = {n: QuantizedWeight(**d) for n, d in rec["quantized"].items()}
+    layer.load_state_dict(rec["params"], strict=False)
+    for n, q in quantized.items():
+        w = get_module(layer, n).weight
+        w.data.copy_(q.dequantize().to(w.device, w.dtype))  # what set_quantized put there
+    torch.set_rng_state(rec["rng"]["cpu"])
+    if rec["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rec["rng"]["cuda"])
+    return quantized, rec["stats"]
+
+
 def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cfg: QuantConfig,
                     device: str | torch.device = "cpu", batch_size: int = 4, offload: bool = False,
-                    progress: Callable | None = None) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+                    progress: Callable | None = None, state: Path | None = None
+                    ) -> tuple[dict[str, QuantizedWeight], list[dict]]:
     """Quantize every decoder layer in turn. Returns (full-name -> QuantizedWeight, per-layer stats).
 
     The model is modified in place: its linears end up holding the deployed dequantized weights
     (and any folded scales the method applied to norms). `offload` keeps layers and activations
-    on CPU between uses, for GPUs too small for the model.
+    on CPU between uses, for GPUs too small for the model. With `state` (a folder), each finished
+    layer is saved there and a layer already saved is restored instead of quantized again: the
+    FP stream is recomputed through the original layer, the quantized stream through the restored
+    one, so a resumed run continues exactly where an uninterrupted one would be.
     """
     device = torch.device(device)
     store = torch.device("cpu") if offload else device
@@ -153,14 +194,23 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
     for i in range(n):
         layer = layers[i].to(device)
         fp_out = run_layer(layer, fp, kwargs, device)
-        ctx = LayerContext(i, layer, layers[i + 1] if i + 1 < n else None, arch, cfg, fp, q, fp_out, kwargs, device)
-        result = method(ctx)
-        for name, qw in result.items():
-            if name not in ctx.quantized:
-                ctx.set_quantized(name, qw)
-        q_out = run_layer(layer, q, kwargs, device)
-        st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out), **ctx.stats}
-        for name, qw in ctx.quantized.items():
+        saved = None if state is None else Path(state) / f"layer-{i:04d}.pt"
+        if saved is not None and saved.is_file():
+            done, st = load_layer_state(saved, layer)
+            st = {**st, "resumed": True}
+            q_out = run_layer(layer, q, kwargs, device)
+        else:
+            ctx = LayerContext(i, layer, layers[i + 1] if i + 1 < n else None, arch, cfg, fp, q, fp_out, kwargs, device)
+            result = method(ctx)
+            for name, qw in result.items():
+                if name not in ctx.quantized:
+                    ctx.set_quantized(name, qw)
+            q_out = run_layer(layer, q, kwargs, device)
+            st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out), **ctx.stats}
+            done = ctx.quantized
+            if saved is not None:
+                save_layer_state(saved, layer, done, st)
+        for name, qw in done.items():
             quantized[f"{arch.layers}.{i}.{name}"] = qw.to("cpu")
         stats.append(st)
         if offload:

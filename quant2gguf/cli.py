@@ -65,6 +65,7 @@ def quantize(
     lr_q: Optional[float] = typer.Option(None, help="scale/offset learning rate: LAQuant absolute (1e-4); kd in grid cells a step (2e-3)"),
     offload: bool = typer.Option(False, help="keep layers and activations on CPU between uses (GPU short of memory)"),
     seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same OUT and settings from its last finished layer"),
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
     from .pipeline import quantize_model
@@ -76,7 +77,7 @@ def quantize(
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
            damp=damp, slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
            lr_w=lr_w, lr_q=lr_q, offload=offload, steps=steps, batch=batch, eval_every=eval_every,
-           heldout=heldout, max_minutes=max_minutes)
+           heldout=heldout, max_minutes=max_minutes, resume=resume)
     typer.echo(str(out))
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,57 +55,105 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                    group_size: int = 128, calib: str = "news", nsamples: int = 32, seqlen: int = 512,
                    device: str = "auto", seed: int = 0, batch_size: int = 4, offload: bool = False,
                    slots: int | None = None, base: str | None = None, ft_steps: int = 16,
-                   ft_calib: str = "gsm", **options) -> Path:
+                   ft_calib: str = "gsm", resume: bool = False, **options) -> Path:
     """Quantize a model's decoder linears with `method` and save a checkpoint at `out`.
     Options go to the method (rtn: clip; gptq: act_order, clip, damp, static_groups; awq: clip).
     `slots` protected fp16 weights per group (default 2 for quantlrm, else 0). QuantLRM takes its
     weight updates from `base` (the pre-fine-tuning model) or a `ft_steps` pseudo-fine-tune on
-    `ft_calib` reasoning text."""
+    `ft_calib` reasoning text. Each finished layer is kept in a state folder beside `out` until the
+    checkpoint is written; `resume` continues an interrupted run from it (same settings only)."""
     from .data import token_batches
 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another -o")
     check_quantize_options(method, bits, group_size, {"slots": slots} if slots is not None else {})
+    if resume and method == "kd":
+        raise ValueError("--resume: kd runs are not resumable (its layer-wise init is); drop --resume")
+    settings = {"model": str(model), "method": method, "bits": bits, "group_size": group_size, "calib": calib,
+                "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "slots": slots, "base": base,
+                "ft_steps": ft_steps, "ft_calib": ft_calib,
+                "options": {k: v for k, v in sorted(options.items())  # only what the method reads
+                            if v is not None and method != "kd" and k in _params(METHODS[method])}}
+    state = None if method == "kd" else open_state(out, settings, resume)
     if method == "kd":
         return distill_model(model, out, bits=bits, group_size=group_size, calib=calib, nsamples=nsamples,
                              seqlen=seqlen, device=device, seed=seed, batch_size=batch_size, offload=offload,
                              slots=slots, **options)
-    dev = torch.device(pick_device(device))
-    t0 = time.time()
-    torch.manual_seed(seed)
-    mdl, tok, folder = load_hf(model)
-    arch = get_arch(mdl.config.model_type)
-    if calib == "traces":  # the model's own reasoning on GSM calibration problems
-        from .traces import traces_file
-        batches = token_batches(tok, str(traces_file(mdl, tok, folder, device=dev)), "all", nsamples, seqlen, seed=seed)
+    with _state_guard(state):  # a run that fails before its first layer leaves no state behind
+        dev = torch.device(pick_device(device))
+        t0 = time.time()
+        torch.manual_seed(seed)
+        mdl, tok, folder = load_hf(model)
+        arch = get_arch(mdl.config.model_type)
+        if calib == "traces":  # the model's own reasoning on GSM calibration problems
+            from .traces import traces_file
+            batches = token_batches(tok, str(traces_file(mdl, tok, folder, device=dev)), "all", nsamples, seqlen, seed=seed)
+            mdl.to("cpu")
+        else:
+            batches = token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed)
+        fn = METHODS[method]
+        opts = {k: v for k, v in options.items() if k in _params(fn) and v is not None}
+        slots = (2 if method == "quantlrm" else 0) if slots is None else slots
+        cfg = QuantConfig(bits=bits, group_size=group_size, slots=slots)
+        extra = {}
+        if method == "quantlrm":
+            deltas = weight_updates(mdl, tok, base, ft_calib, ft_steps, seqlen, seed, dev)
+            opts["importance"] = importances(deltas)
+            extra["importance_source"] = f"base {base}" if base else f"pseudo-finetune {ft_steps} steps on {ft_calib} calib split"
+        prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{method} W{bits}G{group_size}")
+        with prog:
+            quantized, stats = quantize_layers(mdl, arch, batches, functools.partial(fn, **opts), cfg, dev,
+                                               batch_size=batch_size, offload=offload, progress=update, state=state)
+        resumed = sum(bool(st.get("resumed")) for st in stats)
+        if resumed:
+            extra["resumed_layers"] = resumed
+        manifest = {
+            "method": method, "bits": bits, "group_size": group_size, "slots": cfg.slots, **extra,
+            "options": {k: v for k, v in opts.items() if k != "importance"},
+            "arch": arch.name, "source_model": str(model),
+            "calibration": {"source": calib, "nsamples": int(batches.shape[0]),
+                            "split": "model's greedy traces on the gsm calib split" if calib == "traces" else "calib",
+                            "seqlen": int(batches.shape[1]), "seed": seed},
+            "layers": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
+        }
         mdl.to("cpu")
-    else:
-        batches = token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed)
-    fn = METHODS[method]
-    opts = {k: v for k, v in options.items() if k in _params(fn) and v is not None}
-    slots = (2 if method == "quantlrm" else 0) if slots is None else slots
-    cfg = QuantConfig(bits=bits, group_size=group_size, slots=slots)
-    extra = {}
-    if method == "quantlrm":
-        deltas = weight_updates(mdl, tok, base, ft_calib, ft_steps, seqlen, seed, dev)
-        opts["importance"] = importances(deltas)
-        extra["importance_source"] = f"base {base}" if base else f"pseudo-finetune {ft_steps} steps on {ft_calib} calib split"
-    prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{method} W{bits}G{group_size}")
-    with prog:
-        quantized, stats = quantize_layers(mdl, arch, batches, functools.partial(fn, **opts), cfg, dev,
-                                           batch_size=batch_size, offload=offload, progress=update)
-    manifest = {
-        "method": method, "bits": bits, "group_size": group_size, "slots": cfg.slots, **extra,
-        "options": {k: v for k, v in opts.items() if k != "importance"},
-        "arch": arch.name, "source_model": str(model),
-        "calibration": {"source": calib, "nsamples": int(batches.shape[0]),
-                        "split": "model's greedy traces on the gsm calib split" if calib == "traces" else "calib",
-                        "seqlen": int(batches.shape[1]), "seed": seed},
-        "layers": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
-    }
-    mdl.to("cpu")
-    return checkpoint.save(out, mdl, tok, quantized, manifest)
+        path = checkpoint.save(out, mdl, tok, quantized, manifest)
+        shutil.rmtree(state, ignore_errors=True)
+        return path
+
+
+@contextmanager
+def _state_guard(state: Path):
+    try:
+        yield
+    except BaseException:
+        if not any(state.glob("layer-*.pt")):
+            shutil.rmtree(state, ignore_errors=True)
+        raise
+
+
+def open_state(out: Path, settings: dict, resume: bool) -> Path:
+    """The per-layer state folder of a run writing `out` (beside it, hidden): created fresh, or with
+    `resume` the one an interrupted run with the same settings left. Checked before any model loads."""
+    state = out.parent / f".{out.name}.state"
+    want = json.dumps(settings, sort_keys=True, default=str)
+    if state.exists() and any(state.glob("layer-*.pt")):
+        if not resume:
+            raise FileExistsError(f"{state} holds an interrupted run: add --resume to continue it, or remove it to start over")
+        try:
+            had = json.loads((state / "settings.json").read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"--resume: {state} has no readable settings.json; remove it to start over") from None
+        diff = sorted(k for k in set(had) | set(settings) if json.dumps(had.get(k), sort_keys=True, default=str)
+                      != json.dumps(settings.get(k), sort_keys=True, default=str))
+        if diff:
+            raise ValueError(f"--resume: {state} was started with other {', '.join(diff)}; rerun with those settings "
+                             f"or remove it to start over")
+        return state
+    state.mkdir(parents=True, exist_ok=True)  # nothing finished yet (or --resume with nothing to resume): fresh
+    (state / "settings.json").write_text(want)
+    return state
 
 
 # lr_w 0 (codes frozen, scales/offsets trained) by default: on qwen15 it beat latent-weight training on

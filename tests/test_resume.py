@@ -1,0 +1,75 @@
+"""`quantize --resume`: an interrupted layer-wise run continues from its last finished layer and
+writes the checkpoint an uninterrupted run writes, bit for bit."""
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+from conftest import make_tiny_model
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import quant2gguf.pipeline as P
+from quant2gguf.cli import app
+
+OPTS = dict(group_size=64, nsamples=4, seqlen=64, device="cpu", epochs=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model("qwen2", tmp_path_factory.mktemp("resume") / "hf", layers=3)
+
+
+def _tensors(ck):
+    return {**load_file(ck / "quant.safetensors"), **load_file(ck / "model.safetensors")}
+
+
+def _interrupt_at(monkeypatch, method, layer):
+    real = P.METHODS[method]
+
+    @functools.wraps(real)  # same signature: the same options reach it
+    def method_fn(ctx, **kw):
+        if ctx.index == layer:
+            raise KeyboardInterrupt  # what Ctrl-C (or a kill between layers) leaves behind
+        return real(ctx, **kw)
+    monkeypatch.setitem(P.METHODS, method, method_fn)
+
+
+# laquant trains with shuffled batches: the resumed run must also continue the random stream
+@pytest.mark.parametrize("method", ["gptq", "laquant"])
+def test_resumed_run_writes_the_uninterrupted_checkpoint(tiny, tmp_path, monkeypatch, method):
+    a = P.quantize_model(tiny, tmp_path / "a", method=method, **OPTS)
+    assert not (tmp_path / ".a.state").exists()  # removed once the checkpoint is written
+    with monkeypatch.context() as m:
+        _interrupt_at(m, method, 2)
+        with pytest.raises(KeyboardInterrupt):
+            P.quantize_model(tiny, tmp_path / "b", method=method, **OPTS)
+    state = tmp_path / ".b.state"
+    assert sorted(p.name for p in state.glob("layer-*.pt")) == ["layer-0000.pt", "layer-0001.pt"]
+    assert not (tmp_path / "b").exists()
+    b = P.quantize_model(tiny, tmp_path / "b", method=method, resume=True, **OPTS)
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta), [k for k in ta if not ta[k].equal(tb[k])]
+    man = json.loads((b / "manifest.json").read_text())
+    assert man["resumed_layers"] == 2 and [bool(st.get("resumed")) for st in man["layers"]] == [True, True, False]
+    assert not state.exists()
+
+
+def test_interrupted_state_needs_resume_and_the_same_settings(tiny, tmp_path, monkeypatch):
+    run = CliRunner().invoke
+    base = ["quantize", str(tiny), "-o", str(tmp_path / "c"), "-g", "64", "--seqlen", "64", "--device", "cpu"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "gptq", 1)
+        r = run(app, [*base, "--nsamples", "4"])
+        assert r.exit_code != 0 and not (tmp_path / "c").exists() and (tmp_path / ".c.state" / "layer-0000.pt").is_file()
+    r = run(app, [*base, "--nsamples", "4"])
+    assert r.exit_code == 1 and "holds an interrupted run: add --resume" in r.output
+    r = run(app, [*base, "--nsamples", "8", "--resume"])
+    assert r.exit_code == 1 and "was started with other nsamples" in r.output
+    r = run(app, [*base, "--nsamples", "4", "--method", "kd", "--resume"])
+    assert r.exit_code == 1 and "kd runs are not resumable" in r.output
+    r = run(app, [*base, "--nsamples", "4", "--resume"])
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert man["resumed_layers"] == 1 and not (tmp_path / ".c.state").exists()
