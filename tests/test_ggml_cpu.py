@@ -180,7 +180,8 @@ def test_quantize_fns_passes_for_our_types(ggml):
 
 
 def test_scalar_and_avx2_paths_agree(ggml, tmp_path):
-    """The build runs one vec_dot path (AVX2 here); compile q3g.c both ways and compare them."""
+    """The build runs one vec_dot path (AVX2 here, with AVX512-VNNI where -march=native has it);
+    compile q3g.c scalar, AVX2 (maddubs) and AVX512-VNNI (dpbusd, ternlog) and compare them."""
     import shutil
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
@@ -191,8 +192,11 @@ def test_scalar_and_avx2_paths_agree(ggml, tmp_path):
         pytest.skip("this CPU cannot run the AVX2 path")
     src = llama.source_dir()
     inc = [f"-I{src / p}" for p in ("ggml/include", "ggml/src", "ggml/src/ggml-cpu")]
+    variants = {"scalar": [], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
+    if all(f" {f}" in cpuinfo for f in ("avx512f", "avx512vl", "avx512bw", "avx512_vnni")):
+        variants["avx512vnni"] = [*variants["avx2"], "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni"]
     libs = {}
-    for name, flags in {"scalar": [], "avx2": ["-mavx2", "-mfma", "-mf16c"]}.items():
+    for name, flags in variants.items():
         so = tmp_path / f"q3g_{name}.so"
         subprocess.run([gcc, "-O2", "-shared", "-fPIC", *flags, *inc, str(src / "ggml/src/ggml-cpu/q3g.c"),
                         f"-L{llama.lib_dir()}", "-lggml-base", "-o", str(so)], check=True)
@@ -217,4 +221,5 @@ def test_scalar_and_avx2_paths_agree(ggml, tmp_path):
             fn = ctypes.cast(getattr(lib, f"ggml_vec_dot_{t.name.lower()}_q8_1"), VEC_DOT)
             fn(k, ptr(r), 0, ptr(packed), 0, ptr(xq), 0, 1)
             out[name] = float(r[0])
-        assert out["scalar"] == pytest.approx(out["avx2"], rel=1e-5, abs=1e-4), f"{t.name}: {out}"
+        for name in out:
+            assert out["scalar"] == pytest.approx(out[name], rel=1e-5, abs=1e-4), f"{t.name}: {out}"
