@@ -284,7 +284,7 @@ def test_port_in_use(tiny, tmp_path):
 def test_server_that_fails_to_start(benched, tiny):
     _, out = benched  # the F16 is built there already
     r = _cli(tiny["gguf"], "--ref", tiny["hf"], "-o", out, "--tokenizer-pre", "gpt-2", "--vs", "",
-             "--gsm", "1", "--server-args", "--no-such-flag")
+             "--gsm", "1", "--server-args", "--no-such-flag", "--force")  # over the finished report
     _one_line_failure(r, "llama-server failed to start")
     assert "--no-such-flag" in r.output
 
@@ -293,7 +293,8 @@ def test_server_that_fails_to_start(benched, tiny):
 @pytest.mark.parametrize("qtype,pattern", [("Q3_K_S", "would fall back"), ("Q9_NOPE", "refuses this type")])
 def test_stock_type_the_dims_cannot_take(benched, tiny, qtype, pattern):
     _, out = benched
-    r = _cli(tiny["gguf"], "--ref", tiny["hf"], "-o", out, "--tokenizer-pre", "gpt-2", "--vs", qtype, "--gsm", "0")
+    r = _cli(tiny["gguf"], "--ref", tiny["hf"], "-o", out, "--tokenizer-pre", "gpt-2", "--vs", qtype, "--gsm", "0",
+             "--force")
     _one_line_failure(r, pattern)
     if qtype == "Q3_K_S":  # hidden 128: every K-quant row falls back, and the line says to what
         assert "not a multiple of 256" in r.output and re.search(r"q\d_K->q\d_\d", r.output)
