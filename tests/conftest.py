@@ -86,3 +86,13 @@ def tiny_mha_dir(tmp_path_factory):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def seed_from_test_id(request) -> int:
+    """Seed torch from the test's id, so a failure reproduces; the seed is printed (it shows in the
+    failure's captured output). QUANT2GGUF_SEED=N draws other inputs."""
+    import zlib
+    s = int(os.environ.get("QUANT2GGUF_SEED", zlib.crc32(request.node.nodeid.encode())))
+    torch.manual_seed(s)
+    print(f"seed {s}")
+    return s

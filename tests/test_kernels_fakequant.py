@@ -3,7 +3,6 @@
 CPU: Triton runs under TRITON_INTERPRET=1 (set here before triton is imported); GPU: real kernels.
 Random inputs are seeded per test (the `seed` fixture)."""
 import os
-import zlib
 
 import torch
 
@@ -11,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+from conftest import seed_from_test_id  # noqa: E402
 
 from quant2gguf import quantizer as Q  # noqa: E402
 from quant2gguf.kernels import fakequant as FQ  # noqa: E402
@@ -20,12 +20,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def seed(request):
-    """Each test's inputs are seeded by its id, so a failure reproduces; the seed is in the failure's
-    captured output. QUANT2GGUF_SEED=N draws other inputs."""
-    s = int(os.environ.get("QUANT2GGUF_SEED", zlib.crc32(request.node.nodeid.encode())))
-    torch.manual_seed(s)
-    print(f"seed {s}")
-    return s
+    return seed_from_test_id(request)
 
 
 def make_case(n, k, g, bits=3, slots=2, dtype=torch.float32):

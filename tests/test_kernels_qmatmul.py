@@ -4,7 +4,6 @@ CPU: Triton under TRITON_INTERPRET=1 (set before triton is imported); GPU: real 
 Random inputs are seeded per test (the `seed` fixture); outputs are poisoned with NaN before the kernels
 write them."""
 import os
-import zlib
 
 import torch
 
@@ -12,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+from conftest import seed_from_test_id  # noqa: E402
 
 from quant2gguf import quantizer as Q  # noqa: E402
 from quant2gguf.kernels import qmatmul as QM  # noqa: E402
@@ -23,12 +23,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 @pytest.fixture(autouse=True)
 def seed(request):
-    """Each test's inputs are seeded by its id, so a failure reproduces; the seed is in the failure's
-    captured output. QUANT2GGUF_SEED=N draws other inputs."""
-    s = int(os.environ.get("QUANT2GGUF_SEED", zlib.crc32(request.node.nodeid.encode())))
-    torch.manual_seed(s)
-    print(f"seed {s}")
-    return s
+    return seed_from_test_id(request)
 
 
 def rand_qw(n, k, g, bits=3, slots=2, p=0.03):
