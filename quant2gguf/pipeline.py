@@ -305,10 +305,11 @@ def quickstart(model: str = "smollm2", workdir: str | Path = "out/quickstart", m
 
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    tag = f"{Path(str(model)).name}-{method}-w3g{group_size}"
+    tag = f"{Path(str(model)).name}-{method}-w3g{group_size}-n{nsamples}x{seqlen}"  # a rerun reuses only its own
     ckpt = wd / tag
-    if not ckpt.exists():
-        quantize_model(model, ckpt, method=method, group_size=group_size, nsamples=nsamples, seqlen=seqlen)
+    if not ckpt.exists():  # an interrupted earlier run of the same settings continues
+        quantize_model(model, ckpt, method=method, group_size=group_size, nsamples=nsamples, seqlen=seqlen,
+                       resume=True)
     gguf = wd / f"{tag}.gguf"
     if not gguf.exists():  # embeddings at q8_0: a file size comparable with stock llama-quantize
         convert(ckpt, gguf, outtype="q8_0")

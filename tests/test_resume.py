@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_tiny_model
@@ -73,3 +74,24 @@ def test_interrupted_state_needs_resume_and_the_same_settings(tiny, tmp_path, mo
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert man["resumed_layers"] == 1 and not (tmp_path / ".c.state").exists()
+
+
+def test_quickstart_keys_its_outputs_by_settings_and_resumes(tmp_path, monkeypatch):
+    """quickstart's cached checkpoint and GGUF are named by every setting that shapes them, and an
+    interrupted quantize of the same settings is continued, not refused (the pipeline is mocked: it
+    runs SmolLM2, too slow here)."""
+    from quant2gguf import bench, export, llama, runner
+    calls = []
+
+    def fake_quantize(model, out, **kw):
+        calls.append((Path(out).name, kw))
+        Path(out).mkdir()
+    monkeypatch.setattr(P, "quantize_model", fake_quantize)
+    monkeypatch.setattr(export, "convert", lambda ck, out, **kw: Path(out).write_bytes(b"gguf"))
+    monkeypatch.setattr(llama, "build", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "run_prompt", lambda *a, **k: "Paris")
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: {})
+    for n in (32, 16, 32):
+        P.quickstart("smollm2", tmp_path, nsamples=n, seqlen=256)
+    assert [c[0] for c in calls] == ["smollm2-gptq-w3g64-n32x256", "smollm2-gptq-w3g64-n16x256"]
+    assert all(c[1]["resume"] for c in calls)
