@@ -67,16 +67,18 @@ def _run(cmd: list, need: str | None = None, tries: int = 5, strict: bool = True
 
 def _exec(cmd: list[str]) -> subprocess.CompletedProcess:
     """Run to completion; the result also carries the child's peak resident memory (.peak_rss_mib,
-    its VmHWM sampled every 20 ms). Not wait4's ru_maxrss: Linux carries the parent's high-water
+    its VmHWM sampled every 2 ms for the first second, then every 20 ms). Not wait4's ru_maxrss: Linux carries the parent's high-water
     mark across fork + exec, so from a Python process holding torch every tool would report that."""
     import time
     with tempfile.TemporaryFile("w+", errors="replace") as out, tempfile.TemporaryFile("w+", errors="replace") as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # never wait on a prompt
-        peak = 0.0
+        peak, t0 = 0.0, time.monotonic()
         try:
             while p.poll() is None:
                 peak = max(peak, vm_hwm_mib(p.pid) or 0.0)
-                time.sleep(0.02)
+                # VmHWM only rises, but an exited child has none: sample fast at first, so a run of a
+                # few ms (a tiny model's llama-bench) is seen after it loaded, not only at its exec
+                time.sleep(0.002 if time.monotonic() - t0 < 1 else 0.02)
         except BaseException:
             p.kill()
             p.wait()
