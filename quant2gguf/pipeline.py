@@ -68,6 +68,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another -o")
     check_quantize_options(method, bits, group_size, {"slots": slots} if slots is not None else {})
+    if calib == SELF and method != "kd":
+        raise ValueError(f"--calib {SELF} (samples of the teacher) is distillation data: use it with --method kd")
     if resume and method == "kd":
         raise ValueError("--resume: kd runs are not resumable (its layer-wise init is); drop --resume")
     settings = {"model": str(model), "method": method, "bits": bits, "group_size": group_size, "calib": calib,
@@ -156,6 +158,8 @@ def open_state(out: Path, settings: dict, resume: bool) -> Path:
     return state
 
 
+SELF = "self"  # kd's data sampled from the teacher itself (traces.self_samples)
+
 # lr_w 0 (codes frozen, scales/offsets trained) by default: on qwen15 it beat latent-weight training on
 # news and CHAMP at a third of the memory (docs/BENCHMARKS.md, 2026-11-28)
 KD_DEFAULTS = {"init": "gptq", "steps": 200, "batch": 4, "lr_w": 0.0, "lr_q": 2e-3, "eval_every": 25,
@@ -200,7 +204,7 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
         raise ValueError(f"teacher {model} and student {init} tokenizers differ; distillation compares "
                          f"next-token distributions token by token, so they must be the same")
     src = man.get("calibration", {}).get("source")
-    if src and src != calib:
+    if src and src != calib and calib != SELF:  # the teacher's own samples are every domain's
         raise ValueError(f"--calib {calib} differs from the init's calibration ({src}); distillation trains on "
                          f"the init's domain (Reasoning-QAT): pass --calib {src}")
     return man
@@ -229,10 +233,18 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     from .fixtures import resolve_model
     # the data (and a source too short for --heldout) is checked before the model loads
     tok = AutoTokenizer.from_pretrained(resolve_model(str(model)))
-    train, held = train_heldout_batches(tok, calib, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed)
+    if calib != SELF:
+        train, held = train_heldout_batches(tok, calib, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed)
     mdl, tok, folder = load_hf(model)
     arch = get_arch(mdl.config.model_type)
     teacher = copy.deepcopy(mdl)
+    if calib == SELF:  # nsamples + heldout sequences sampled from the teacher; training draws from the first nsamples
+        from .traces import self_samples
+        teacher.to(dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        ids = self_samples(teacher, tok, folder, nsamples + o["heldout"], seqlen, device=dev, seed=seed)
+        held = ids[nsamples:]
+        g = torch.Generator().manual_seed(seed)
+        train = ids[:nsamples][torch.randint(nsamples, (o["steps"] * o["batch"],), generator=g)]
     if init_man is None:  # run the PTQ init on the same source
         opts = {k: v for k, v in options.items()  # KD's own options (lr_w, lr_q, ...) are not the init's
                 if k in _params(METHODS[init]) and k not in KD_DEFAULTS and v is not None}
@@ -240,7 +252,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{init} W{bits}G{group_size} (kd init)")
         with prog:
             quantized, layer_stats = quantize_layers(
-                mdl, arch, token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed),
+                mdl, arch, ids[:nsamples] if calib == SELF else token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed),
                 functools.partial(METHODS[init], **opts), cfg, dev, batch_size=batch_size, offload=offload,
                 progress=update)
         init_desc = {"method": init, "options": opts, "layers": layer_stats}
@@ -276,7 +288,11 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         "init": init_desc, "options": {k: o[k] for k in ("steps", "batch", "lr_w", "lr_q", "eval_every", "heldout", "max_minutes")},
         "arch": arch.name, "source_model": str(model),
         "calibration": {"source": calib, "split": "calib", "nsamples": int(train.shape[0]), "seqlen": seqlen,
-                        "seed": seed, "heldout": f"last {held.shape[0]} x {seqlen} tokens of the calib split"},
+                        "seed": seed, "heldout": f"last {held.shape[0]} x {seqlen} tokens of the calib split"}
+        if calib != SELF else
+        {"source": SELF, "split": f"{nsamples} sequences sampled from the teacher (temperature 1, random first token)",
+         "nsamples": int(train.shape[0]), "seqlen": seqlen, "seed": seed,
+         "heldout": f"{held.shape[0]} more sampled sequences"},
         "kd": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
     }
     mdl.to("cpu")

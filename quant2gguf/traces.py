@@ -47,3 +47,42 @@ def traces_file(model, tokenizer, folder: str | Path, n: int = 50, max_new_token
     with atomic_path(dest) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return dest
+
+
+def self_samples(model, tokenizer, folder: str | Path, n: int, seqlen: int, device="cpu", seed: int = 0,
+                 batch: int | None = None) -> torch.Tensor:
+    """(n, seqlen) token ids sampled from the model itself (LLM-QAT's data-free distillation data):
+    a first token drawn uniformly from the vocabulary, then temperature-1 sampling, end-of-text
+    suppressed. The teacher's own distribution covers every domain it knows, so a student trained on
+    it is not fitted to one calibration text (KD on 60K news tokens won news and lost CHAMP on qwen15).
+    Ids, not text, are cached: no detokenize/retokenize drift. Cached per model folder, n, seqlen, seed."""
+    key = hashlib.sha256(f"{Path(folder).resolve()}|self|{n}|{seqlen}|{seed}".encode()).hexdigest()[:16]
+    dest = cache_dir("traces") / f"{Path(folder).name}-self-{key}.pt"
+    if dest.is_file():
+        ids = torch.load(dest)
+        if tuple(ids.shape) == (n, seqlen):
+            return ids
+    dev = torch.device(device)
+    batch = batch or (256 if dev.type == "cuda" else 8)
+    g = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    pool = torch.tensor([i for i in range(min(tokenizer.vocab_size, model.config.vocab_size)) if i not in special])
+    first = pool[torch.randint(len(pool), (n,), generator=g)]
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = sorted(set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    model.to(dev).eval()
+    torch.manual_seed(seed)  # generate() samples from torch's global generator
+    rows = []
+    from rich.progress import track
+    for i in track(range(0, n, batch), description="self-generated distillation data"):
+        inp = first[i:i + batch, None].to(dev)
+        with torch.no_grad():
+            out = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, min_new_tokens=seqlen - 1, max_new_tokens=seqlen - 1,
+                                 suppress_tokens=eos or None, pad_token_id=eos[0] if eos else 0)
+        rows.append(out[:, :seqlen].cpu())
+    ids = torch.cat(rows)
+    with atomic_path(dest) as tmp:
+        torch.save(ids, tmp)
+    return ids

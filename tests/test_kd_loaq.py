@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from quant2gguf import checkpoint, export
@@ -195,6 +195,42 @@ def test_kd_from_a_method_name_runs_the_init_first(tiny_qwen, tmp_path):
     ck = _kd(tiny_qwen, "rtn", tmp_path / "kd", steps=4, eval_every=2)
     man = json.loads((ck / "manifest.json").read_text())
     assert man["init"]["method"] == "rtn" and len(man["init"]["layers"]) == 2
+
+
+def test_kd_on_the_teachers_own_samples(gptq_ckpt, tiny_qwen, tmp_path, monkeypatch):
+    """--calib self: the init was calibrated on news, the student learns from sequences sampled from the
+    teacher (cached ids, exactly nsamples + heldout of them), and still beats its init on held-out samples."""
+    from quant2gguf import traces
+    monkeypatch.setenv("QUANT2GGUF_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = traces.self_samples
+    monkeypatch.setattr(traces, "self_samples", lambda *a, **k: calls.append(a[3:5]) or real(*a, **k))
+    ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd", calib="self", nsamples=12, steps=30, lr_w=0.0, lr_q=2e-3)
+    man = json.loads((ck / "manifest.json").read_text())
+    assert calls == [(12 + 4, 64)] and man["calibration"]["source"] == "self"
+    assert man["init"]["calibration"]["source"] == "news"
+    assert man["kd"]["kd_heldout_kl_best"] < man["kd"]["kd_heldout_kl_init"], man["kd"]
+    files = list((tmp_path / "cache" / "traces").glob("*-self-*.pt"))
+    ids = torch.load(files[0])
+    assert len(files) == 1 and ids.shape == (16, 64) and ids.dtype == torch.long
+    assert len({tuple(r.tolist()) for r in ids}) == 16  # sampled, not one greedy sequence repeated
+
+
+def test_self_samples_are_seeded_and_cached(tiny_qwen, tmp_path, monkeypatch):
+    from quant2gguf import traces
+    monkeypatch.setenv("QUANT2GGUF_CACHE", str(tmp_path / "cache"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen)
+    a = traces.self_samples(model, tok, tiny_qwen, 3, 16, seed=1)
+    b = traces.self_samples(model, tok, tiny_qwen, 3, 16, seed=1)  # from the cache
+    c = traces.self_samples(model, tok, tiny_qwen, 3, 16, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not set(a.flatten().tolist()) & set(tok.all_special_ids)  # end-of-text suppressed
+
+
+def test_self_data_is_for_kd_only(tiny_qwen, tmp_path):
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "gptq", "--calib", "self"],
+           tmp_path, "--calib self")
 
 
 # ---------------------------------------------------------------- bad input: one line, before training
