@@ -24,6 +24,7 @@ class QuantConfig:
     bits: int = 3
     group_size: int = 128
     slots: int = 0  # protected fp16 slots per group (0 = base type)
+    target: str | None = None  # a stock llama.cpp type (stock_quant.TARGETS) instead of our Q3_G types
 
 
 @dataclass

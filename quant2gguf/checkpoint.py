@@ -10,8 +10,12 @@
                               NAME.offsets fp16  (N, K//G)   m
                               NAME.pidx    uint8 (N, K//G, P) protected in-group index, 255 = empty (optional)
                               NAME.pval    fp16  (N, K//G, P) protected exact value (optional)
+                            or, for a tensor in a stock llama.cpp type (quantize --target):
+                              NAME.blocks  uint8 (N, row_bytes) its ggml blocks, verbatim in the GGUF
       manifest.json         format, method, bits, group_size, slots, calibration, versions,
-                            quantized (list of NAME), per-layer errors, source model
+                            quantized (list of NAME), per-layer errors, source model; with --target
+                            also target (the type name) and types (NAME -> stock type of each
+                            NAME.blocks, the target or its fallback), bits and group_size the target's
 Written to a temp folder and renamed, so a failed run leaves nothing behind.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .cache import atomic_path
 from .quantizer import QuantizedWeight
+from .stock_quant import StockWeight, from_blocks
 
 FORMAT = "quant2gguf-ckpt"
 VERSION = 1
@@ -63,8 +68,12 @@ def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, Quantiz
             seen.add(key)
             plain[k] = v.detach().cpu().contiguous().clone()
         save_file(plain, tmp / "model.safetensors")
-        qt = {}
+        qt, types = {}, {}
         for name, q in quantized.items():
+            if isinstance(q, StockWeight):  # the blocks hold everything: codes and grid unpack from them
+                qt[f"{name}.blocks"] = q.blocks.cpu().contiguous()
+                types[name] = q.qtype
+                continue
             qt[f"{name}.codes"] = q.codes.cpu().contiguous()
             qt[f"{name}.scales"] = q.scales.cpu().contiguous()
             qt[f"{name}.offsets"] = q.offsets.cpu().contiguous()
@@ -73,7 +82,7 @@ def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, Quantiz
                 qt[f"{name}.pval"] = q.pval.cpu().contiguous()
         save_file(qt, tmp / "quant.safetensors")
         man = {"format": FORMAT, "version": VERSION, **manifest, "quantized": sorted(quantized),
-               "versions": versions()}
+               **({"types": dict(sorted(types.items()))} if types else {}), "versions": versions()}
         (tmp / MANIFEST).write_text(json.dumps(man, indent=1))
     return path
 
@@ -96,8 +105,13 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict, dict[str, QuantizedWe
     path = Path(path)
     man = read_manifest(path)
     t = load_file(path / "quant.safetensors")
-    out = {}
+    out, types = {}, man.get("types", {})
     for name in man["quantized"]:
+        if name in types:
+            if f"{name}.blocks" not in t:
+                raise ValueError(f"{path}: checkpoint is missing {name}.blocks; re-run `quant2gguf quantize`")
+            out[name] = from_blocks(types[name], t[f"{name}.blocks"])
+            continue
         missing = [f"{name}.{s}" for s in ("codes", "scales", "offsets") if f"{name}.{s}" not in t]
         if missing:
             raise ValueError(f"{path}: checkpoint is missing {', '.join(missing)}; re-run `quant2gguf quantize`")
@@ -108,7 +122,8 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict, dict[str, QuantizedWe
 
 def load_model(path: str | os.PathLike, dtype=torch.float32, device="cpu"):
     """(model, tokenizer, manifest, quantized) with every quantized linear set to its deployed
-    dequantized weight, so plain PyTorch evaluates exactly what llama.cpp will run."""
+    dequantized weight, so plain PyTorch evaluates exactly what llama.cpp will run (stock-type
+    tensors through gguf-py's dequantization of their blocks, bit-exact with ggml)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)

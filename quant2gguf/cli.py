@@ -66,6 +66,7 @@ def quantize(
     offload: bool = typer.Option(False, help="keep layers and activations on CPU between uses (GPU short of memory)"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same OUT and settings from its last finished layer"),
+    target: Optional[str] = typer.Option(None, "--target", help="rtn/gptq into a stock llama.cpp type instead of ours: q3_k | q4_k | q4_0 (K types need in-dims of 256s; others fall back to q4_0)"),
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
     from .pipeline import quantize_model
@@ -77,7 +78,7 @@ def quantize(
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
            damp=damp, slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
            lr_w=lr_w, lr_q=lr_q, offload=offload, steps=steps, batch=batch, eval_every=eval_every,
-           heldout=heldout, max_minutes=max_minutes, resume=resume)
+           heldout=heldout, max_minutes=max_minutes, resume=resume, target=target)
     typer.echo(str(out))
 
 

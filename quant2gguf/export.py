@@ -5,11 +5,15 @@ gguf-py) writes the metadata, the tokenizer and every tensor that is not a quant
 subclass of the architecture's converter class takes over the quantized linears: it learns the
 converter's row transform for that tensor (e.g. llama's q/k rope permutation) by passing a tensor
 of element indices through the converter's own `modify_tensors`, applies that permutation to the
-codes, scales, offsets and protected slots, and writes our packed blocks. The file is written to a
-temp name, read back and checked against the checkpoint, then renamed. Rules: docs/GGUF.md.
+codes, scales, offsets and protected slots, and writes our packed blocks. A tensor the checkpoint
+holds in a stock llama.cpp type (quantize --target) is written with that ggml type and its stored
+blocks verbatim (rows moved whole), so an unpatched llama.cpp and plain gguf-py read the file.
+The file is written to a temp name, read back and checked against the checkpoint, then renamed.
+Rules: docs/GGUF.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import sys
@@ -22,6 +26,8 @@ import torch
 from . import checkpoint
 from .cache import atomic_path
 from .quantizer import QuantizedWeight
+from .stock_quant import StockWeight
+from .stock_types import stock_type
 
 # --outtype -> the converter's file type; it decides every tensor that is not ours (docs/GGUF.md)
 OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
@@ -33,6 +39,8 @@ EMBD_TYPES = ("keep", "q8_0", "q6_k", "q5_k", "q4_k", "auto")
 AUTO_REF = "IQ3_S"  # `auto` = what llama-quantize gives these tensors in a stock file of this type
 EMBD_TENSORS = ("token_embd.weight", "output.weight")
 META_PREFIX = "quant2gguf."
+# general.file_type of a file whose weights are mostly one stock type: the all-that-type variant
+STOCK_FTYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_K": "MOSTLY_Q4_K_S", "Q3_K": "MOSTLY_Q3_K_S"}
 
 
 # ---------------------------------------------------------------- the pinned tree's gguf-py ----
@@ -122,8 +130,13 @@ def _check_quantized(reader, expected: dict[str, tuple[QuantizedWeight, int]], p
                              f"expected type {qtype} [{k}, {n}]; report this as a bug")
         rows = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64))
         data = np.asarray(t.data).reshape(n, -1)[rows]
-        got = np.asarray(gguf_types.dequantize(data, qtype, (len(rows), k)), dtype=np.float32)
         sub = _take_rows(q, torch.from_numpy(rows))
+        if isinstance(q, StockWeight):
+            if not np.array_equal(data.view(np.uint8), sub.blocks.numpy()):
+                raise ValueError(f"{path}: {name} blocks differ from the checkpoint's; report this as a bug")
+            got = stock_type(q.qtype).dequantize(data).reshape(len(rows), k)
+        else:
+            got = np.asarray(gguf_types.dequantize(data, qtype, (len(rows), k)), dtype=np.float32)
         want = sub.dequantize().numpy()
         if got.shape != want.shape or not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
             bad = int((got != want).sum()) if got.shape == want.shape else got.size
@@ -134,9 +147,11 @@ def _check_quantized(reader, expected: dict[str, tuple[QuantizedWeight, int]], p
 # ------------------------------------------------------------------- quantized linears -------
 
 def qtype_for(q: QuantizedWeight) -> int:
-    """Our ggml type id for a quantized weight (fewer protected slots than the type holds are padded
-    with empty ones by gguf_types.pack)."""
+    """The ggml type id for a quantized weight: a StockWeight's stock type, else ours (fewer
+    protected slots than the type holds are padded with empty ones by gguf_types.pack)."""
     from . import gguf_types
+    if isinstance(q, StockWeight):
+        return int(stock_type(q.qtype).qtype)
     slots = 0 if q.slots == 0 else 2 if q.slots <= 2 else q.slots
     name = QTYPES.get((q.bits, q.group_size, slots))
     if name is None:
@@ -146,10 +161,12 @@ def qtype_for(q: QuantizedWeight) -> int:
     return gguf_types.TYPES[name].id
 
 
+ROW_FIELDS = ("codes", "scales", "offsets", "pidx", "pval", "blocks")  # per-row tensors (blocks: StockWeight)
+
+
 def _take_rows(q: QuantizedWeight, rows: torch.Tensor) -> QuantizedWeight:
-    take = lambda t: None if t is None else t[rows].contiguous()  # noqa: E731
-    return QuantizedWeight(take(q.codes), take(q.scales), take(q.offsets), q.bits, q.group_size,
-                           take(q.pidx), take(q.pval))
+    return dataclasses.replace(q, **{f: getattr(q, f)[rows].contiguous() for f in ROW_FIELDS
+                                     if getattr(q, f, None) is not None})
 
 
 def row_permutation(name: str, idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -209,7 +226,8 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             if not torch.equal(rows, torch.arange(n)):
                 q = _take_rows(q, rows)
             qtype = qtype_for(q)
-            packed = np.ascontiguousarray(gguf_types.pack(q, qtype), dtype=np.uint8)
+            packed = q.blocks.numpy() if isinstance(q, StockWeight) else gguf_types.pack(q, qtype)
+            packed = np.ascontiguousarray(packed, dtype=np.uint8)
             self.gguf_writer.add_tensor(new_name, packed, raw_dtype=gguf.GGMLQuantizationType(qtype))
             self.written[new_name] = (q, qtype)
 
@@ -217,11 +235,13 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             return tokenizer_pre or super().get_vocab_base_pre(tokenizer)
 
         def prepare_metadata(self, vocab_only):
-            if self.written:  # general.file_type names our type holding most weights (tensors are done)
+            if self.written:  # general.file_type names the type holding most weights (tensors are done)
                 sizes: dict[int, int] = {}
                 for q, qtype in self.written.values():
                     sizes[qtype] = sizes.get(qtype, 0) + q.codes.numel()
-                self.ftype = gguf.LlamaFileType(max(sizes, key=sizes.get))
+                top = max(sizes, key=sizes.get)
+                stock = STOCK_FTYPES.get(gguf.GGMLQuantizationType(top).name)
+                self.ftype = gguf.LlamaFileType[stock] if stock else gguf.LlamaFileType(top)
             super().prepare_metadata(vocab_only)
             for key, val in extra_kv.items():
                 if isinstance(val, int):
@@ -280,7 +300,7 @@ def _model_class(conversion, ckpt: Path):
 def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None,
             embd_type: str = "keep", threads: int = 2) -> dict:
     """Write checkpoint `ckpt` as GGUF `out`; returns size, tensor counts per type, the type of each
-    class of tensors that are not ours, and bits per weight.
+    class of tensors that are not ours, bits per weight and every tensor's type.
 
     outtype: type of the tensors not quantized by design (docs/GGUF.md). embd_type: type of
     token_embd and output (lm_head) instead: "keep" (outtype's), a ggml type (q8_0, q6_k, q5_k,
@@ -296,6 +316,8 @@ def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_p
         qtype_for(q)  # refuse unsupported settings before any writing
     kv = {"method": man.get("method", "?"), "bits": int(man["bits"]), "group_size": int(man["group_size"]),
           "format_version": int(man["version"])}
+    if man.get("target"):
+        kv["target"] = man["target"]
     return _write_gguf(ckpt, Path(out), outtype, quantized, tokenizer_pre, kv, embd_type, threads)
 
 
@@ -441,8 +463,9 @@ def _summary(reader, written: dict) -> dict:
     counts: dict[str, int] = {}
     classes: dict[str, set] = {}
     q_bytes = q_params = all_bytes = all_params = 0
+    types = {}
     for t in reader.tensors:
-        tname = _type_name(t.tensor_type)
+        tname = types[t.name] = _type_name(t.tensor_type)
         counts[tname] = counts.get(tname, 0) + 1
         if t.name not in written:
             classes.setdefault(tensor_class(t.name, t.shape), set()).add(tname)
@@ -455,4 +478,5 @@ def _summary(reader, written: dict) -> dict:
             "other_types": {c: ",".join(sorted(v)) for c, v in sorted(classes.items())},
             "params": all_params, "quantized_params": q_params,
             "bpw_quantized": round(8 * q_bytes / q_params, 4) if q_params else None,
-            "bpw_overall": round(8 * all_bytes / all_params, 4) if all_params else None}
+            "bpw_overall": round(8 * all_bytes / all_params, 4) if all_params else None,
+            "tensor_types": types}

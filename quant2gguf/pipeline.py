@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, stock_quant
 from .arch import get_arch
 from .calib import QuantConfig, quantize_layers
 from .evaluate import pick_device
@@ -55,19 +55,22 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                    group_size: int = 128, calib: str = "news", nsamples: int = 32, seqlen: int = 512,
                    device: str = "auto", seed: int = 0, batch_size: int = 4, offload: bool = False,
                    slots: int | None = None, base: str | None = None, ft_steps: int = 16,
-                   ft_calib: str = "gsm", resume: bool = False, **options) -> Path:
+                   ft_calib: str = "gsm", resume: bool = False, target: str | None = None, **options) -> Path:
     """Quantize a model's decoder linears with `method` and save a checkpoint at `out`.
     Options go to the method (rtn: clip; gptq: act_order, clip, damp, static_groups; awq: clip).
     `slots` protected fp16 weights per group (default 2 for quantlrm, else 0). QuantLRM takes its
     weight updates from `base` (the pre-fine-tuning model) or a `ft_steps` pseudo-fine-tune on
     `ft_calib` reasoning text. Each finished layer is kept in a state folder beside `out` until the
-    checkpoint is written; `resume` continues an interrupted run from it (same settings only)."""
+    checkpoint is written; `resume` continues an interrupted run from it (same settings only).
+    `target` (rtn, gptq): a stock llama.cpp type (q3_k | q4_k | q4_0) instead of our Q3_G types;
+    such a run keeps no state (not resumable)."""
     from .data import token_batches
 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another -o")
-    check_quantize_options(method, bits, group_size, {"slots": slots} if slots is not None else {})
+    given = {"slots": slots, "target": target, "resume": resume or None}
+    check_quantize_options(method, bits, group_size, {k: v for k, v in given.items() if v is not None})
     if calib == SELF and method != "kd":
         raise ValueError(f"--calib {SELF} (samples of the teacher) is distillation data: use it with --method kd")
     if resume and method == "kd":
@@ -77,7 +80,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                 "ft_steps": ft_steps, "ft_calib": ft_calib,
                 "options": {k: v for k, v in sorted(options.items())  # only what the method reads
                             if v is not None and method != "kd" and k in _params(METHODS[method])}}
-    state = None if method == "kd" else open_state(out, settings, resume)
+    state = None if method == "kd" or target else open_state(out, settings, resume)
     if method == "kd":
         return distill_model(model, out, bits=bits, group_size=group_size, calib=calib, nsamples=nsamples,
                              seqlen=seqlen, device=device, seed=seed, batch_size=batch_size, offload=offload,
@@ -98,12 +101,15 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         opts = {k: v for k, v in options.items() if k in _params(fn) and v is not None}
         slots = (2 if method == "quantlrm" else 0) if slots is None else slots
         cfg = QuantConfig(bits=bits, group_size=group_size, slots=slots)
-        extra = {}
+        extra, label = {}, f"W{bits}G{group_size}"
+        if target:  # the stock type fixes bits and blocks (manifest: the target's)
+            cfg, bits, group_size = stock_quant.quant_config(target, mdl, arch)
+            label = extra["target"] = cfg.target
         if method == "quantlrm":
             deltas = weight_updates(mdl, tok, base, ft_calib, ft_steps, seqlen, seed, dev)
             opts["importance"] = importances(deltas)
             extra["importance_source"] = f"base {base}" if base else f"pseudo-finetune {ft_steps} steps on {ft_calib} calib split"
-        prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{method} W{bits}G{group_size}")
+        prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{method} {label}")
         with prog:
             quantized, stats = quantize_layers(mdl, arch, batches, functools.partial(fn, **opts), cfg, dev,
                                                batch_size=batch_size, offload=offload, progress=update, state=state)
@@ -121,16 +127,17 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         }
         mdl.to("cpu")
         path = checkpoint.save(out, mdl, tok, quantized, manifest)
-        shutil.rmtree(state, ignore_errors=True)
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
         return path
 
 
 @contextmanager
-def _state_guard(state: Path):
+def _state_guard(state: Path | None):
     try:
         yield
     except BaseException:
-        if not any(state.glob("layer-*.pt")):
+        if state is not None and not any(state.glob("layer-*.pt")):
             shutil.rmtree(state, ignore_errors=True)
         raise
 

@@ -27,6 +27,11 @@ contraction in C cannot change a bit; only Q4_K's final subtraction rounds.
 
 `quantize_rtn(w)` is a plain vectorised round-to-nearest into the format (not llama.cpp's
 quantizer): valid blocks close to w, for tests and as a starting point for methods.
+
+`grid(**parts)` is the same formula as one affine map per sub-block of `sub` weights, y = a * q + b
+with unsigned codes q in 0..2**bits - 1, the form a method rounds weights onto (stock_quant.py):
+a*q is exact in fp32 like the products above, so a*q + b equals dequantize_parts exactly in value
+(Q4_0 and Q3_K fold their offset into b, so an exact zero may come out as +0 where ggml gives -0).
 """
 from __future__ import annotations
 
@@ -64,6 +69,8 @@ class StockType:
     block_size: int
     type_size: int
     parts: tuple[str, ...]
+    sub: int  # weights sharing one (a, b) of `grid`
+    bits: int  # code bits: q in 0..2**bits - 1
 
     def __init_subclass__(cls, qtype: str, **kw):
         super().__init_subclass__(**kw)
@@ -101,6 +108,11 @@ class StockType:
         raise NotImplementedError
 
     @classmethod
+    def grid(cls, **parts) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (a, b), each (n_blocks, block_size // sub): y = a * q + b per sub-block."""
+        raise NotImplementedError
+
+    @classmethod
     def _sub_blocks(cls, w: np.ndarray, sub: int) -> np.ndarray:
         w = np.asarray(w, np.float32)
         if w.ndim != 2 or w.shape[1] % cls.block_size:
@@ -111,6 +123,7 @@ class StockType:
 
 class Q4_0(StockType, qtype="Q4_0"):
     parts = ("d", "q")
+    sub, bits = 32, 4
 
     @classmethod
     def unpack(cls, blocks):
@@ -128,6 +141,11 @@ class Q4_0(StockType, qtype="Q4_0"):
         return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 8)
 
     @classmethod
+    def grid(cls, d, **_):
+        a = np.asarray(d).astype(np.float32)[:, None]
+        return a, -8 * a
+
+    @classmethod
     def quantize_rtn(cls, w):
         """gguf-py's Q4_0 quantizer (mirrors llama.cpp's quantize_row_q4_0_ref)."""
         cls._sub_blocks(w, 32)
@@ -136,6 +154,7 @@ class Q4_0(StockType, qtype="Q4_0"):
 
 class Q4_K(StockType, qtype="Q4_K"):
     parts = ("d", "dmin", "sc", "m", "q")
+    sub, bits = 32, 4
 
     @classmethod
     def unpack(cls, blocks):
@@ -167,6 +186,11 @@ class Q4_K(StockType, qtype="Q4_K"):
         return y.reshape(-1, 256)
 
     @classmethod
+    def grid(cls, d, dmin, sc, m, **_):
+        a = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)
+        return a, -(np.asarray(dmin).astype(np.float32)[:, None] * np.asarray(m, np.float32))
+
+    @classmethod
     def quantize_rtn(cls, w):
         """Min-max per 32-weight sub-block (min clamped to <= 0), 6-bit sub-scales/mins on fp16
         super-scales, codes against the stored (rounded) scales."""
@@ -186,6 +210,7 @@ class Q4_K(StockType, qtype="Q4_K"):
 
 class Q3_K(StockType, qtype="Q3_K"):
     parts = ("d", "sc", "q")
+    sub, bits = 16, 3
 
     @classmethod
     def unpack(cls, blocks):
@@ -215,6 +240,11 @@ class Q3_K(StockType, qtype="Q3_K"):
     def dequantize_parts(cls, d, sc, q):
         dl = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # C: d_all * (sc - 32)
         return (dl[:, :, None] * (np.asarray(q, np.float32).reshape(-1, 16, 16) - 4)).reshape(-1, 256)
+
+    @classmethod
+    def grid(cls, d, sc, **_):
+        a = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)
+        return a, -4 * a
 
     @classmethod
     def quantize_rtn(cls, w):

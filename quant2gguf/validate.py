@@ -1,6 +1,6 @@
 """Every `quantize` option checked before a model loads: each problem is one ValueError naming the fix.
-What is valid comes from the GGUF type table (bits, group sizes, slots) and from the methods'
-signatures (the options the pipeline routes to them), never from a second list."""
+What is valid comes from the GGUF type table (bits, group sizes, slots), stock_quant.TARGETS (--target)
+and the methods' signatures (the options the pipeline routes to them), never from a second list."""
 from __future__ import annotations
 
 from .gguf_types import TYPES
@@ -12,6 +12,7 @@ SLOTS = sorted({t.slots for t in TYPES.values()})
 FILLS_SLOTS = ("quantlrm",)  # the only method choosing protected weights; awq would write the slots empty
 PIPELINE_OPTIONS = {"quantlrm": {"base", "ft_steps"}}  # read by the pipeline, not the method's signature
 LAQUANT_INITS = [m for m in METHODS if m not in ("laquant", "quantlrm")]  # quantlrm needs its importance pass
+TARGET_METHODS = ("rtn", "gptq")  # the methods that round onto a fitted stock grid (stock_quant)
 
 
 def method_options(method: str, init: str | None) -> set[str]:
@@ -27,6 +28,28 @@ def _flag(name: str, value) -> str:
     return f"--{'no-' if value is False else ''}{name.replace('_', '-')}"
 
 
+def check_target(method: str, bits: int, group_size: int, given: dict) -> None:
+    """--target: a known stock type, a method that rounds onto it, and none of the options the type
+    fixes (bits, group size, slots) set to anything but their defaults; such runs keep no state."""
+    import inspect
+
+    from .pipeline import quantize_model
+    from .stock_quant import target_type
+    target = given["target"]
+    target_type(target)  # unknown: lists the valid ones
+    if method not in TARGET_METHODS:
+        raise ValueError(f"--target {target}: --method {method} has no stock-type path; use --method "
+                         f"{' | '.join(TARGET_METHODS)} or drop --target")
+    g = inspect.signature(quantize_model).parameters["group_size"].default
+    for flag, value, ok in (("--bits", bits, (BITS,)), ("--group-size", group_size, (g,)),
+                            ("--slots", given.get("slots"), (None, 0))):
+        if value not in ok:
+            raise ValueError(f"{flag} {value}: not applicable with --target {target} (the stock type fixes its "
+                             f"bits and blocks); drop {flag}")
+    if given.get("resume"):
+        raise ValueError("--resume: runs with --target keep no state to resume; drop --resume")
+
+
 def check_quantize_options(method: str, bits: int, group_size: int, given: dict | None = None) -> None:
     """Raise ValueError for the first option the run cannot honour. `given`: the method options set
     explicitly (name -> value, e.g. {"slots": 2, "act_order": True}); each must be one the method reads."""
@@ -34,6 +57,8 @@ def check_quantize_options(method: str, bits: int, group_size: int, given: dict 
     given = given or {}
     if method not in METHODS and method != "kd":
         raise ValueError(f"unknown method '{method}'; use --method {' | '.join([*METHODS, 'kd'])}")
+    if given.get("target") is not None:
+        check_target(method, bits, group_size, given)
     if bits != BITS:
         raise ValueError(f"--bits {bits}: the GGUF types hold {BITS}-bit codes; use --bits {BITS}")
     if group_size not in GROUP_SIZES:

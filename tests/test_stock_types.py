@@ -168,3 +168,20 @@ def test_q4_0_rtn_is_llama_reference_quantizer(ggml):
     traits(ggml, cls).from_float_ref(ptr(w), ptr(want), w.size)
     bad = np.nonzero((cls.quantize_rtn(w) != want).any(-1))[0]
     assert not bad.size, f"blocks differ from quantize_row_q4_0_ref: {bad[:10].tolist()}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grid_is_dequantize_parts(name):
+    """grid's per-sub-block y = a * q + b (what methods round onto) is dequantize_parts exactly, up
+    to the sign of an exact zero (-0 read as +0), edge blocks at fp16 max included."""
+    cls = st.REGISTRY[name]
+    blocks = random_blocks(cls, np.random.default_rng(3 + int(cls.qtype)))
+    parts = cls.unpack(blocks)
+    a, b = cls.grid(**parts)
+    assert a.shape == b.shape == (len(blocks), cls.block_size // cls.sub) and a.dtype == b.dtype == np.float32
+    q = parts["q"].reshape(len(blocks), -1, cls.sub).astype(np.float32)
+    assert parts["q"].max() == 2**cls.bits - 1 and parts["q"].min() == 0
+    y = (a[..., None] * q + b[..., None]).reshape(len(blocks), -1) + np.float32(0)
+    want = cls.dequantize_parts(**parts) + np.float32(0)
+    bad = differing(y, want)
+    assert not bad, f"{name}: grid differs from dequantize_parts in blocks {bad[:10]}"

@@ -6,11 +6,15 @@ each column's error spread onto the columns not yet quantized. Group parameters 
 group starts (on the error-updated weights), or all up front with `static_groups`; act-order
 (columns by decreasing diag H) forces static groups so every group stays G consecutive columns.
 Linears are quantized group by group (arch.py), later groups seeing the earlier ones quantized.
+With a stock target (cfg.target, issue 10) the grid is a stock llama.cpp type's, fitted up front by
+stock_quant.fit weighted by diag H (llama.cpp's imatrix quantizers weight by the mean x^2 the same
+way), and GPTQ rounds each column onto it: static groups of the type's sub-blocks.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import stock_quant
 from ..calib import LayerContext
 from ..quantizer import QuantizedWeight, codes_for, fit_params, search_clip
 
@@ -39,20 +43,24 @@ def _group_params(w, h_diag, bits, group_size, clip):
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, blocksize: int = 128,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  clip: bool = False, return_prequant: bool = False):
+                  clip: bool = False, return_prequant: bool = False, grid: tuple | None = None):
     """QuantizedWeight, and with return_prequant also the error-updated weights as they were
-    rounded (their fake-quant is exactly the result: the natural start for QAT)."""
+    rounded (their fake-quant is exactly the result: the natural start for QAT). `grid`: fixed
+    per-group (d, m) (N, K // group_size) fitted by the caller, e.g. a stock type's fp32 (a, b):
+    static groups, kept as given."""
     n, k = w.shape
     W = w.float().clone()
     H = h.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = static_groups or act_order
+    static = static_groups or act_order or grid is not None
     ng = k // group_size
     d = torch.zeros(n, ng, dtype=torch.float16, device=w.device)
     m = torch.zeros_like(d)
-    if static:
+    if grid is not None:
+        d, m = grid
+    elif static:
         d, m = _group_params(W, torch.diag(H), bits, group_size, clip)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=w.device)
     W, H = W[:, perm], H[perm][:, perm]
@@ -88,8 +96,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     return (qw, pre) if return_prequant else qw
 
 
+def gptq_stock(w: torch.Tensor, h: torch.Tensor, qtype: str, damp: float = 0.01, act_order: bool = False,
+               search: bool = True, return_prequant: bool = False):
+    """GPTQ in a stock type's grid: parameters fitted on w weighted by diag H (stock_quant.fit;
+    search=False: stock_types' plain RTN parameters), then every column rounded onto them."""
+    f = stock_quant.fit(w, qtype, imp=torch.diag(h), search=search)
+    q, pre = gptq_quantize(w, h, f.cls.bits, f.cls.sub, damp=damp, act_order=act_order, grid=(f.a, f.b),
+                           return_prequant=True)
+    sw = stock_quant.finish(f, q.codes)
+    return (sw, pre) if return_prequant else sw
+
+
 def quantize_layer(ctx: LayerContext, act_order: bool = False, damp: float = 0.01, clip: bool = True,
                    static_groups: bool = False) -> dict[str, QuantizedWeight]:
+    """`clip`: the per-group clip search (our types) or, with a stock target, the parameter search."""
     c = ctx.cfg
     if c.group_size > 128 and not (act_order or static_groups):
         raise ValueError("GPTQ fits groups within a 128-column block: use group size <= 128 or --act-order")
@@ -97,9 +117,13 @@ def quantize_layer(ctx: LayerContext, act_order: bool = False, damp: float = 0.0
         hs = {name: Hessian(ctx.linear(name).in_features, ctx.device) for name in group.linears}
         ctx.forward(ctx.q_in, hooks=hs, keep=False)
         for name in group.linears:
-            q, pre = gptq_quantize(ctx.linear(name).weight.data, hs[name].value(), c.bits, c.group_size,
-                                   damp=damp, act_order=act_order, static_groups=static_groups, clip=clip,
-                                   return_prequant=True)
+            w = ctx.linear(name).weight.data
+            if c.target:
+                q, pre = gptq_stock(w, hs[name].value(), stock_quant.linear_type(ctx, name), damp=damp,
+                                    act_order=act_order, search=clip, return_prequant=True)
+            else:
+                q, pre = gptq_quantize(w, hs[name].value(), c.bits, c.group_size, damp=damp, act_order=act_order,
+                                       static_groups=static_groups, clip=clip, return_prequant=True)
             ctx.set_quantized(name, q, prequant=pre)
         del hs
     return dict(ctx.quantized)
