@@ -28,10 +28,21 @@ def _refuse_existing(path: Path, force: bool) -> None:
 
 def _guard(fn, *a, **kw):
     """Run fn; user-facing errors become one line and exit 1, never a traceback."""
+    import errno
+
+    import torch
     try:
         return fn(*a, **kw)
+    except torch.cuda.OutOfMemoryError:  # a RuntimeError whose text is a page of allocator statistics
+        _fail("GPU out of memory: lower --batch / --nsamples / --seqlen, add --offload, or use a larger GPU")
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as e:
         _fail(str(e))
+    except OSError as e:  # disk full, permissions, a folder where a file was expected: say where and what to do
+        where = f" writing {e.filename}" if e.filename else ""
+        fix = {errno.ENOSPC: "free disk space or write elsewhere (-o, QUANT2GGUF_CACHE)",
+               errno.EDQUOT: "free disk space or write elsewhere (-o, QUANT2GGUF_CACHE)",
+               errno.EACCES: "choose a folder you can write to", errno.EROFS: "choose a writable folder"}
+        _fail(f"{e.strerror or e}{where}: {fix.get(e.errno, 'check the path and the disk')}")
 
 
 @app.command()

@@ -171,3 +171,23 @@ def test_eval_json_force_overwrites_atomically(tmp_path, monkeypatch):
     r = _run("eval", tmp_path / "ck", "--json", out, "--force")
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text()) == {"ppl": 1.5} and [p.name for p in tmp_path.iterdir()] == ["res.json"]
+
+
+@pytest.mark.parametrize("exc, pattern", [
+    (OSError(28, "No space left on device", "/out/model.safetensors"),
+     "No space left on device writing /out/model.safetensors: free disk space"),
+    (PermissionError(13, "Permission denied", "/ro/x"), "Permission denied writing /ro/x: choose a folder"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n" + "stats\n" * 50),
+     "GPU out of memory: lower --batch"),
+])
+def test_os_and_gpu_memory_errors_are_one_line(exc, pattern, tiny_llama_dir, tmp_path, monkeypatch):
+    """A full disk or an exhausted GPU mid-run: one line naming the file and the fix, exit 1, no traceback."""
+    import quant2gguf.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise exc
+    monkeypatch.setattr(pipeline, "quantize_model", boom)
+    r = CliRunner().invoke(app, ["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "out")])
+    lines = [ln for ln in r.output.strip().splitlines() if ln]
+    assert r.exit_code == 1 and len(lines) == 1 and pattern in lines[0], r.output
+    assert "Traceback" not in r.output
