@@ -195,7 +195,17 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
     if not Path(init).exists():
         raise FileNotFoundError(f"--init {init}: neither a method ({', '.join(METHODS)}) nor an existing checkpoint")
     man = checkpoint.read_manifest(init)
-    if (man["bits"], man["group_size"]) != (bits, group_size):
+    if man.get("target"):  # a stock llama.cpp type (quantize --target): its bits and blocks are the target's
+        if lr_w > 0:
+            raise ValueError(f"--lr-w {lr_w}: --init {init} is in the stock type {man['target']}, trained with its "
+                             f"codes frozen (scales only); pass --lr-w 0")
+        import inspect
+        dflt = inspect.signature(quantize_model).parameters
+        for flag, asked, key in (("--bits", bits, "bits"), ("--group-size", group_size, "group_size")):
+            if asked not in (man[key], dflt[key].default):  # only an explicit contradiction
+                raise ValueError(f"{flag} {asked}: --init {init} is in the stock type {man['target']}, which fixes "
+                                 f"its {key.replace('_', ' ')} ({man[key]}); drop {flag}")
+    elif (man["bits"], man["group_size"]) != (bits, group_size):
         raise ValueError(f"--init {init} is W{man['bits']}G{man['group_size']} but W{bits}G{group_size} was asked; "
                          f"pass --bits {man['bits']} -g {man['group_size']}")
     folder = resolve_model(str(model))
@@ -232,6 +242,9 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     init = str(o["init"])
     init_man = check_kd_options(model, init, bits, group_size, calib, o["steps"], o["batch"], o["lr_w"],
                                 o["lr_q"], o["eval_every"], o["heldout"], o["max_minutes"])
+    stock = {k: init_man[k] for k in ("target", "types") if init_man and init_man.get("target") and k in init_man}
+    if stock:  # a stock-type init: bits and blocks are its target's, and so is the manifest
+        bits, group_size = init_man["bits"], init_man["group_size"]
     dev = torch.device(pick_device(device))
     t0 = time.time()
     torch.manual_seed(seed)
@@ -291,7 +304,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     kd.detach(mdl, best)
     del teacher
     manifest = {
-        "method": "kd", "bits": bits, "group_size": group_size, "slots": next(iter(best.values())).slots,
+        "method": "kd", "bits": bits, "group_size": group_size, "slots": next(iter(best.values())).slots, **stock,
         "init": init_desc, "options": {k: o[k] for k in ("steps", "batch", "lr_w", "lr_q", "eval_every", "heldout", "max_minutes")},
         "arch": arch.name, "source_model": str(model),
         "calibration": {"source": calib, "split": "calib", "nsamples": int(train.shape[0]), "seqlen": seqlen,

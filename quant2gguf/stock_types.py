@@ -2,7 +2,8 @@
 
 A method that learns codes and integer sub-scales for a stock type writes them with `pack`; the
 value each weight takes in llama.cpp is `dequantize_parts(parts)`, bit-identical to ggml's
-`dequantize_row_*` (tests/test_stock_types.py checks it against libggml's to_float and gguf-py).
+`dequantize_row_*` (tests/test_stock_types.py checks it against libggml's to_float and gguf-py);
+`dequantize_parts_torch` is the same arithmetic in torch, differentiable (kd's StockFQLinear).
 Ids and sizes come from gguf-py (GGMLQuantizationType, GGML_QUANT_SIZES); byte dequantization is
 gguf-py's own numpy (`gguf.quants.dequantize`), which is bit-exact with libggml for these types.
 
@@ -108,6 +109,13 @@ class StockType:
         raise NotImplementedError
 
     @classmethod
+    def dequantize_parts_torch(cls, **parts):
+        """dequantize_parts in torch, differentiable: parts as float32 tensors (fp16 values for the
+        super scales, integer values for sub-scales/mins and codes q (n, block_size)), the same fp32
+        operations in the same order, so the values are dequantize_parts' bit for bit."""
+        raise NotImplementedError
+
+    @classmethod
     def grid(cls, **parts) -> tuple[np.ndarray, np.ndarray]:
         """float32 (a, b), each (n_blocks, block_size // sub): y = a * q + b per sub-block."""
         raise NotImplementedError
@@ -139,6 +147,10 @@ class Q4_0(StockType, qtype="Q4_0"):
     @classmethod
     def dequantize_parts(cls, d, q):
         return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 8)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, q):
+        return d[:, None] * (q - 8)
 
     @classmethod
     def grid(cls, d, **_):
@@ -184,6 +196,11 @@ class Q4_K(StockType, qtype="Q4_K"):
         m1 = np.asarray(dmin).astype(np.float32)[:, None] * np.asarray(m, np.float32)
         y = d1[:, :, None] * np.asarray(q, np.float32).reshape(-1, 8, 32) - m1[:, :, None]
         return y.reshape(-1, 256)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, dmin, sc, m, q):
+        d1, m1 = d[:, None] * sc, dmin[:, None] * m
+        return (d1[:, :, None] * q.reshape(-1, 8, 32) - m1[:, :, None]).reshape(-1, 256)
 
     @classmethod
     def grid(cls, d, dmin, sc, m, **_):
@@ -240,6 +257,10 @@ class Q3_K(StockType, qtype="Q3_K"):
     def dequantize_parts(cls, d, sc, q):
         dl = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # C: d_all * (sc - 32)
         return (dl[:, :, None] * (np.asarray(q, np.float32).reshape(-1, 16, 16) - 4)).reshape(-1, 256)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, sc, q):
+        return ((d[:, None] * sc)[:, :, None] * (q.reshape(-1, 16, 16) - 4)).reshape(-1, 256)
 
     @classmethod
     def grid(cls, d, sc, **_):

@@ -284,3 +284,99 @@ def test_kd_refuses_bad_numbers_and_a_missing_init(tiny_qwen, tmp_path):
            "too few for 100000 held-out")
     _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--init", tmp_path / "nope"],
            tmp_path, "neither a method")
+
+
+# ---------------------------------------------------------------- distillation QAT in a stock grid (issue 10)
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy().view(np.uint32)
+
+
+@pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K", "Q4_0"])
+def test_stock_fqlinear_forward_is_the_exported_blocks(qtype):
+    """Frozen codes on a stock grid: at init the forward is the StockWeight's ggml dequantization bit for
+    bit; after moving every latent (fp16 super scales off the fp16 grid, integer sub-scales across
+    rounding edges and out of range) the repacked blocks still dequantize to the forward's weights bit
+    for bit, codes unchanged; gradients reach every stored parameter."""
+    from quant2gguf import stock_quant
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 512, generator=g) * 0.05
+    q = stock_quant.quantize_rtn(w, qtype)
+    lin = torch.nn.Linear(512, 24, bias=False)
+    m = kd.StockFQLinear(lin, q)
+    assert np.array_equal(_bits(m.weight_q()), _bits(q.dequantize()))
+    assert set(m.p) == {"Q3_K": {"d", "sc"}, "Q4_K": {"d", "dmin", "sc", "m"}, "Q4_0": {"d"}}[qtype]
+    with torch.no_grad():
+        for k, p in m.p.items():
+            p.add_(torch.randn(p.shape, generator=g) * (0.7 if k in m.ints else 1e-3))
+    e = m.export()
+    assert isinstance(e, stock_quant.StockWeight) and e.qtype == qtype and torch.equal(e.codes, q.codes)
+    assert not torch.equal(e.blocks, q.blocks)
+    assert np.array_equal(_bits(m.weight_q()), _bits(e.dequantize()))
+    for k, (lo, hi) in m.ints.items():  # integer parts rounded and clamped to the format's range
+        v = m.parts()[k]
+        assert v.min() >= lo and v.max() <= hi and torch.equal(v, v.round())
+    m.weight_q().square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.p.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen256(tmp_path_factory):
+    from conftest import make_tiny_model
+    return make_tiny_model("qwen2", tmp_path_factory.mktemp("kd-tiny256"), hidden=256)
+
+
+@pytest.fixture(scope="module", params=["q3_k", "q4_0"])
+def stock_ckpt(request, tiny_qwen256, tmp_path_factory):
+    return request.param, quantize_model(tiny_qwen256, tmp_path_factory.mktemp("kd-stock") / request.param,
+                                         method="gptq", target=request.param, nsamples=8, seqlen=64, device="cpu")
+
+
+def test_kd_in_the_stock_grid(stock_ckpt, tiny_qwen256, tmp_path, monkeypatch):
+    """--init a --target checkpoint: scales trained with the codes frozen beat the init's held-out KL;
+    every export during training dequantizes to the student's forward weights bit for bit; the
+    checkpoint keeps target/types and converts to a GGUF whose linears are the stock type."""
+    target, init = stock_ckpt
+    name = target.upper()
+    checked = []
+    real = kd.StockFQLinear.export
+
+    def export_checked(self):
+        e = real(self)
+        checked.append(np.array_equal(_bits(self.weight_q()), _bits(e.dequantize())))
+        return e
+    monkeypatch.setattr(kd.StockFQLinear, "export", export_checked)
+    ck = quantize_model(tiny_qwen256, tmp_path / "kd", method="kd", init=str(init), seqlen=64, device="cpu",
+                        steps=30, batch=4, eval_every=5, heldout=4)
+    man = json.loads((ck / "manifest.json").read_text())
+    ini = json.loads((init / "manifest.json").read_text())
+    st = man["kd"]
+    assert st["kd_heldout_kl_best"] < st["kd_heldout_kl_init"] and not st["kd_kept_init"], st
+    assert checked and all(checked)
+    assert man["target"] == name and man["types"] == ini["types"] and set(ini["types"].values()) == {name}
+    assert (man["bits"], man["group_size"]) == (ini["bits"], ini["group_size"])
+    _, got = checkpoint.load_quantized(ck)
+    _, ref = checkpoint.load_quantized(init)
+    from quant2gguf.stock_quant import StockWeight
+    assert all(isinstance(got[k], StockWeight) and got[k].qtype == name for k in ref)
+    assert all(torch.equal(got[k].codes, ref[k].codes) for k in ref)  # codes never moved
+    assert any(not torch.equal(got[k].blocks, ref[k].blocks) for k in ref)  # the stored scales did
+    model, _, _, _ = checkpoint.load_model(ck)
+    for k in ref:
+        assert np.array_equal(_bits(model.get_submodule(k).weight.data), _bits(got[k].dequantize())), k
+    info = export.convert(ck, tmp_path / "kd.gguf", tokenizer_pre=PRE)
+    tensors = {t.name: t for t in export.read_gguf(info["path"]).tensors}  # gguf-py's GGUFReader
+    lin = {n: t.tensor_type.name for n, t in tensors.items() if n.startswith("blk.") and t.data.ndim >= 2
+           and not n.endswith("norm.weight")}
+    assert len(lin) == len(ref) and set(lin.values()) == {name}, lin
+    t = tensors["blk.1.ffn_down.weight"]  # no row permutation on this one: the stored bytes verbatim
+    want = got["model.layers.1.mlp.down_proj"].blocks.numpy()
+    assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(want.shape), want)
+
+
+def test_kd_stock_init_refuses_latent_weights_and_other_groups(stock_ckpt, tiny_qwen256, tmp_path):
+    _, init = stock_ckpt
+    _fails(["quantize", tiny_qwen256, "-o", tmp_path / "out", "--method", "kd", "--init", init, "--lr-w", "1e-3"],
+           tmp_path, "pass --lr-w 0")
+    _fails(["quantize", tiny_qwen256, "-o", tmp_path / "out", "--method", "kd", "--init", init, "-g", "64"],
+           tmp_path, "drop --group-size")

@@ -10,9 +10,10 @@ slots stay exactly their fp16 value), everything else frozen. Teacher = the FP m
 GPU). Memory: bf16 autocast, activation checkpointing per decoder layer, and the loss computed
 from final hidden states in token chunks (the [tokens x vocab] logits never exist whole: each
 chunk's backward runs into the detached hidden state, whose gradient then flows once through the
-model). A held-out slice of the calibration data is scored every `eval_every` steps; the best
-state is kept and the init is returned when training never beats it. A non-finite loss stops the
-run and keeps the last good state.
+model). A stock-type init (quantize --target) trains what its format stores with the codes frozen
+(StockFQLinear) and exports the same stock type. A held-out slice of the calibration data is
+scored every `eval_every` steps; the best state is kept and the init is returned when training
+never beats it. A non-finite loss stops the run and keeps the last good state.
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ import math
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..quantizer import EMPTY, QuantizedWeight, codes_for, expand
+from ..stock_quant import StockWeight, from_blocks
+from ..stock_types import stock_type
 from .laquant import _export
 from quant2gguf.kernels.fakequant import FakeQuantFn
 
@@ -88,6 +92,10 @@ class FQLinear(nn.Module):
         pidx = self.pidx if self.pidx is not None and self.pidx.numel() else None
         return _fq(*self.params(), pidx, self.bits, self.group_size, self.triton)
 
+    def qparams(self) -> list[nn.Parameter]:
+        """The grid's trainable parameters (lr_q)."""
+        return [self.d, self.m]
+
     def forward(self, x):
         w = self.weight_q()
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -103,6 +111,73 @@ class FQLinear(nn.Module):
         from ..calib import QuantConfig
         cfg = QuantConfig(self.bits, self.group_size, 0 if self.pidx is None else self.pidx.shape[-1])
         return _export(*self.params(), self.pidx, cfg)
+
+
+STOCK_INTS = {"Q3_K": {"sc": (-32, 31)}, "Q4_K": {"sc": (0, 63), "m": (0, 63)}}  # stock_types.pack's ranges
+
+
+def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x's fp16 value (as fp32) forward, identity backward: x + (h - x) is exactly h in fp32."""
+    x = x.clamp(-65504.0, 65504.0)
+    return x + (x.to(torch.float16).float() - x).detach()
+
+
+def _int_ste(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """x rounded and clamped to lo..hi forward, identity backward."""
+    return x + (x.round().clamp(lo, hi) - x).detach()
+
+
+class StockFQLinear(nn.Module):
+    """Frozen codes on a stock llama.cpp grid (a StockWeight, quantize --target): trains exactly what
+    the format stores besides the codes, each a continuous latent projected in forward through a
+    straight-through estimator: fp16 super scales (Q4_0 and Q3_K d; Q4_K d, dmin) through an fp16
+    cast, integer sub-scales / sub-mins (Q3_K sc in -32..31; Q4_K sc, m in 0..63) rounded and clamped.
+    Each latent is in units of its initial magnitude (1 where it is 0), so one learning rate is a
+    relative step for every model, like FQLinear's u. The weight is stock_types' torch formula on
+    the projected parts, the fp32 arithmetic ggml does, so export()'s repacked blocks dequantize to
+    forward's weights bit for bit."""
+
+    def __init__(self, lin: nn.Linear, q: StockWeight):
+        super().__init__()
+        self.qtype, self.cls, self.ints = q.qtype, stock_type(q.qtype), STOCK_INTS.get(q.qtype, {})
+        dev = lin.weight.device
+        self.register_buffer("codes", q.codes.to(dev))
+        self.p = nn.ParameterDict()
+        for k, v in self.cls.unpack(q.blocks.cpu().numpy()).items():
+            if k == "q":
+                continue
+            t = torch.from_numpy(v.astype(np.float32)).to(dev)
+            u = torch.where(t != 0, t.abs(), torch.ones_like(t))
+            self.register_buffer(f"u_{k}", u)
+            self.p[k] = nn.Parameter(t / u)
+        self.bias = lin.bias
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored parts (but q) as fp32 values, differentiable through the STEs."""
+        out = {}
+        for k, p in self.p.items():
+            x = p * getattr(self, f"u_{k}")
+            out[k] = _int_ste(x, *self.ints[k]) if k in self.ints else _fp16_ste(x)
+        return out
+
+    def qparams(self) -> list[nn.Parameter]:
+        return list(self.p.values())
+
+    def weight_q(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        q = self.codes.view(-1, self.cls.block_size).float()
+        return self.cls.dequantize_parts_torch(**self.parts(), q=q).view(n, k)
+
+    forward = FQLinear.forward
+
+    @torch.no_grad()
+    def export(self) -> StockWeight:
+        """The StockWeight of the projected parts: same qtype and codes, repacked blocks (CPU)."""
+        parts = {k: (v.to(torch.int16) if k in self.ints else v.to(torch.float16)).cpu().numpy()
+                 for k, v in self.parts().items()}
+        n = self.codes.shape[0]
+        q = self.codes.cpu().numpy().reshape(-1, self.cls.block_size)
+        return from_blocks(self.qtype, torch.from_numpy(self.cls.pack(**parts, q=q)).reshape(n, -1))
 
 
 def _protected_mask(pidx: torch.Tensor, g: int, shape) -> torch.Tensor:
@@ -132,15 +207,21 @@ def _latent_init(deq, fp, q: QuantizedWeight, d, m, span: float = 0.25) -> torch
 
 
 def attach(model, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor],
-           triton: bool | None = None, train_codes: bool = True) -> dict[str, FQLinear]:
-    """Swap every quantized linear of `model` for an FQLinear; freeze everything else."""
+           triton: bool | None = None, train_codes: bool = True) -> dict[str, FQLinear | StockFQLinear]:
+    """Swap every quantized linear of `model` for an FQLinear (a StockFQLinear for a stock-type
+    weight, whose codes stay frozen); freeze everything else."""
     for p in model.parameters():
         p.requires_grad_(False)
     mods = {}
     for name, q in quantized.items():
         parent, attr = name.rsplit(".", 1)
         lin = model.get_submodule(name)
-        mods[name] = FQLinear(lin, q, fp_weights.get(name), triton, train_codes)
+        if isinstance(q, StockWeight):
+            if train_codes:
+                raise ValueError(f"{name} is a stock {q.qtype} weight: its codes stay frozen; use --lr-w 0")
+            mods[name] = StockFQLinear(lin, q)
+        else:
+            mods[name] = FQLinear(lin, q, fp_weights.get(name), triton, train_codes)
         setattr(model.get_submodule(parent), attr, mods[name])
     return mods
 
@@ -224,7 +305,7 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
     best = dict(quantized)
     best_step, history, stopped = 0, [{"step": 0, "heldout_kl": init_kl}], None
     params_w = [m.latent for m in mods.values()] if lr_w > 0 else []
-    params_q = [p for m in mods.values() for p in (m.d, m.m)]
+    params_q = [p for m in mods.values() for p in m.qparams()]
     groups = ([{"params": params_w, "lr": lr_w}] if params_w else []) + [{"params": params_q, "lr": lr_q}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, min(20, steps // 10))  # linear warmup: Adam's first steps move every weight at once
@@ -296,7 +377,7 @@ def detach(model, quantized: dict[str, QuantizedWeight]) -> None:
         parent, attr = name.rsplit(".", 1)
         fq = model.get_submodule(name)
         n, k = q.shape
-        lin = nn.Linear(k, n, bias=fq.bias is not None, device=fq.d.device)
+        lin = nn.Linear(k, n, bias=fq.bias is not None, device=next(fq.buffers()).device)
         lin.weight.data.copy_(q.dequantize().to(lin.weight.device))
         if fq.bias is not None:
             lin.bias = fq.bias
