@@ -187,6 +187,16 @@ def row_permutation(name: str, idx: torch.Tensor, shape: tuple[int, int]) -> tor
     return rows
 
 
+def _byte_level_bpe(folder: Path) -> bool:
+    """tokenizer.json holds a byte-level BPE (GPT-2 style) tokenizer."""
+    import json
+    try:
+        tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (tj.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(tj.get("pre_tokenizer"))
+
+
 def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer_pre: str | None,
                     extra_kv: dict[str, object]):
     """A subclass of the architecture's converter class that writes quantized linears as our types."""
@@ -233,6 +243,16 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
 
         def get_vocab_base_pre(self, tokenizer):
             return tokenizer_pre or super().get_vocab_base_pre(tokenizer)
+
+        def set_vocab(self):
+            # phi3's converter takes tokenizer.json only under tokenizer_class GPT2Tokenizer (Phi-4)
+            # and otherwise wants a sentencepiece tokenizer.model; transformers re-saves such a
+            # tokenizer as another class (TokenizersBackend), so a checkpoint of a byte-level BPE
+            # phi3 without tokenizer.model takes the converter's GPT-2 path here, as Phi-4's does.
+            if base.model_arch == gguf.MODEL_ARCH.PHI3 and not (self.dir_model / "tokenizer.model").is_file() \
+                    and _byte_level_bpe(self.dir_model):
+                return self._set_vocab_gpt2()
+            return super().set_vocab()
 
         def prepare_metadata(self, vocab_only):
             if self.written:  # general.file_type names the type holding most weights (tensors are done)

@@ -27,6 +27,17 @@ def tiny_config(arch: str, hidden: int = 128, layers: int = 2, tie: bool = False
         return Qwen2Config(**common)
     if arch == "qwen3":
         return Qwen3Config(head_dim=hidden // 4, **common)
+    # the architectures below are tested in test_archs.py only (not in ARCHS)
+    if arch == "mistral":
+        from transformers import MistralConfig
+        return MistralConfig(sliding_window=None, **common)
+    if arch == "gemma3_text":  # Gemma3ForCausalLM; llama.cpp scales queries by 1/sqrt(head_dim)
+        from transformers import Gemma3TextConfig
+        return Gemma3TextConfig(head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, pad_token_id=0,
+                                bos_token_id=0, eos_token_id=0, **common)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        from transformers import Phi3Config
+        return Phi3Config(pad_token_id=None, bos_token_id=0, eos_token_id=0, **common)
     raise ValueError(arch)
 
 

@@ -6,7 +6,8 @@ divided back, and the alpha with the lowest MSE of the group's outputs (the conc
 of its linears, an architecture-free stand-in for AWQ's sub-block output) wins. 1/s is folded into
 the preceding norm or linear, so inference pays nothing. Then a per-group clip search weighted by
 the input's second moment. `stat` is mean|x| (AWQ) or any per-channel importance (QuantLRM).
-Groups whose producer cannot absorb the scale (v_proj -> o_proj under GQA) keep s = 1.
+Groups whose producer cannot absorb the scale exactly keep s = 1 (no fold, no scaling): v_proj ->
+o_proj under GQA, and phi3's fused qkv_proj -> o_proj under GQA (arch.Group.prev_part).
 """
 from __future__ import annotations
 
@@ -50,23 +51,55 @@ class InputStats:
         return torch.cat(self.sample)
 
 
+def _part(ctx: LayerContext, prev: str) -> tuple[int, int]:
+    """arch.Group.prev_part of the group fed by `prev`: which row chunk of its output is the input."""
+    arch = getattr(ctx, "arch", None)
+    return next((g.prev_part for g in arch.groups if g.prev == prev), (0, 1)) if arch else (0, 1)
+
+
+def _rows(ctx: LayerContext, prev: str, k: int) -> slice | None:
+    """The rows of linear `prev` whose outputs are the group's input, or None when they are not k
+    whole output channels in order: v_proj under GQA (fewer rows than o_proj's input, each shared
+    by several query heads), or phi3's fused qkv_proj under GQA (its last third is not v). Folding
+    there would not be exact, so those groups are skipped (s = 1) rather than folded wrongly."""
+    mod = get_module(ctx.layer, prev)
+    i, n = _part(ctx, prev)
+    if mod.out_features != n * k:
+        return None
+    return slice(i * k, (i + 1) * k)
+
+
 def can_fold(ctx: LayerContext, prev: str, k: int) -> bool:
     mod = get_module(ctx.layer, prev)
     if isinstance(mod, torch.nn.Linear):
-        return mod.out_features == k
-    return getattr(mod, "weight", None) is not None and mod.weight.shape[-1] == k
+        return _rows(ctx, prev, k) is not None
+    return _part(ctx, prev) == (0, 1) and getattr(mod, "weight", None) is not None and mod.weight.shape[-1] == k
 
 
 @torch.no_grad()
 def fold(ctx: LayerContext, prev: str, s: torch.Tensor) -> None:
-    """Divide the producer's output channels by s (a norm's weight, a linear's rows and bias)."""
+    """Divide the producer's output channels by s: a linear's rows and bias (for a fused producer
+    only the rows that are the group's input: the v third of phi3's qkv_proj under MHA, the up
+    half of gate_up_proj, which only multiplies act(gate), so the function is unchanged), or a
+    norm's gain norm_offset + weight (gemma's (1 + w) RMSNorm: w' = (1 + w) / s - 1)."""
     mod = get_module(ctx.layer, prev)
     if isinstance(mod, torch.nn.Linear):
-        mod.weight.div_(s.view(-1, 1).to(mod.weight.dtype))
+        rows = _rows(ctx, prev, s.numel())
+        if rows is None:  # no exact fold (can_fold is False): only s = 1 is a no-op
+            if bool((s == 1).all()):
+                return
+            raise ValueError(f"{prev}: its outputs are not the scaled input channels; AWQ cannot fold here")
+        mod.weight[rows].div_(s.view(-1, 1).to(mod.weight.dtype))
         if mod.bias is not None:
-            mod.bias.div_(s.to(mod.bias.dtype))
+            mod.bias[rows].div_(s.to(mod.bias.dtype))
     else:
-        mod.weight.div_(s.to(mod.weight.dtype))
+        arch = getattr(ctx, "arch", None)
+        off = arch.norm_offset if arch else 0.0
+        w = mod.weight.data
+        if off:
+            w.copy_(((w.float() + off) / s.float() - off).to(w.dtype))
+        else:
+            w.div_(s.to(w.dtype))
 
 
 @torch.no_grad()
