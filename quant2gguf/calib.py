@@ -19,6 +19,9 @@ from .arch import Arch, decoder_layers, get_module
 from .quantizer import QuantizedWeight, check_weight
 
 
+COMPUTE = torch.float32  # layer-wise calibration computes in fp32 whatever dtype the model is held in
+
+
 @dataclass
 class QuantConfig:
     bits: int = 3
@@ -39,6 +42,7 @@ class LayerContext:
     fp_out: list[torch.Tensor]  # Y = F(X), computed before any weight changed
     kwargs: dict  # other decoder-layer arguments (rotary embeddings, mask)
     device: torch.device
+    next_kwargs: dict | None = None  # next_layer's arguments (its mask/rotary may differ: gemma3)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)  # method-specific numbers for the manifest
     prequant: dict[str, torch.Tensor] = field(default_factory=dict)  # weights right before quantization
@@ -49,7 +53,8 @@ class LayerContext:
     def forward(self, inputs: list[torch.Tensor], layer: nn.Module | None = None,
                 hooks: dict[str, Callable[[torch.Tensor], None]] | None = None, keep: bool = True):
         """Run `layer` (default: this one) on each batch; hooks[name](x) sees each named linear's input."""
-        return run_layer(layer or self.layer, inputs, self.kwargs, self.device, hooks, keep)
+        kw = self.next_kwargs if layer is not None and layer is self.next_layer else self.kwargs
+        return run_layer(layer or self.layer, inputs, kw, self.device, hooks, keep)
 
     def set_quantized(self, name: str, q: QuantizedWeight, prequant: torch.Tensor | None = None) -> None:
         """Record the result and make the layer compute with exactly the deployed weights.
@@ -83,31 +88,49 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
             h.remove()
 
 
+class _Probe(nn.Module):
+    """Stands in for decoder layer i during capture: records its keyword arguments (and layer 0's
+    input) and returns the hidden state unchanged, so no layer computes."""
+
+    def __init__(self, i: int, real: nn.Module, sink: list, inputs: list, store):
+        super().__init__()
+        self.i, self.sink, self.inputs, self.store = i, sink, inputs, store
+        for k in ("attention_type", "layer_idx", "is_sliding", "sliding_window"):  # what model loops read
+            if hasattr(real, k):
+                setattr(self, k, getattr(real, k))
+
+    def forward(self, hidden_states, *args, **kw):
+        if self.i == 0:
+            self.inputs.append(hidden_states.to(self.store, COMPUTE))
+        self.sink[self.i] = kw
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_inputs(model, arch: Arch, batches: torch.Tensor, batch_size: int, device: torch.device,
-                   store: torch.device) -> tuple[list[torch.Tensor], dict]:
-    """Decoder-layer-0 inputs per batch and its other arguments, without running later layers."""
+                   store: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    """Decoder-layer-0 inputs per batch, and every layer's other arguments, without running any
+    layer. Arguments are per layer: gemma3 gives its full-attention layers another mask and
+    another rotary table than its sliding-window ones."""
     layers = decoder_layers(model, arch)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    inputs, kwargs = [], {}
-
-    def grab(_m, args, kw):
-        inputs.append((args[0] if args else kw["hidden_states"]).to(store))
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-
-    h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    inputs, per_layer = [], [None] * len(layers)
     parent, attr = arch.layers.rsplit(".", 1)
     holder = get_module(model, parent)
-    setattr(holder, attr, nn.ModuleList([layers[0]]))  # run embeddings + layer 0 only
+    setattr(holder, attr, nn.ModuleList([_Probe(i, l, per_layer, inputs, store) for i, l in enumerate(layers)]))
     try:
         for b in batches.split(batch_size):
             base(input_ids=b.to(device), use_cache=False)
     finally:
         setattr(holder, attr, layers)
-        h.remove()
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
-    kwargs["use_cache"] = False
+    drop = ("past_key_values", "past_key_value", "cache")
+    kwargs = [{**{k: v for k, v in kw.items() if k not in drop}, "use_cache": False} for kw in per_layer]
     return inputs, kwargs
+
+
+def _non_layer_modules(model, arch: Arch, layers) -> list[nn.Module]:
+    """The decoder's modules other than its layer list (embeddings, rotary, final norm)."""
+    return [c for c in get_module(model, arch.layers.rsplit(".", 1)[0]).children() if c is not layers]
 
 
 def check_model(model, arch: Arch, group_size: int) -> None:
@@ -181,42 +204,68 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
     model.eval()
     check_model(model, arch, cfg.group_size)
     layers = decoder_layers(model, arch)
+    # A model loaded in bf16/fp16 (--dtype) stays so in memory; each layer, the embeddings and the
+    # rotary tables compute in fp32, so the result is bit for bit the fp32-loaded run's.
+    outer = _non_layer_modules(model, arch, layers)
+    outer_dtype = {id(m): next((p.dtype for p in m.parameters()), None) for m in outer}
     if offload:  # only the small non-layer modules (embeddings, rotary, norm) live on the device
-        for child in get_module(model, arch.layers.rsplit(".", 1)[0]).children():
-            if child is not layers:
-                child.to(device)
+        for child in outer:
+            child.to(device, COMPUTE)
     else:
         model.to(device)
-    layers[0].to(device)
+        for child in outer:
+            child.to(COMPUTE)
+    layers[0].to(device, COMPUTE)
     fp, kwargs = capture_inputs(model, arch, batches, batch_size, device, store)
+    kwargs = [_to_compute(kw) for kw in kwargs]
     q = fp  # embeddings are not quantized: X_hat_0 = X_0
     quantized, stats = {}, []
     n = len(layers)
     for i in range(n):
-        layer = layers[i].to(device)
-        fp_out = run_layer(layer, fp, kwargs, device)
+        orig = next(layers[i].parameters()).dtype
+        layer = layers[i].to(device, COMPUTE)
+        fp_out = run_layer(layer, fp, kwargs[i], device)
         saved = None if state is None else Path(state) / f"layer-{i:04d}.pt"
         if saved is not None and saved.is_file():
             done, st = load_layer_state(saved, layer)
             st = {**st, "resumed": True}
-            q_out = run_layer(layer, q, kwargs, device)
+            q_out = run_layer(layer, q, kwargs[i], device)
         else:
-            ctx = LayerContext(i, layer, layers[i + 1] if i + 1 < n else None, arch, cfg, fp, q, fp_out, kwargs, device)
+            ctx = LayerContext(i, layer, layers[i + 1] if i + 1 < n else None, arch, cfg, fp, q, fp_out, kwargs[i],
+                               device, next_kwargs=kwargs[i + 1] if i + 1 < n else None)
             result = method(ctx)
             for name, qw in result.items():
                 if name not in ctx.quantized:
                     ctx.set_quantized(name, qw)
-            q_out = run_layer(layer, q, kwargs, device)
+            q_out = run_layer(layer, q, kwargs[i], device)
             st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out), **ctx.stats}
             done = ctx.quantized
             if saved is not None:
                 save_layer_state(saved, layer, done, st)
         for name, qw in done.items():
             quantized[f"{arch.layers}.{i}.{name}"] = qw.to("cpu")
+            # the linear's weight is never saved (its codes are): back to the load dtype, memory with it.
+            # Norms and biases stay fp32, exactly what the quantized stream saw (AWQ folds into them)
+            lin = get_module(layer, name)
+            lin.weight.data = lin.weight.data.to(orig)
         stats.append(st)
         if offload:
             layers[i].to("cpu")
         fp, q = fp_out, q_out
         if progress:
             progress(i, st)
+    for child in outer:  # unchanged by any method: back to the load dtype exactly
+        if outer_dtype[id(child)] is not None:
+            child.to(outer_dtype[id(child)])
     return quantized, stats
+
+
+def _to_compute(obj):
+    """Floating tensors (rotary cos/sin, masks) of a layer's keyword arguments in the compute dtype."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(COMPUTE) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_compute(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_compute(v) for k, v in obj.items()}
+    return obj

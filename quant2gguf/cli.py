@@ -75,6 +75,7 @@ def quantize(
     lr_w: Optional[float] = typer.Option(None, help="latent weight learning rate: LAQuant absolute (1e-5); kd in grid cells a step (default 0: codes frozen, scales/offsets trained; 1e-3 trains the weights too)"),
     lr_q: Optional[float] = typer.Option(None, help="scale/offset learning rate: LAQuant absolute (1e-4); kd in grid cells a step (2e-3)"),
     offload: bool = typer.Option(False, help="keep layers and activations on CPU between uses (GPU short of memory)"),
+    dtype: str = typer.Option("auto", help="how the model is held in memory: auto (as stored: bf16 for most HF models, half of fp32's RAM) | fp32 | bf16 | fp16; layers compute in fp32 either way"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same OUT and settings from its last finished layer"),
     target: Optional[str] = typer.Option(None, "--target", help="rtn/gptq into a stock llama.cpp type instead of ours: q3_k | q4_k | q4_0 (K types need in-dims of 256s; others fall back to q4_0)"),
@@ -89,7 +90,7 @@ def quantize(
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
            damp=damp, slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
            lr_w=lr_w, lr_q=lr_q, offload=offload, steps=steps, batch=batch, eval_every=eval_every,
-           heldout=heldout, max_minutes=max_minutes, resume=resume, target=target)
+           heldout=heldout, max_minutes=max_minutes, resume=resume, target=target, dtype=dtype)
     typer.echo(str(out))
 
 

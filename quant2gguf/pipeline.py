@@ -20,9 +20,12 @@ from .methods.quantlrm import importances, pseudo_finetune
 from .validate import check_quantize_options
 
 
+DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_hf(model: str | Path, dtype=torch.float32):
     """(model, tokenizer, folder) for a fixture name or HF folder; unsupported architectures
-    fail before any weight is read."""
+    fail before any weight is read. dtype "auto": as the checkpoint stores it (no rounding)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .fixtures import resolve_model
@@ -55,7 +58,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                    group_size: int = 128, calib: str = "news", nsamples: int = 32, seqlen: int = 512,
                    device: str = "auto", seed: int = 0, batch_size: int = 4, offload: bool = False,
                    slots: int | None = None, base: str | None = None, ft_steps: int = 16,
-                   ft_calib: str = "gsm", resume: bool = False, target: str | None = None, **options) -> Path:
+                   ft_calib: str = "gsm", resume: bool = False, target: str | None = None, dtype: str = "auto",
+                   **options) -> Path:
     """Quantize a model's decoder linears with `method` and save a checkpoint at `out`.
     Options go to the method (rtn: clip; gptq: act_order, clip, damp, static_groups; awq: clip).
     `slots` protected fp16 weights per group (default 2 for quantlrm, else 0). QuantLRM takes its
@@ -63,7 +67,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     `ft_calib` reasoning text. Each finished layer is kept in a state folder beside `out` until the
     checkpoint is written; `resume` continues an interrupted run from it (same settings only).
     `target` (rtn, gptq): a stock llama.cpp type (q3_k | q4_k | q4_0) instead of our Q3_G types;
-    such a run keeps no state (not resumable)."""
+    such a run keeps no state (not resumable). `dtype`: how the model is held in memory (auto: as stored,
+    e.g. bf16 for most HF models, half of fp32's RAM); every layer computes in fp32 either way."""
     from .data import token_batches
 
     out = Path(out)
@@ -71,6 +76,10 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         raise FileExistsError(f"{out} exists; remove it or choose another -o")
     given = {"slots": slots, "target": target, "resume": resume or None}
     check_quantize_options(method, bits, group_size, {k: v for k, v in given.items() if v is not None})
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: use one of {' | '.join(DTYPES)}")
+    if method == "kd" and dtype != "auto":
+        raise ValueError(f"--dtype {dtype}: kd holds its student in fp32 and its teacher in bf16 on a GPU; drop --dtype")
     if calib == SELF and method != "kd":
         raise ValueError(f"--calib {SELF} (samples of the teacher) is distillation data: use it with --method kd")
     if resume and method == "kd":
@@ -89,7 +98,9 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         dev = torch.device(pick_device(device))
         t0 = time.time()
         torch.manual_seed(seed)
-        mdl, tok, folder = load_hf(model)
+        mdl, tok, folder = load_hf(model, DTYPES[dtype])
+        if calib == "traces" or (method == "quantlrm" and not base):
+            mdl.float()  # these generate with, or fine-tune, the whole model first: in fp32
         arch = get_arch(mdl.config.model_type)
         if calib == "traces":  # the model's own reasoning on GSM calibration problems
             from .traces import traces_file

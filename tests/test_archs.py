@@ -207,3 +207,26 @@ def test_greedy_tokens_match_torch(converted):
             assert got[:len(want)] == want, (arch, prompt, got, want)
             compared += len(want)
     assert compared >= 8, compared
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_calibration_streams_are_the_models_own_hidden_states(arch, tmp_path):
+    """Layer by layer, the driver's FP stream is exactly what the whole model computes: each layer
+    gets its own mask and rotary table (gemma3's global layer 5 has another window and rope base
+    than the sliding ones; with layer 0's it was 5-8 % off)."""
+    from transformers import AutoModelForCausalLM
+
+    from quant2gguf.calib import capture_inputs, run_layer
+    hf = build(arch, tmp_path / "hf", **({} if arch == "gemma3_text" else {"num_hidden_layers": 3}))
+    model = AutoModelForCausalLM.from_pretrained(hf).eval()
+    ids = torch.randint(3, 250, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states
+        arch_ = get_arch(model.config.model_type)
+        xs, kwargs = capture_inputs(model, arch_, ids, 2, torch.device("cpu"), torch.device("cpu"))
+        layers = model.model.layers
+        assert len(kwargs) == len(layers) and torch.equal(xs[0], want[0])
+        for i, layer in enumerate(layers):
+            xs = run_layer(layer, xs, kwargs[i], torch.device("cpu"))
+            got = model.model.norm(xs[0]) if i == len(layers) - 1 else xs[0]  # the last entry is after the final norm
+            torch.testing.assert_close(got, want[i + 1], rtol=1e-5, atol=1e-5, msg=f"layer {i}")

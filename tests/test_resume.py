@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import quant2gguf.pipeline as P
+from quant2gguf.pipeline import quantize_model
 from quant2gguf.cli import app
 
 OPTS = dict(group_size=64, nsamples=4, seqlen=64, device="cpu", epochs=1)
@@ -95,3 +97,41 @@ def test_quickstart_keys_its_outputs_by_settings_and_resumes(tmp_path, monkeypat
         P.quickstart("smollm2", tmp_path, nsamples=n, seqlen=256)
     assert [c[0] for c in calls] == ["smollm2-gptq-w3g64-n32x256", "smollm2-gptq-w3g64-n16x256"]
     assert all(c[1]["resume"] for c in calls)
+
+
+# ---------------------------------------------------------------- --dtype: held in bf16, computed in fp32
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_bf16_held_model_quantizes_bit_for_bit_like_fp32(method, tmp_path, monkeypatch):
+    """A model stored in bf16 and loaded as stored (--dtype auto) is held in bf16 (half the memory:
+    layers not reached yet are still bf16 when a method runs) yet gives exactly the checkpoint of
+    the same model loaded in fp32, every layer computing in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from quant2gguf import checkpoint
+    from quant2gguf.methods import METHODS
+    src = make_tiny_model("qwen2", tmp_path / "fp32", layers=3)
+    AutoModelForCausalLM.from_pretrained(src).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / f).write_bytes((src / f).read_bytes())
+    real, seen = METHODS[method], []
+
+    def spy(ctx, **kw):
+        layers = ctx.layer, *([ctx.next_layer] if ctx.next_layer is not None else [])
+        seen.append((ctx.index, [next(m.parameters()).dtype for m in layers]))
+        return real(ctx, **kw)
+    monkeypatch.setitem(METHODS, method, spy)
+    kw = dict(method=method, group_size=64, nsamples=4, seqlen=32, device="cpu")
+    a = quantize_model(tmp_path / "bf16", tmp_path / "auto", **kw)
+    assert seen[0] == (0, [torch.float32, torch.bfloat16])  # this layer in fp32, the next still bf16
+    b = quantize_model(tmp_path / "bf16", tmp_path / "fp32ck", dtype="fp32", **kw)
+    _, qa = checkpoint.load_quantized(a)
+    _, qb = checkpoint.load_quantized(b)
+    for n in qb:
+        assert torch.equal(qa[n].codes, qb[n].codes) and torch.equal(qa[n].scales, qb[n].scales), n
+        assert torch.equal(qa[n].offsets, qb[n].offsets), n
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    assert ta["model.embed_tokens.weight"].dtype == torch.bfloat16  # saved as stored
+    for k in tb:
+        assert torch.equal(ta[k].float(), tb[k].float()), k

@@ -37,7 +37,7 @@ def _targets(ctx: LayerContext, lam: float, mu: float):
     with torch.no_grad():
         for y in ctx.fp_out:
             y = y.to(ctx.device)
-            la = run_layer(nxt, [y], ctx.kwargs, ctx.device)[0] if lam else None
+            la = run_layer(nxt, [y], ctx.next_kwargs, ctx.device)[0] if lam else None
             kv = _kv(ctx, y) if mu else None
             out.append((y, la, kv))
     return out, lam, mu
@@ -53,7 +53,7 @@ def _loss(ctx, yq, target, lam, mu):
     y, la, kv = target
     loss = torch.mean((yq - y) ** 2)
     if lam:
-        loss = loss + lam * torch.mean((run_layer_grad(ctx.next_layer, yq, ctx.kwargs) - la) ** 2)
+        loss = loss + lam * torch.mean((run_layer_grad(ctx.next_layer, yq, ctx.next_kwargs) - la) ** 2)
     if mu:
         for a, b in zip(_kv(ctx, yq), kv):
             loss = loss + mu * torch.mean((a - b) ** 2)
