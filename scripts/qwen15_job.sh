@@ -7,10 +7,11 @@
 #           scales/offsets trained), KD_MIN minutes
 #   lane B: from lane A's GPTQ init, the same distillation on SELF_N sequences sampled from the teacher
 #           (--calib self, LLM-QAT's data-free data)
-#   lane C: GPTQ in the stock Q3_K grid (--target q3_k, same calibration and damping), then KD in that grid
+#   lane C: GPTQ --act-order in the stock Q3_K grid (--target q3_k, same calibration and damping; act-order
+#           took SmolLM2's Q4_0 GPTQ from 0.190 to 0.116 news KLD, beating Q4_0+imatrix's 0.182), then KD in that grid
 #           (codes frozen, fp16 super-scales and 6-bit sub-scales trained): like for like against llama-quantize's
 #           Q3_K_S + imatrix from the same tokens (an unpatched llama.cpp runs these files)
-#   lane D: RTN in the Q3_K grid (control)
+#   lane D: RTN in the Q3_K grid (control), then GPTQ --act-order in our Q3_G128 (static groups)
 #   llama.cpp, once the CUDA build is done: F16, the stock types with an importance matrix from the same
 #           NS x 512 CALIB tokens, then our checkpoints as they appear; KLD/PPL on the news, CHAMP and code
 #           eval splits (scripts/compare_gguf.py)
@@ -44,21 +45,21 @@ A=$!
 ( while [ ! -f $INIT/manifest.json ] && kill -0 $A 2>/dev/null; do sleep 5; done
   N=$SELF_N q kd-self-g128 ${KD/--calib $CALIB/--calib self} --init $INIT ) &
 B=$!
-( q gptq-q3k --method gptq --target q3_k --calib $CALIB --damp 0.1; q kd-q3k $KD --init ~/bench/gptq-q3k ) &
+( q gptq-q3k --method gptq --target q3_k --calib $CALIB --damp 0.1 --act-order; q kd-q3k $KD --init ~/bench/gptq-q3k ) &
 B2=$!
-( q rtn-q3k --method rtn --target q3_k ) &
+( q rtn-q3k --method rtn --target q3_k; q gptq-g128-ao --method gptq -g 128 --calib $CALIB --damp 0.1 --act-order ) &
 B3=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat \
-    --ckpts $INIT ~/bench/gptq-q3k ~/bench/rtn-q3k ~/bench/kd-g128 ~/bench/kd-self-g128 ~/bench/kd-q3k \
+    --ckpts $INIT ~/bench/gptq-q3k ~/bench/rtn-q3k ~/bench/gptq-g128-ao ~/bench/kd-g128 ~/bench/kd-self-g128 ~/bench/kd-q3k \
     --wait 1500 \
     >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 D=$!
 wait $A $B $B2 $B3
-for n in gptq-g128-d10 kd-g128 kd-self-g128 gptq-q3k kd-q3k rtn-q3k; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+for n in gptq-g128-d10 kd-g128 kd-self-g128 gptq-q3k kd-q3k rtn-q3k gptq-g128-ao; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 # one bench run (issue 9): F16, our files and stock IQ3_S, Q3_K_S, Q4_K_M (the source grid) with an imatrix
 # from the same CALIB tokens; GSM pass@1 on BENCH_GSM held-out problems, CHAMP long decodes
