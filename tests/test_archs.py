@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, tiny_tokenizer
-from test_e2e_llama import torch_logprobs
+from test_e2e_llama import greedy_agreement, llama_vs_torch
 from test_export import PRE
 from test_quantlrm_awq import _awq_unrounded
 
-from quant2gguf import checkpoint, export, llama, runner
+from quant2gguf import export, llama
 from quant2gguf.arch import ARCHS, get_arch
 
 NEW = ("mistral", "gemma3_text", "phi3")
@@ -29,6 +29,8 @@ CTX, CHUNKS = 128, 2
 # ggml rounds activations to 8 bits in its dot products (test_e2e_llama: 0.01), and its CPU GELU
 # (gemma3's MLP) reads a fp16 table (ggml-cpu/vec.h GGML_GELU_FP16): measured a 0.012 tie flipping
 TIE = {"gemma3_text": 0.03}
+# a continuation is compared up to its first near tie: enough prompts that every tiny model gives >= 8 tokens
+PROMPTS = ("the quick brown fox", "twelve plus thirty makes", "a lazy dog jumps over")
 # which producers AWQ folds into under GQA (2 K/V heads for 4 query heads) and MHA
 FOLDED = {
     "mistral": ({"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}, "self_attn.v_proj"),
@@ -170,42 +172,17 @@ def test_convert_layout(converted):
 @pytest.mark.slow  # needs the llama.cpp build (cached; minutes the first time)
 def test_llama_cpp_matches_torch(converted, text_file, tmp_path):
     arch, ckpt, gguf, _ = converted
-    base = tmp_path / "logits.bin"
-    res = runner.perplexity(gguf, text_file, ctx=CTX, chunks=CHUNKS, save_logits=base)
-    saved = runner.read_logits_file(base, logprobs=True)
-    toks = saved["tokens"]
-    bos = int(export.read_gguf(gguf).fields["tokenizer.ggml.bos_token_id"].contents())
-    lp = torch_logprobs(ckpt, toks, bool(toks[0, 0] == bos), bos)
-    target = torch.from_numpy(toks[:, CTX // 2 + 1:].astype(np.int64))
-    ppl_torch = float(torch.exp(-lp.gather(-1, target[..., None]).mean()))
-    kld = float((lp.exp() * (lp - torch.from_numpy(saved["logprobs"]))).sum(-1).mean())
-    print(f"{arch}: llama.cpp ppl {res['ppl']:.4f} torch ppl {ppl_torch:.4f} kld {kld:.2e}")
-    assert res["ppl"] == pytest.approx(ppl_torch, rel=0.01), (res["ppl"], ppl_torch)
-    assert kld < 1e-3, kld
+    r = llama_vs_torch(gguf, ckpt, text_file, CTX, CHUNKS, tmp_path)
+    print(f"{arch}: llama.cpp ppl {r['ppl']:.4f} torch ppl {r['ppl_torch']:.4f} kld {r['kld']:.2e}")
+    assert r["ppl"] == pytest.approx(r["ppl_torch"], rel=0.01), (r["ppl"], r["ppl_torch"])
+    assert r["kld"] < 1e-3, r["kld"]
 
 
 @pytest.mark.slow  # needs the llama.cpp build (cached; minutes the first time)
 def test_greedy_tokens_match_torch(converted):
     """llama-server's greedy continuation == PyTorch's on the checkpoint, up to a near tie (TIE)."""
-    from quant2gguf import server
     arch, ckpt, gguf, _ = converted
-    m, tok, _, _ = checkpoint.load_model(ckpt)
-    compared = 0
-    with server.serve(gguf, parallel=1, ctx=256, extra_args=["-ctk", "f32", "-ctv", "f32"]) as s:
-        for prompt in ("the quick brown fox", "twelve plus thirty makes"):
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            res = server._post(f"{s.url}/completion", {"prompt": ids, "n_predict": 12, "temperature": 0, "top_k": 1,
-                                                       "return_tokens": True, "cache_prompt": False}, timeout=120)
-            got, x, want = res["tokens"], torch.tensor([ids]), []
-            with torch.no_grad():
-                for _ in range(len(got)):
-                    top = m(x).logits[0, -1].float().topk(2)
-                    if float(top.values[0] - top.values[1]) < TIE.get(arch, 1e-2):
-                        break
-                    want.append(int(top.indices[0]))
-                    x = torch.cat([x, top.indices[:1].view(1, 1)], 1)
-            assert got[:len(want)] == want, (arch, prompt, got, want)
-            compared += len(want)
+    compared = greedy_agreement(gguf, ckpt, PROMPTS, tie=TIE.get(arch, 1e-2))
     assert compared >= 8, compared
 
 

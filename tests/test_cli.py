@@ -53,7 +53,7 @@ def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=128)).save_pretrained(tmp_path / "gpt2")
     r = _run("quantize", tmp_path / "gpt2", "-o", tmp_path / "ck", "--device", "cpu")
-    _assert_clean_failure(r, tmp_path, "unsupported architecture 'gpt2'; supported: llama, qwen2, qwen3")
+    _assert_clean_failure(r, tmp_path, "unsupported architecture 'gpt2'; supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3")
 
 
 def test_group_not_dividing(tmp_path):

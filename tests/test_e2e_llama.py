@@ -63,38 +63,31 @@ def torch_logprobs(ckpt, tokens: np.ndarray, add_bos: bool, bos: int) -> torch.T
     return torch.log_softmax(logits[:, n // 2:n - 1], -1)
 
 
-def test_llama_matches_torch(model, text_file, tmp_path):
-    ckpt, gguf = model
+def llama_vs_torch(gguf, ckpt, text, ctx: int, chunks: int, tmp_path) -> dict:
+    """llama-perplexity on `text` against PyTorch on the very tokens it scored: both perplexities,
+    the mean per-position KLD (llama.cpp's saved log-probs: 16-bit, clamped 16 below the max) and
+    both log-prob tables."""
     base = tmp_path / "logits.bin"
-    res = runner.perplexity(gguf, text_file, ctx=CTX, chunks=CHUNKS, save_logits=base)
+    res = runner.perplexity(gguf, text, ctx=ctx, chunks=chunks, save_logits=base)
     saved = runner.read_logits_file(base, logprobs=True)
-    assert saved["n_chunk"] == CHUNKS
     toks = saved["tokens"]
-    fields = export.read_gguf(gguf).fields
-    bos = int(fields["tokenizer.ggml.bos_token_id"].contents())
+    bos = int(export.read_gguf(gguf).fields["tokenizer.ggml.bos_token_id"].contents())
     add_bos = bool(toks[0, 0] == bos)  # the text starts with a word, so a BOS here was added by llama.cpp
     lp = torch_logprobs(ckpt, toks, add_bos, bos)
-    target = torch.from_numpy(toks[:, CTX // 2 + 1:].astype(np.int64))
-    ppl_torch = float(torch.exp(-lp.gather(-1, target[..., None]).mean()))
-    assert res["ppl"] == pytest.approx(ppl_torch, rel=0.01), (res["ppl"], ppl_torch)
-    # per-position distributions: llama.cpp's saved log-probs (16-bit, clamped 16 below the max)
+    target = torch.from_numpy(toks[:, ctx // 2 + 1:].astype(np.int64))
     ll = torch.from_numpy(saved["logprobs"])
-    kld = (lp.exp() * (lp - ll)).sum(-1)
-    assert float(kld.mean()) < 1e-3, float(kld.mean())
-    assert float((lp.argmax(-1) == ll.argmax(-1)).float().mean()) > 0.9
+    return {"ppl": res["ppl"], "ppl_torch": float(torch.exp(-lp.gather(-1, target[..., None]).mean())),
+            "kld": float((lp.exp() * (lp - ll)).sum(-1).mean()), "lp": lp, "ll": ll, "n_chunk": saved["n_chunk"]}
 
 
-def test_greedy_tokens_are_torch_greedy_tokens_and_tools_load_it(model):
-    """llama-server's greedy tokens (/completion with return_tokens) are PyTorch's greedy decoding of
-    the same checkpoint, compared up to the first step where torch's two best logits are within 0.01
-    (ggml's dot products round activations to 8 bits: a near tie either side may break; measured
-    1.5e-3 ties flipping); llama-completion and llama-bench load the file."""
+def greedy_agreement(gguf, ckpt, prompts, tie: float = 1e-2) -> int:
+    """llama-server's greedy tokens == PyTorch's on the checkpoint, each continuation compared up to
+    its first near tie (top-2 logits closer than `tie`); returns how many tokens were compared."""
     from quant2gguf import server
-    ckpt, gguf = model
     m, tok, _, _ = checkpoint.load_model(ckpt)
     compared = 0
     with server.serve(gguf, parallel=1, ctx=256, extra_args=["-ctk", "f32", "-ctv", "f32"]) as s:  # torch keeps K/V in fp32
-        for prompt in ("the quick brown fox", "twelve plus thirty makes", "a lazy dog jumps over"):
+        for prompt in prompts:
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
             res = server._post(f"{s.url}/completion", {"prompt": ids, "n_predict": 12, "temperature": 0, "top_k": 1,
                                                        "return_tokens": True, "cache_prompt": False}, timeout=120)
@@ -102,12 +95,31 @@ def test_greedy_tokens_are_torch_greedy_tokens_and_tools_load_it(model):
             with torch.no_grad():
                 for _ in range(len(got)):
                     top = m(x).logits[0, -1].float().topk(2)
-                    if float(top.values[0] - top.values[1]) < 1e-2:
+                    if float(top.values[0] - top.values[1]) < tie:
                         break
                     want.append(int(top.indices[0]))
                     x = torch.cat([x, top.indices[:1].view(1, 1)], 1)
             assert got[:len(want)] == want, (prompt, got, want)
             compared += len(want)
+    return compared
+
+
+def test_llama_matches_torch(model, text_file, tmp_path):
+    ckpt, gguf = model
+    r = llama_vs_torch(gguf, ckpt, text_file, CTX, CHUNKS, tmp_path)
+    assert r["n_chunk"] == CHUNKS
+    assert r["ppl"] == pytest.approx(r["ppl_torch"], rel=0.01), (r["ppl"], r["ppl_torch"])
+    assert r["kld"] < 1e-3, r["kld"]
+    assert float((r["lp"].argmax(-1) == r["ll"].argmax(-1)).float().mean()) > 0.9
+
+
+def test_greedy_tokens_are_torch_greedy_tokens_and_tools_load_it(model):
+    """llama-server's greedy tokens (/completion with return_tokens) are PyTorch's greedy decoding of
+    the same checkpoint, compared up to the first step where torch's two best logits are within 0.01
+    (ggml's dot products round activations to 8 bits: a near tie either side may break; measured
+    1.5e-3 ties flipping); llama-completion and llama-bench load the file."""
+    ckpt, gguf = model
+    compared = greedy_agreement(gguf, ckpt, ("the quick brown fox", "twelve plus thirty makes", "a lazy dog jumps over"))
     assert compared >= 8, compared
     assert isinstance(runner.run_prompt(gguf, "the quick brown", n=8), str)
     b = runner.bench(gguf, n_gen=16, reps=1)

@@ -265,9 +265,9 @@ def test_llama_perplexity_matches_torch(target, tmp_path):
     PPL on its own token chunks matches PyTorch's on the checkpoint within 1%."""
     import re
 
-    from test_e2e_llama import _pristine, torch_logprobs
+    from test_e2e_llama import _pristine, llama_vs_torch
 
-    from quant2gguf import llama, runner
+    from quant2gguf import llama
     llama.build()
     hf = make_tiny_model("llama", tmp_path / "hf", hidden=256)
     ck = tmp_path / "ck"
@@ -285,14 +285,6 @@ def test_llama_perplexity_matches_torch(target, tmp_path):
     words = "the quick brown fox jumps over a lazy dog while twelve plus thirty makes forty two".split()
     text = tmp_path / "text.txt"
     text.write_text(" ".join(np.random.default_rng(0).choice(words, 3000)) + ".\n")
-    base = tmp_path / "logits.bin"
-    res = runner.perplexity(gguf, text, ctx=CTX, chunks=CHUNKS, save_logits=base)
-    saved = runner.read_logits_file(base, logprobs=True)
-    toks = saved["tokens"]
-    bos = int(export.read_gguf(gguf).fields["tokenizer.ggml.bos_token_id"].contents())
-    lp = torch_logprobs(ck, toks, bool(toks[0, 0] == bos), bos)
-    target_ids = torch.from_numpy(toks[:, CTX // 2 + 1:].astype(np.int64))
-    ppl_torch = float(torch.exp(-lp.gather(-1, target_ids[..., None]).mean()))
-    assert res["ppl"] == pytest.approx(ppl_torch, rel=0.01), (res["ppl"], ppl_torch)
-    kld = (lp.exp() * (lp - torch.from_numpy(saved["logprobs"]))).sum(-1)
-    assert float(kld.mean()) < 1e-3, float(kld.mean())
+    r = llama_vs_torch(gguf, ck, text, CTX, CHUNKS, tmp_path)
+    assert r["ppl"] == pytest.approx(r["ppl_torch"], rel=0.01), (r["ppl"], r["ppl_torch"])
+    assert r["kld"] < 1e-3, r["kld"]
