@@ -57,5 +57,5 @@ def test_unsupported_group_raises_naming_tensor(tiny_llama_dir):
 
 
 def test_unsupported_arch_lists_supported():
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'; supported: llama, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'; supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         get_arch("gpt2")
