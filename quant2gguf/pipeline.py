@@ -269,9 +269,10 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     mdl, tok, folder = load_hf(model)
     arch = get_arch(mdl.config.model_type)
     teacher = copy.deepcopy(mdl)
+    teacher_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if calib == SELF:  # nsamples + heldout sequences sampled from the teacher; training draws from the first nsamples
         from .traces import self_samples
-        teacher.to(dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        teacher.to(dev, dtype=teacher_dtype)
         ids = self_samples(teacher, tok, folder, nsamples + o["heldout"], seqlen, device=dev, seed=seed)
         held = ids[nsamples:]
         g = torch.Generator().manual_seed(seed)
@@ -293,7 +294,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
                      "calibration": init_man.get("calibration")}
     fp_weights = {n: teacher.get_submodule(n).weight.data for n in quantized}
     mdl.to(dev)
-    teacher.to(dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    teacher.to(dev, dtype=teacher_dtype)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     prog = Progress(TextColumn("[bold]kd"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[info]}"))

@@ -112,6 +112,8 @@ def no_loading(monkeypatch):
     (["-g", "32"], "--group-size 32: the GGUF types have groups of 64 or 128"),
     (["--slots", "1", "--method", "quantlrm"], "--slots 1: the GGUF types hold 0 or 2 protected weights"),
     (["--slots", "2"], "--slots 2: gptq does not choose protected weights"),
+    (["--dtype", "int8"], "--dtype int8: use one of auto | fp32 | bf16 | fp16"),
+    (["--method", "kd", "--dtype", "bf16"], "--dtype bf16: kd holds its student in fp32"),
     (["--slots", "2", "--method", "rtn"], "--slots 2: rtn does not choose protected weights"),
     (["--slots", "2", "--method", "awq"], "--slots 2: awq does not choose protected weights"),
     (["--method", "laquant", "--act-order"], "--act-order: --method laquant ignores it; drop it"),
