@@ -72,6 +72,7 @@ class StockType:
     parts: tuple[str, ...]
     sub: int  # weights sharing one (a, b) of `grid`
     bits: int  # code bits: q in 0..2**bits - 1
+    ints: dict[str, tuple[int, int]] = {}  # integer parts (but q) -> the (lo, hi) range pack accepts
 
     def __init_subclass__(cls, qtype: str, **kw):
         super().__init_subclass__(**kw)
@@ -165,6 +166,7 @@ class Q4_0(StockType, qtype="Q4_0"):
 
 
 class Q4_K(StockType, qtype="Q4_K"):
+    ints = {"sc": (0, 63), "m": (0, 63)}
     parts = ("d", "dmin", "sc", "m", "q")
     sub, bits = 32, 4
 
@@ -226,6 +228,7 @@ class Q4_K(StockType, qtype="Q4_K"):
 
 
 class Q3_K(StockType, qtype="Q3_K"):
+    ints = {"sc": (-32, 31)}
     parts = ("d", "sc", "q")
     sub, bits = 16, 3
 

@@ -113,7 +113,6 @@ class FQLinear(nn.Module):
         return _export(*self.params(), self.pidx, cfg)
 
 
-STOCK_INTS = {"Q3_K": {"sc": (-32, 31)}, "Q4_K": {"sc": (0, 63), "m": (0, 63)}}  # stock_types.pack's ranges
 
 
 def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +138,8 @@ class StockFQLinear(nn.Module):
 
     def __init__(self, lin: nn.Linear, q: StockWeight):
         super().__init__()
-        self.qtype, self.cls, self.ints = q.qtype, stock_type(q.qtype), STOCK_INTS.get(q.qtype, {})
+        self.qtype, self.cls = q.qtype, stock_type(q.qtype)
+        self.ints = self.cls.ints
         dev = lin.weight.device
         self.register_buffer("codes", q.codes.to(dev))
         self.p = nn.ParameterDict()
