@@ -6,6 +6,8 @@ usage: python scripts/plot_results.py methods RESULTS.json [...] -o docs/results
 methods: KLD vs FP and perplexity per method, one panel row per model (bench_methods.py output).
 decode: tok/s against file size per type (llama-bench -o json output).
 gemv: batch-1 packed GEMV time vs cuBLAS fp16 per shape, and % of copy bandwidth (bench_kernels.py).
+sizekld: whole-file MiB vs llama.cpp KLD, one panel per text, from compare_gguf.py JSON files: the first
+  file's rows solid; stock rows of later files (earlier runs, same protocol) hollow where the first lacks them.
 """
 from __future__ import annotations
 
@@ -88,14 +90,61 @@ def plot_gemv(path: str, out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+def size_kld_panel(ax, rows: list[dict], text: str, earlier: frozenset = frozenset()) -> None:
+    """One size-vs-KLD panel: our files red circles, stock files blue squares, the stock frontier dashed
+    (stock files that no smaller stock file beats); rows named in `earlier` hollow."""
+    pts = [(r["mib"], r[text]["kld"], r["file"]) for r in rows if (r.get(text) or {}).get("kld") is not None]
+    front, best = [], float("inf")
+    for p in sorted((p for p in pts if not p[2].startswith("ours") and "Q3_G" not in p[2]), key=lambda p: p[0]):
+        if p[1] < best:
+            front.append(p)
+            best = p[1]
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="stock frontier (imatrix)")
+    for x, y, n in pts:
+        ours = n.startswith("ours") or "Q3_G" in n
+        c = "tab:red" if ours else "tab:blue"
+        ax.scatter(x, y, marker="o" if ours else "s", facecolors="none" if n in earlier else c, edgecolors=c)
+        ax.annotate(n.replace("ours ", "") + (" (earlier run)" if n in earlier else ""), (x, y), fontsize=6.5,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("whole file MiB")
+    ax.set_ylabel(f"KLD vs F16 ({text} eval split)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def plot_size_kld(paths: list[str], out: str, texts: list[str]) -> None:
+    first = json.load(open(paths[0]))
+    rows, have = list(first["rows"]), {r["file"] for r in first["rows"]}
+    earlier = set()
+    for p in paths[1:]:
+        for r in json.load(open(p))["rows"]:
+            if r["file"] not in have and not r["file"].startswith("ours"):
+                rows.append(r)
+                have.add(r["file"])
+                earlier.add(r["file"])
+    rows = [r for r in rows if r["file"] != "F16"]
+    fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 5), squeeze=False)
+    for ax, t in zip(axes[0], texts):
+        size_kld_panel(ax, rows, t, frozenset(earlier))
+        ax.set_title(f"{t}")
+    fig.suptitle(f"{first['model']}, {first['date']}: KLD vs F16 in llama.cpp ({first.get('imatrix', '')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["methods", "decode", "gemv"])
+    ap.add_argument("kind", choices=["methods", "decode", "gemv", "sizekld"])
     ap.add_argument("inputs", nargs="+")
+    ap.add_argument("--texts", nargs="+", default=["news", "champ", "code"], help="sizekld: one panel each")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args()
     if a.kind == "methods":
         plot_methods(a.inputs, a.out)
+    elif a.kind == "sizekld":
+        plot_size_kld(a.inputs, a.out, a.texts)
     elif a.kind == "gemv":
         plot_gemv(a.inputs[0], a.out)
     else:
