@@ -28,6 +28,7 @@ class QuantConfig:
     group_size: int = 128
     slots: int = 0  # protected fp16 slots per group (0 = base type)
     target: str | None = None  # a stock llama.cpp type (stock_quant.TARGETS) instead of our Q3_G types
+    types: dict[str, str] | None = None  # with a target: each decoder linear's stock type (stock_quant.check_model)
 
 
 @dataclass
@@ -188,7 +189,7 @@ def load_layer_state(path: Path, layer: nn.Module) -> tuple[dict[str, QuantizedW
 
 def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cfg: QuantConfig,
                     device: str | torch.device = "cpu", batch_size: int = 4, offload: bool = False,
-                    progress: Callable | None = None, state: Path | None = None
+                    progress: Callable | None = None, state: Path | None = None, stream=None
                     ) -> tuple[dict[str, QuantizedWeight], list[dict]]:
     """Quantize every decoder layer in turn. Returns (full-name -> QuantizedWeight, per-layer stats).
 
@@ -197,31 +198,40 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
     on CPU between uses, for GPUs too small for the model. With `state` (a folder), each finished
     layer is saved there and a layer already saved is restored instead of quantized again: the
     FP stream is recomputed through the original layer, the quantized stream through the restored
-    one, so a resumed run continues exactly where an uninterrupted one would be.
+    one, so a resumed run continues exactly where an uninterrupted one would be. With `stream` (a
+    stream.LayerStream over a model whose layers are empty), layer i (and i + 1, the lookahead) is read
+    from the shards when reached and its quantized weights dropped once done.
     """
     device = torch.device(device)
     store = torch.device("cpu") if offload else device
     model.eval()
-    check_model(model, arch, cfg.group_size)
+    if stream is None:  # streamed layers are checked as they load
+        check_model(model, arch, cfg.group_size)
     layers = decoder_layers(model, arch)
     # A model loaded in bf16/fp16 (--dtype) stays so in memory; each layer, the embeddings and the
     # rotary tables compute in fp32, so the result is bit for bit the fp32-loaded run's.
     outer = _non_layer_modules(model, arch, layers)
     outer_dtype = {id(m): next((p.dtype for p in m.parameters()), None) for m in outer}
-    if offload:  # only the small non-layer modules (embeddings, rotary, norm) live on the device
+    if offload or stream is not None:  # only the small non-layer modules (embeddings, rotary, norm) on the device
         for child in outer:
             child.to(device, COMPUTE)
     else:
         model.to(device)
         for child in outer:
             child.to(COMPUTE)
-    layers[0].to(device, COMPUTE)
+        layers[0].to(device, COMPUTE)
     fp, kwargs = capture_inputs(model, arch, batches, batch_size, device, store)
     kwargs = [_to_compute(kw) for kw in kwargs]
     q = fp  # embeddings are not quantized: X_hat_0 = X_0
     quantized, stats = {}, []
     n = len(layers)
     for i in range(n):
+        if stream is not None:
+            stream.load(i)
+            for name in arch.linears:
+                check_weight(f"{arch.layers}.{i}.{name}", get_module(layers[i], name).weight.data, cfg.group_size)
+            if i + 1 < n:
+                stream.load(i + 1).to(store)  # the lookahead layer, where a whole-model run keeps it
         orig = next(layers[i].parameters()).dtype
         layer = layers[i].to(device, COMPUTE)
         fp_out = run_layer(layer, fp, kwargs[i], device)
@@ -249,14 +259,18 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
             lin = get_module(layer, name)
             lin.weight.data = lin.weight.data.to(orig)
         stats.append(st)
-        if offload:
+        if offload or stream is not None:
             layers[i].to("cpu")
+        if stream is not None:
+            stream.drop(i, done)
         fp, q = fp_out, q_out
         if progress:
             progress(i, st)
     for child in outer:  # unchanged by any method: back to the load dtype exactly
         if outer_dtype[id(child)] is not None:
             child.to(outer_dtype[id(child)])
+        if stream is not None:
+            child.to("cpu")  # the model cannot move as a whole: its dropped weights are on meta
     return quantized, stats
 
 

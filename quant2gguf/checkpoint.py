@@ -62,8 +62,10 @@ def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, Quantiz
         # tied weights share storage and safetensors refuses aliases: keep the first name
         plain, seen = {}, set()
         for k, v in model.state_dict().items():
+            if k in skip:  # (a streamed run left these on the meta device)
+                continue
             key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-            if k in skip or key in seen:
+            if key in seen:
                 continue
             seen.add(key)
             plain[k] = v.detach().cpu().contiguous().clone()

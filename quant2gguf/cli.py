@@ -78,6 +78,7 @@ def quantize(
     dtype: str = typer.Option("auto", help="how the model is held in memory: auto (as stored: bf16 for most HF models, half of fp32's RAM) | fp32 | bf16 | fp16; layers compute in fp32 either way"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same OUT and settings from its last finished layer"),
+    stream: bool = typer.Option(False, "--stream", help="read decoder layers from the safetensors shards one at a time, dropping each once quantized: never the whole model in RAM or VRAM (layer-wise methods)"),
     target: Optional[str] = typer.Option(None, "--target", help="rtn/gptq into a stock llama.cpp type instead of ours: q3_k | q4_k | q4_0 (K types need in-dims of 256s; others fall back to q4_0)"),
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
@@ -90,7 +91,7 @@ def quantize(
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
            damp=damp, slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
            lr_w=lr_w, lr_q=lr_q, offload=offload, steps=steps, batch=batch, eval_every=eval_every,
-           heldout=heldout, max_minutes=max_minutes, resume=resume, target=target, dtype=dtype)
+           heldout=heldout, max_minutes=max_minutes, resume=resume, target=target, dtype=dtype, stream=stream)
     typer.echo(str(out))
 
 

@@ -37,6 +37,18 @@ def load_hf(model: str | Path, dtype=torch.float32):
     return m.eval(), tok, folder
 
 
+def load_streamed(model: str | Path, dtype="auto"):
+    """(model, tokenizer, folder, stream): the model with empty decoder layers, read one at a time by
+    `stream` (stream.py) from the folder's shards."""
+    from transformers import AutoTokenizer
+
+    from .fixtures import resolve_model
+    from .stream import empty_model
+    folder = resolve_model(str(model))
+    m, stream = empty_model(folder, dtype)
+    return m, AutoTokenizer.from_pretrained(folder), folder, stream
+
+
 def _params(fn) -> set[str]:
     """A method's keyword options (its signature, not its local variables)."""
     import inspect
@@ -59,7 +71,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                    device: str = "auto", seed: int = 0, batch_size: int = 4, offload: bool = False,
                    slots: int | None = None, base: str | None = None, ft_steps: int = 16,
                    ft_calib: str = "gsm", resume: bool = False, target: str | None = None, dtype: str = "auto",
-                   **options) -> Path:
+                   stream: bool = False, **options) -> Path:
     """Quantize a model's decoder linears with `method` and save a checkpoint at `out`.
     Options go to the method (rtn: clip; gptq: act_order, clip, damp, static_groups; awq: clip).
     `slots` protected fp16 weights per group (default 2 for quantlrm, else 0). QuantLRM takes its
@@ -68,7 +80,9 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     checkpoint is written; `resume` continues an interrupted run from it (same settings only).
     `target` (rtn, gptq): a stock llama.cpp type (q3_k | q4_k | q4_0) instead of our Q3_G types;
     such a run keeps no state (not resumable). `dtype`: how the model is held in memory (auto: as stored,
-    e.g. bf16 for most HF models, half of fp32's RAM); every layer computes in fp32 either way."""
+    e.g. bf16 for most HF models, half of fp32's RAM); every layer computes in fp32 either way. `stream`:
+    decoder layers read from the safetensors shards one at a time and dropped once quantized (stream.py),
+    so neither RAM nor VRAM ever holds the whole model; the same checkpoint bit for bit."""
     from .data import token_batches
 
     out = Path(out)
@@ -82,6 +96,13 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         raise ValueError(f"--dtype {dtype}: kd holds its student in fp32 and its teacher in bf16 on a GPU; drop --dtype")
     if calib == SELF and method != "kd":
         raise ValueError(f"--calib {SELF} (samples of the teacher) is distillation data: use it with --method kd")
+    if stream:
+        from .stream import STREAM_METHODS
+        if method not in STREAM_METHODS:
+            raise ValueError(f"--stream: --method {method} needs the whole model at once; use --method "
+                             f"{' | '.join(STREAM_METHODS)} or drop --stream")
+        if calib == "traces":
+            raise ValueError("--stream: --calib traces generates with the whole model first; drop --stream")
     if resume and method == "kd":
         raise ValueError("--resume: kd runs are not resumable (its layer-wise init is); drop --resume")
     settings = {"model": str(model), "method": method, "bits": bits, "group_size": group_size, "calib": calib,
@@ -98,7 +119,11 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         dev = torch.device(pick_device(device))
         t0 = time.time()
         torch.manual_seed(seed)
-        mdl, tok, folder = load_hf(model, DTYPES[dtype])
+        streamer = None
+        if stream:
+            mdl, tok, folder, streamer = load_streamed(model, DTYPES[dtype])
+        else:
+            mdl, tok, folder = load_hf(model, DTYPES[dtype])
         if calib == "traces" or (method == "quantlrm" and not base):
             mdl.float()  # these generate with, or fine-tune, the whole model first: in fp32
         arch = get_arch(mdl.config.model_type)
@@ -123,10 +148,13 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{method} {label}")
         with prog:
             quantized, stats = quantize_layers(mdl, arch, batches, functools.partial(fn, **opts), cfg, dev,
-                                               batch_size=batch_size, offload=offload, progress=update, state=state)
+                                               batch_size=batch_size, offload=offload, progress=update, state=state,
+                                               stream=streamer)
         resumed = sum(bool(st.get("resumed")) for st in stats)
         if resumed:
             extra["resumed_layers"] = resumed
+        if streamer is not None:
+            extra["stream"] = {"max_layers_resident": streamer.max_resident}
         manifest = {
             "method": method, "bits": bits, "group_size": group_size, "slots": cfg.slots, **extra,
             "options": {k: v for k, v in opts.items() if k != "importance"},
@@ -136,7 +164,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                             "seqlen": int(batches.shape[1]), "seed": seed},
             "layers": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
         }
-        mdl.to("cpu")
+        if streamer is None:  # (a streamed model is back on the CPU, its dropped weights on meta)
+            mdl.to("cpu")
         path = checkpoint.save(out, mdl, tok, quantized, manifest)
         if state is not None:
             shutil.rmtree(state, ignore_errors=True)
