@@ -1,0 +1,128 @@
+"""Peak memory of a layer-wise quantize run with and without `--stream`, on a synthetic model of a
+real shape (random bf16 weights, sharded safetensors like a hub checkpoint), each run in its own
+process: peak RSS (and peak CUDA memory allocated with --device cuda), wall time, per-layer time.
+
+usage: python scripts/stream_memory.py --shape 8b --layers 4 --method rtn gptq [--device cpu] \
+           [--workdir DIR] [--out results.json]
+Shapes: 8b (Llama-3-8B: hidden 4096, ffn 14336, 32/8 heads, vocab 128256), 70b (Llama-3-70B: 8192,
+28672, 64/8), 1b (Llama-3.2-1B: 2048, 8192, 32/8). `--layers` builds fewer decoder layers than the real
+model (memory per layer is what is measured; the whole-model figure grows with the layer count, the
+streamed one does not). The result lists both and the extrapolation to the real layer count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                     real_layers=16),
+          "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                     real_layers=32),
+          "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                      real_layers=80)}
+
+
+def _tokenizer():
+    """A 512-token byte-level BPE tokenizer built offline: calibration ids stay below 512."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. 12 + 30 = 42."] * 20,
+                            trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build(shape: str, layers: int, folder: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    s = {k: v for k, v in SHAPES[shape].items() if k != "real_layers"}
+    cfg = LlamaConfig(**s, num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=4096,
+                      tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
+CHILD = """
+import json, resource, sys, time, torch
+from quant2gguf.pipeline import quantize_model
+a = json.loads(sys.argv[1])
+t0 = time.time()
+quantize_model(a['model'], a['out'], method=a['method'], nsamples=a['nsamples'], seqlen=a['seqlen'],
+               device=a['device'], group_size=128, calib='news', stream=a['stream'])
+cuda = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+print('RESULT', json.dumps({'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                            'peak_cuda_gib': cuda, 'seconds': round(time.time() - t0, 1)}))
+"""
+
+
+def run(model: Path, out: Path, method: str, stream: bool, device: str, nsamples: int, seqlen: int) -> dict:
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    args = dict(model=str(model), out=str(out), method=method, stream=stream, device=device,
+                nsamples=nsamples, seqlen=seqlen)
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        raise SystemExit(f"{method} stream={stream} failed:\n{p.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(line[7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=list(SHAPES), default="8b")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--method", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--workdir", default="stream-memory")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    wd = Path(a.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = build(a.shape, a.layers, wd / f"synth-{a.shape}-{a.layers}l")
+    built = round(time.time() - t0, 1)
+    real = SHAPES[a.shape]["real_layers"]
+    rows = []
+    for m in a.method:
+        for stream in (False, True):
+            r = {"method": m, "stream": stream, **run(model, wd / "ck", m, stream, a.device, a.nsamples, a.seqlen)}
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    res = {"date": time.strftime("%Y-%m-%d"), "shape": a.shape, "layers": a.layers, "real_layers": real,
+           "device": a.device, "calibration": f"{a.nsamples} x {a.seqlen} news tokens", "build_s": built,
+           "shards_gib": round(sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30, 2), "rows": rows}
+    # whole-model runs grow by one layer's share per layer; streamed ones hold at most two layers
+    for m in a.method:
+        w, s = (next(r for r in rows if r["method"] == m and r["stream"] is st) for st in (False, True))
+        per_layer = (w["peak_rss_gib"] - s["peak_rss_gib"]) / max(a.layers - 2, 1)
+        res.setdefault("extrapolated", {})[m] = {
+            "whole_rss_gib_at_real_layers": round(w["peak_rss_gib"] + per_layer * (real - a.layers), 1),
+            "stream_rss_gib": round(s["peak_rss_gib"], 1),
+            "seconds_per_layer_stream": round(s["seconds"] / a.layers, 1)}
+    print(json.dumps(res, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
