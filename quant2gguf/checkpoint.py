@@ -14,8 +14,10 @@
                               NAME.blocks  uint8 (N, row_bytes) its ggml blocks, verbatim in the GGUF
       manifest.json         format, method, bits, group_size, slots, calibration, versions,
                             quantized (list of NAME), per-layer errors, source model; with --target
-                            also target (the type name) and types (NAME -> stock type of each
-                            NAME.blocks, the target or its fallback), bits and group_size the target's
+                            also target (the type or recipe name, Q3_K / Q3_K_M) and types (NAME ->
+                            stock type of each NAME.blocks: the recipe's choice or its fallback),
+                            fallbacks (NAME -> "WANT -> GOT", as llama-quantize's, if any), bits and
+                            group_size the target's (a recipe's base type's)
 Written to a temp folder and renamed, so a failed run leaves nothing behind.
 """
 from __future__ import annotations

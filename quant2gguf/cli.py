@@ -79,7 +79,7 @@ def quantize(
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same OUT and settings from its last finished layer"),
     stream: bool = typer.Option(False, "--stream", help="read decoder layers from the safetensors shards one at a time, dropping each once quantized: never the whole model in RAM or VRAM (layer-wise methods)"),
-    target: Optional[str] = typer.Option(None, "--target", help="rtn/gptq into a stock llama.cpp type instead of ours: q3_k | q4_k | q4_0 (K types need in-dims of 256s; others fall back to q4_0)"),
+    target: Optional[str] = typer.Option(None, "--target", help="rtn/gptq into a stock llama.cpp type instead of ours: q3_k | q4_k | q5_k | q6_k | q4_0, or llama-quantize's mix of them: q3_k_s | q3_k_m | q3_k_l | q4_k_s | q4_k_m (K types need in-dims of 256s; others fall back to q4_0)"),
 ):
     """Quantize MODEL's linear weights and write a checkpoint folder."""
     from .pipeline import quantize_model

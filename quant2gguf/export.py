@@ -40,7 +40,8 @@ AUTO_REF = "IQ3_S"  # `auto` = what llama-quantize gives these tensors in a stoc
 EMBD_TENSORS = ("token_embd.weight", "output.weight")
 META_PREFIX = "quant2gguf."
 # general.file_type of a file whose weights are mostly one stock type: the all-that-type variant
-STOCK_FTYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_K": "MOSTLY_Q4_K_S", "Q3_K": "MOSTLY_Q3_K_S"}
+STOCK_FTYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_K": "MOSTLY_Q4_K_S", "Q3_K": "MOSTLY_Q3_K_S", "Q5_K": "MOSTLY_Q5_K_S",
+                "Q6_K": "MOSTLY_Q6_K"}
 
 
 # ---------------------------------------------------------------- the pinned tree's gguf-py ----
@@ -261,6 +262,9 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
                     sizes[qtype] = sizes.get(qtype, 0) + q.codes.numel()
                 top = max(sizes, key=sizes.get)
                 stock = STOCK_FTYPES.get(gguf.GGMLQuantizationType(top).name)
+                recipe = f"MOSTLY_{extra_kv.get('target')}"  # a mixed recipe target (Q3_K_M) names its own
+                if recipe in gguf.LlamaFileType.__members__:
+                    stock = recipe
                 self.ftype = gguf.LlamaFileType[stock] if stock else gguf.LlamaFileType(top)
             super().prepare_metadata(vocab_only)
             for key, val in extra_kv.items():

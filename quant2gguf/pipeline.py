@@ -78,7 +78,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     weight updates from `base` (the pre-fine-tuning model) or a `ft_steps` pseudo-fine-tune on
     `ft_calib` reasoning text. Each finished layer is kept in a state folder beside `out` until the
     checkpoint is written; `resume` continues an interrupted run from it (same settings only).
-    `target` (rtn, gptq): a stock llama.cpp type (q3_k | q4_k | q4_0) instead of our Q3_G types;
+    `target` (rtn, gptq): a stock llama.cpp type (stock_quant.TARGETS: q3_k, q4_k, ... or a llama-quantize
+    mix, q3_k_m, q4_k_m, ...) instead of our Q3_G types;
     such a run keeps no state (not resumable). `dtype`: how the model is held in memory (auto: as stored,
     e.g. bf16 for most HF models, half of fp32's RAM); every layer computes in fp32 either way. `stream`:
     decoder layers read from the safetensors shards one at a time and dropped once quantized (stream.py),
@@ -141,6 +142,9 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         if target:  # the stock type fixes bits and blocks (manifest: the target's)
             cfg, bits, group_size = stock_quant.quant_config(target, mdl, arch)
             label = extra["target"] = cfg.target
+            fb = stock_quant.fallbacks(mdl, arch, cfg.target)  # `types` (checkpoint.save) has every tensor's
+            if fb:
+                extra["fallbacks"] = fb
         if method == "quantlrm":
             deltas = weight_updates(mdl, tok, base, ft_calib, ft_steps, seqlen, seed, dev)
             opts["importance"] = importances(deltas)

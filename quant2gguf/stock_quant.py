@@ -1,19 +1,22 @@
 """Learned parameters in stock llama.cpp types (issue 10): fit a stock type's grid to a weight, then
 let a method round onto it.
 
-`fit(w, qtype, imp)` chooses every stored parameter but the codes (Q4_0's fp16 d; the K types' fp16
-super scales and 6-bit integer sub-scales / sub-mins) to minimise the importance-weighted error
-sum_k imp_k (w_k - y_k)^2 of round-to-nearest codes, as llama.cpp's imatrix quantizers do: per
-sub-block a few candidate scales around the max-abs (symmetric types) or min-max (Q4_K) one, each
+`fit(w, qtype, imp)` chooses every stored parameter but the codes (the block-32 types' fp16 d, and
+Q5_1's m; the K types' fp16 super scales and 6- or 8-bit integer sub-scales / sub-mins) to minimise
+the importance-weighted error sum_k imp_k (w_k - y_k)^2 of round-to-nearest codes, as llama.cpp's
+imatrix quantizers do: per sub-block a few candidate scales around the max-abs (symmetric types) or
+min-max (Q4_K, Q5_K, Q5_1) one, each
 with its least-squares refit (make_qx_quants / make_qkx2_quants); then, for the K types, a few
 candidate super scales with each sub-scale rounded down or up, every candidate scored on the values
 exactly as stored. The grid is one affine map per sub-block, y = a*q + b (stock_types.grid), which
 RTN rounds onto directly and GPTQ column by column (static groups). `finish(fit, codes)` packs the
 blocks with stock_types.pack into a StockWeight, whose dequantize() is ggml's (bit-exact).
 
-A K-type target needs in-dims that are multiples of 256; like llama-quantize, a tensor that cannot
-take it falls back, here to Q4_0 (the one block-32 type in stock_types; llama-quantize picks IQ4_NL
-for Q3_K and Q5_0 for Q4_K). The checkpoint records every tensor's type.
+A recipe target (q3_k_s/m/l, q4_k_s/m) gives each decoder linear the type llama-quantize's
+llama_tensor_get_type gives it in that mix (recipe_type). A K-type needs in-dims that are multiples
+of 256; a tensor that cannot take it falls back as in llama-quantize (tensor_type_fallback): Q3_K to
+Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0. The checkpoint records every tensor's type (`types`)
+and the fallbacks.
 """
 from __future__ import annotations
 
@@ -25,13 +28,17 @@ import torch
 from .quantizer import QuantizedWeight, codes_for
 from .stock_types import REGISTRY, stock_type
 
-TARGETS = {name.lower(): name for name in REGISTRY}  # --target value -> stock type name
-FALLBACK = "Q4_0"
+# llama-quantize's mixed recipes (llama_tensor_get_type in src/llama-quant.cpp): each one's base type
+RECIPES = {"Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K"}
+TARGETS = {name.lower(): name for name in [*REGISTRY, *RECIPES]}  # --target value -> stock type or recipe name
+FALLBACK = "Q4_0"  # the finest block any tensor gets (cfg.group_size)
+# llama-quantize's fallback for an in-dim the type's 256-block cannot take (tensor_type_fallback)
+LLAMA_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 ROWS = 1024  # rows fitted at once: bounds the candidates' temporaries to a few copies of ROWS x K
 
 
 def target_type(target: str) -> str:
-    """The stock type name of a --target value (q3_k -> Q3_K)."""
+    """The stock type or recipe name of a --target value (q3_k -> Q3_K, q3_k_m -> Q3_K_M)."""
     name = TARGETS.get(str(target).lower())
     if name is None:
         raise ValueError(f"--target {target}: unknown stock type; use --target {' | '.join(TARGETS)} "
@@ -39,37 +46,108 @@ def target_type(target: str) -> str:
     return name
 
 
-def tensor_type(name: str, target: str, k: int) -> str:
-    """The stock type a linear with in-dim k gets under `target`: the target, else the fallback."""
+def base_type(target: str) -> str:
+    """The stock type most tensors of `target` get (a recipe's base type, else the type itself)."""
     t = target_type(target)
-    for cand in (t, FALLBACK):
+    return RECIPES.get(t, t)
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def recipe_type(name: str, target: str, layer: int = 0, n_layers: int = 1, is_70b: bool = False) -> str:
+    """The type llama-quantize's recipe gives decoder linear `name` (an HF name: .v_proj, .qkv_proj,
+    .o_proj, .down_proj ...) of layer `layer` of `n_layers`, before any fallback; a plain type
+    target gives itself. Dense, non-Falcon models only (no n_expert rules); attn_v's index is the
+    layer's, as llama-quantize's i_attention_wv counter is for one attn_v (or fused qkv) per layer.
+    is_70b: llama.cpp's LLM_TYPE_70B (80 layers: llama with GQA, qwen2), whose attn_v gets Q5_K."""
+    t = target_type(target)
+    if t not in RECIPES:
+        return t
+    want, i, n = RECIPES[t], layer, n_layers
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("v_proj", "qkv_proj"):  # category_is_attn_v: fused qkv takes attn_v's rule first
+        want = {"Q3_K_M": "Q5_K" if i < 2 else "Q4_K", "Q3_K_L": "Q5_K",
+                "Q4_K_M": "Q6_K" if _use_more_bits(i, n) else want,
+                "Q4_K_S": "Q5_K" if i < 4 else want}.get(t, want)
+        if is_70b and want in ("Q3_K", "Q4_K"):
+            want = "Q5_K"
+    elif leaf == "down_proj":
+        want = {"Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K",  # non-Falcon: Q4_K past the first 1/16
+                "Q3_K_L": "Q5_K", "Q4_K_M": "Q6_K" if _use_more_bits(i, n) else want,
+                "Q4_K_S": "Q5_K" if i < n // 8 else want}.get(t, want)
+    elif leaf == "o_proj":
+        want = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(t, want)
+    return want
+
+
+def tensor_type(name: str, target: str, k: int, layer: int = 0, n_layers: int = 1, is_70b: bool = False) -> str:
+    """The stock type a linear with in-dim k gets under `target`: the recipe's (or the plain
+    target's) type, else the fallback."""
+    t = recipe_type(name, target, layer, n_layers, is_70b)
+    for cand in (t, LLAMA_FALLBACK.get(t, t)):
         if k % stock_type(cand).block_size == 0:
             return cand
+    # llama-quantize would store it F16; our checkpoints hold no unquantized decoder linear
     raise ValueError(f"{name}: input dim {k} is not a multiple of {stock_type(FALLBACK).block_size}, the smallest "
                      f"stock block ({FALLBACK}); quantize this model without --target")
 
 
 def linear_type(ctx, name: str) -> str:
-    """The stock type of linear `name` in a LayerContext's layer under its cfg.target."""
-    return tensor_type(f"{ctx.arch.layers}.{ctx.index}.{name}", ctx.cfg.target, ctx.linear(name).in_features)
+    """The stock type of linear `name` in a LayerContext's layer, as quant_config chose it."""
+    full = f"{ctx.arch.layers}.{ctx.index}.{name}"
+    if ctx.cfg.types and full in ctx.cfg.types:
+        return ctx.cfg.types[full]
+    return tensor_type(full, ctx.cfg.target, ctx.linear(name).in_features)
+
+
+def is_70b(model, arch) -> bool:
+    """llama.cpp's LLM_TYPE_70B (src/models/llama.cpp, qwen2.cpp): 80 layers, llama with GQA or qwen2."""
+    c = model.config
+    if getattr(c, "num_hidden_layers", 0) != 80:
+        return False
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return arch.name == "qwen2" or (arch.name in ("llama", "mistral") and kv != c.num_attention_heads)
 
 
 def check_model(model, arch, target: str) -> dict[str, str]:
     """Every decoder linear's stock type under `target` (the first that can take none raises)."""
     from .arch import decoder_layers, get_module
-    return {f"{arch.layers}.{i}.{n}": tensor_type(f"{arch.layers}.{i}.{n}", target, get_module(layer, n).in_features)
-            for i, layer in enumerate(decoder_layers(model, arch)) for n in arch.linears}
+    layers = decoder_layers(model, arch)
+    big = is_70b(model, arch)
+    return {f"{arch.layers}.{i}.{n}": tensor_type(f"{arch.layers}.{i}.{n}", target, get_module(layer, n).in_features,
+                                                  i, len(layers), big)
+            for i, layer in enumerate(layers) for n in arch.linears}
+
+
+def fallbacks(model, arch, target: str) -> dict[str, str]:
+    """The linears whose recipe type their in-dim cannot take: name -> "WANT -> GOT", GOT being
+    llama-quantize's fallback (tensor_type raises where llama-quantize would keep F16)."""
+    from .arch import decoder_layers, get_module
+    layers = decoder_layers(model, arch)
+    big, out = is_70b(model, arch), {}
+    for i, layer in enumerate(layers):
+        for n in arch.linears:
+            full, k = f"{arch.layers}.{i}.{n}", get_module(layer, n).in_features
+            want = recipe_type(full, target, i, len(layers), big)
+            got = tensor_type(full, target, k, i, len(layers), big)
+            if got != want:
+                out[full] = f"{want} -> {got}"
+    return out
 
 
 def quant_config(target: str, model, arch):
     """(QuantConfig, the target's code bits, its block size) for a run into `target`, after checking
-    every linear can take it or the fallback. cfg.group_size is the fallback's block, the finest any
+    every linear can take its type or the fallback; cfg.types holds each linear's type. Bits and
+    block are the (recipe's) base type's; cfg.group_size is the fallback's block, the finest any
     tensor gets, so calib.check_model's divisibility check agrees."""
     from .calib import QuantConfig
     name = target_type(target)
-    check_model(model, arch, name)
-    cls = stock_type(name)
-    return QuantConfig(bits=cls.bits, group_size=stock_type(FALLBACK).block_size, target=name), cls.bits, cls.block_size
+    types = check_model(model, arch, name)
+    cls = stock_type(base_type(name))
+    cfg = QuantConfig(bits=cls.bits, group_size=stock_type(FALLBACK).block_size, target=name, types=types)
+    return cfg, cls.bits, cls.block_size
 
 
 @dataclass
@@ -250,32 +328,49 @@ def _np16(t):
     return t.reshape(-1).cpu().numpy().astype("<f2")
 
 
-def _fit_q4_0(x, wt) -> dict:
-    d = _half(_fit_symmetric(x, wt, 4, store=lambda s: _half(s).float()))
+def _fit_sym32(x, wt, bits: int) -> dict:
+    """Q4_0/Q5_0/Q8_0: one fp16 scale per block of 32, searched as stored."""
+    d = _half(_fit_symmetric(x, wt, bits, store=lambda s: _half(s).float()))
     return {"d": _np16(d)}
 
 
-def _fit_q3_k(x, wt) -> dict:
-    """Sub-scales as _fit_symmetric; super scale d among candidates mapping the largest sub-scale to
-    -32..-30 or 29..31 (llama.cpp: -32), each sub-scale rounded down or up, scored as stored."""
-    s = _fit_symmetric(x, wt, 3)  # (..., 16)
+def _fit_q5_1(x, wt) -> dict:
+    """Scale and offset as _fit_min (offset <= 0, as the K types' sub-mins; llama.cpp's min may be
+    positive), stored as fp16 d and m."""
+    s, mn = _fit_min(x, wt, 5)
+    return {"d": _np16(_half(s)), "m": _np16(_half(-mn))}
+
+
+def _fit_sym_k(x, wt, bits: int, lo: int, hi: int, cands) -> dict:
+    """Q3_K/Q6_K: sub-scales as _fit_symmetric; super scale d among candidates mapping the largest
+    sub-scale to each of `cands` (llama.cpp: lo), each sub-scale rounded down or up, scored as stored."""
+    s = _fit_symmetric(x, wt, bits)  # (..., 16)
     smax = s.gather(-1, s.abs().argmax(-1, keepdim=True))
+    z = 2 ** (bits - 1)
     best = None
-    for c in (-32, -31.5, -31, -30.5, -30, 31, 30.5, 30, 29.5, 29):
+    for c in cands:
         d = _half(smax / c)
         pick = None
-        for sc in _ints(s, d, -32, 31):
+        for sc in _ints(s, d, lo, hi):
             a = d.float() * sc
-            pick = _keep(pick, [_err(x, wt, a, -4 * a, 3), sc])
+            pick = _keep(pick, [_err(x, wt, a, -z * a, bits), sc])
         best = _keep(best, [pick[0].sum(-1, keepdim=True), d, pick[1]])
     _, d, sc = best
     return {"d": _np16(d), "sc": sc.reshape(-1, 16).cpu().numpy().astype(np.int8)}
 
 
-def _fit_q4_k(x, wt) -> dict:
-    """Sub-scales and sub-mins as _fit_min; super scale and super min among candidates mapping the
-    largest of each to 61..63 (llama.cpp: 63), each sub-scale and sub-min rounded down or up."""
-    s, mn = _fit_min(x, wt, 4)  # (..., 8) each
+def _fit_q3_k(x, wt) -> dict:
+    return _fit_sym_k(x, wt, 3, -32, 31, (-32, -31.5, -31, -30.5, -30, 31, 30.5, 30, 29.5, 29))
+
+
+def _fit_q6_k(x, wt) -> dict:
+    return _fit_sym_k(x, wt, 6, -128, 127, (-128, -127.5, -127, -126.5, -126, 127, 126.5, 126, 125.5, 125))
+
+
+def _fit_min_k(x, wt, bits: int) -> dict:
+    """Q4_K/Q5_K: sub-scales and sub-mins as _fit_min; super scale and super min among candidates
+    mapping the largest of each to 61..63 (llama.cpp: 63), each sub-scale and sub-min rounded down or up."""
+    s, mn = _fit_min(x, wt, bits)  # (..., 8) each
     smax, mmax = s.amax(-1, keepdim=True), mn.amax(-1, keepdim=True)
     best = None
     for cd in (63, 62, 61):
@@ -284,11 +379,13 @@ def _fit_q4_k(x, wt) -> dict:
             pick = None
             for sc in _ints(s, d, 0, 63):
                 for m in _ints(mn, dmin, 0, 63):
-                    pick = _keep(pick, [_err(x, wt, d.float() * sc, -(dmin.float() * m), 4), sc, m])
+                    pick = _keep(pick, [_err(x, wt, d.float() * sc, -(dmin.float() * m), bits), sc, m])
             best = _keep(best, [pick[0].sum(-1, keepdim=True), d, dmin, pick[1], pick[2]])
     _, d, dmin, sc, m = best
     u8 = lambda t: t.reshape(-1, 8).cpu().numpy().astype(np.uint8)  # noqa: E731
     return {"d": _np16(d), "dmin": _np16(dmin), "sc": u8(sc), "m": u8(m)}
 
 
-_FITTERS = {"Q4_0": _fit_q4_0, "Q3_K": _fit_q3_k, "Q4_K": _fit_q4_k}
+_FITTERS = {"Q4_0": lambda x, wt: _fit_sym32(x, wt, 4), "Q5_0": lambda x, wt: _fit_sym32(x, wt, 5),
+            "Q8_0": lambda x, wt: _fit_sym32(x, wt, 8), "Q5_1": _fit_q5_1, "Q3_K": _fit_q3_k,
+            "Q4_K": lambda x, wt: _fit_min_k(x, wt, 4), "Q5_K": lambda x, wt: _fit_min_k(x, wt, 5), "Q6_K": _fit_q6_k}

@@ -8,12 +8,16 @@ Ids and sizes come from gguf-py (GGMLQuantizationType, GGML_QUANT_SIZES); byte d
 gguf-py's own numpy (`gguf.quants.dequantize`), which is bit-exact with libggml for these types.
 
 Parts (arrays over n blocks; codes are unsigned, the format's offset is part of the formula).
-Every product below is exact in fp32 (fp16 mantissa x 6-bit x 4-bit < 24 bits), so FMA
-contraction in C cannot change a bit; only Q4_K's final subtraction rounds.
+Every product below is exact in fp32 (fp16 mantissa x 6-bit x 5-bit, or x 7-bit x 5-bit for Q6_K,
+< 24 bits), so FMA contraction in C cannot change a bit; only Q4_K/Q5_K's final subtraction rounds.
 
     Q4_0 (32):  d fp16 (n,), q uint8 (n, 32) in 0..15
                 y = f32(d) * (q - 8)
                 bytes: d | qs[16]; qs[j] = q[j] | q[j + 16] << 4
+    Q8_0 (32):  d fp16 (n,), q uint8 (n, 32) in 0..255; y = f32(d) * (q - 128); bytes: d | int8 q - 128
+    Q5_0 (32):  as Q4_0 with q in 0..31, y = f32(d) * (q - 16); bytes: d | qh[4] | qs[16]:
+                q & 15 in qs as Q4_0's, q >> 4 of weight j at bit j of qh (a little-endian uint32)
+    Q5_1 (32):  d, m fp16 (n,), q in 0..31, y = q * f32(d) + f32(m); bytes: d | m | qh[4] | qs[16] as Q5_0
     Q4_K (256): d, dmin fp16 (n,), sc, m uint8 (n, 8) in 0..63, q uint8 (n, 256) in 0..15
                 y[32s + l] = (f32(d) * sc[s]) * q - f32(dmin) * m[s]
                 bytes: d | dmin | scales[12] | qs[128]; qs[32c + l] = q[64c + l] | q[64c + 32 + l] << 4
@@ -25,14 +29,21 @@ contraction in C cannot change a bit; only Q4_K's final subtraction rounds.
                 q & 3 at bits 2j of qs[32h + l], q >> 2 at bit 4h + j of hmask[l];
                 u = sc + 32 (6 bits): b[i] = u[i] & 15 | (u[i+8] & 15) << 4 (i < 8),
                 b[8+i] = u[i] >> 4 | (u[i+4] >> 4) << 2 | (u[i+8] >> 4) << 4 | (u[i+12] >> 4) << 6 (i < 4)
+    Q5_K (256): as Q4_K with q in 0..31; bytes: d | dmin | scales[12] | qh[32] | qs[128];
+                q & 15 in qs as Q4_K's, q >> 4 of weight 32s + l at bit s of qh[l]
+    Q6_K (256): d fp16 (n,), sc int8 (n, 16) in -128..127, q uint8 (n, 256) in 0..63
+                y[16s + l] = (f32(d) * sc[s]) * (q - 32)
+                bytes: ql[128] | qh[64] | scales[16] (int8) | d; weight e = 128h + 32j + l (l < 32):
+                q & 15 at nibble j >> 1 of ql[64h + 32(j & 1) + l], q >> 4 at bits 2j of qh[32h + l]
 
 `quantize_rtn(w)` is a plain vectorised round-to-nearest into the format (not llama.cpp's
-quantizer): valid blocks close to w, for tests and as a starting point for methods.
+quantizer, but for the block-32 types gguf-py's port of its *_ref one): valid blocks close to w,
+for tests and as a starting point for methods.
 
 `grid(**parts)` is the same formula as one affine map per sub-block of `sub` weights, y = a * q + b
 with unsigned codes q in 0..2**bits - 1, the form a method rounds weights onto (stock_quant.py):
 a*q is exact in fp32 like the products above, so a*q + b equals dequantize_parts exactly in value
-(Q4_0 and Q3_K fold their offset into b, so an exact zero may come out as +0 where ggml gives -0).
+(the types with a fixed code offset fold it into b, so an exact zero may come out as +0 where ggml gives -0).
 """
 from __future__ import annotations
 
@@ -62,6 +73,32 @@ def _half_bytes(x) -> np.ndarray:
 
 def _half(blocks: np.ndarray, at: int) -> np.ndarray:
     return blocks[:, at:at + 2].copy().view("<f2")[:, 0]
+
+
+def _k4_scales_unpack(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 scale bytes -> 6-bit sc, m (n, 8) (ggml get_scale_min_k4)."""
+    hi = s[:, 8:]
+    sc = np.concatenate([s[:, 0:4] & 63, (hi & 15) | (s[:, 0:4] >> 6) << 4], axis=1)
+    m = np.concatenate([s[:, 4:8] & 63, (hi >> 4) | (s[:, 4:8] >> 6) << 4], axis=1)
+    return sc, m
+
+
+def _k4_scales_pack(name: str, sc, m) -> np.ndarray:
+    sc = _u8(sc, 0, 63, f"{name} sub-scales").reshape(-1, 8)
+    m = _u8(m, 0, 63, f"{name} sub-mins").reshape(-1, 8)
+    return np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6,
+                           (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
+
+
+def _nibbles_unpack(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 low-nibble bytes -> (n, 256): qs[32c + l] = q[64c + l] | q[64c + 32 + l] << 4."""
+    qs = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([qs & 15, qs >> 4], axis=2).reshape(-1, 256)
+
+
+def _nibbles_pack(q: np.ndarray) -> np.ndarray:
+    q = np.asarray(q, np.uint8).reshape(-1, 4, 2, 32) & 15
+    return (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
 
 
 class StockType:
@@ -160,7 +197,7 @@ class Q4_0(StockType, qtype="Q4_0"):
 
     @classmethod
     def quantize_rtn(cls, w):
-        """gguf-py's Q4_0 quantizer (mirrors llama.cpp's quantize_row_q4_0_ref)."""
+        """gguf-py's quantizer (mirrors llama.cpp's quantize_row_*_ref)."""
         cls._sub_blocks(w, 32)
         return cls.blocks(gq.quantize(np.ascontiguousarray(w, np.float32), cls.qtype))
 
@@ -173,24 +210,14 @@ class Q4_K(StockType, qtype="Q4_K"):
     @classmethod
     def unpack(cls, blocks):
         b = cls.blocks(blocks)
-        s = b[:, 4:16]
-        hi = s[:, 8:]
-        sc = np.concatenate([s[:, 0:4] & 63, (hi & 15) | (s[:, 0:4] >> 6) << 4], axis=1)
-        m = np.concatenate([s[:, 4:8] & 63, (hi >> 4) | (s[:, 4:8] >> 6) << 4], axis=1)
-        qs = b[:, 16:].reshape(-1, 4, 1, 32)
-        q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(-1, 256)
-        return {"d": _half(b, 0), "dmin": _half(b, 2), "sc": sc, "m": m, "q": q}
+        sc, m = _k4_scales_unpack(b[:, 4:16])
+        return {"d": _half(b, 0), "dmin": _half(b, 2), "sc": sc, "m": m, "q": _nibbles_unpack(b[:, 16:])}
 
     @classmethod
     def pack(cls, d, dmin, sc, m, q):
-        sc = _u8(sc, 0, 63, "Q4_K sub-scales").reshape(-1, 8)
-        m = _u8(m, 0, 63, "Q4_K sub-mins").reshape(-1, 8)
-        q = _u8(q, 0, 15, "Q4_K codes").reshape(-1, 4, 2, 32)
-        s = np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4) << 6,
-                            m[:, :4] | (m[:, 4:] >> 4) << 6,
-                            (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
-        qs = (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
-        return np.concatenate([_half_bytes(d), _half_bytes(dmin), s, qs], axis=1)
+        q = _u8(q, 0, 15, "Q4_K codes")
+        return np.concatenate([_half_bytes(d), _half_bytes(dmin), _k4_scales_pack("Q4_K", sc, m),
+                               _nibbles_pack(q)], axis=1)
 
     @classmethod
     def dequantize_parts(cls, d, dmin, sc, m, q):
@@ -283,6 +310,201 @@ class Q3_K(StockType, qtype="Q3_K"):
             dl = d.astype(np.float32)[:, None] * sc
             q = np.where(dl[..., None] != 0, np.rint(x / dl[..., None]), 0).clip(-4, 3) + 4
         return cls.pack(d=d, sc=sc.astype(np.int8), q=q.astype(np.uint8))
+
+
+class Q5_K(StockType, qtype="Q5_K"):
+    ints = {"sc": (0, 63), "m": (0, 63)}
+    parts = ("d", "dmin", "sc", "m", "q")
+    sub, bits = 32, 5
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        sc, m = _k4_scales_unpack(b[:, 4:16])
+        high = (b[:, 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # (n, l, s): bit s of qh[l]
+        q = _nibbles_unpack(b[:, 48:]) | high.transpose(0, 2, 1).reshape(-1, 256) << 4
+        return {"d": _half(b, 0), "dmin": _half(b, 2), "sc": sc, "m": m, "q": q}
+
+    @classmethod
+    def pack(cls, d, dmin, sc, m, q):
+        q = _u8(q, 0, 31, "Q5_K codes").reshape(-1, 8, 32)
+        qh = ((q >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)
+        return np.concatenate([_half_bytes(d), _half_bytes(dmin), _k4_scales_pack("Q5_K", sc, m), qh,
+                               _nibbles_pack(q)], axis=1)
+
+    dequantize_parts = Q4_K.__dict__["dequantize_parts"]  # the same formula, 5-bit q
+    dequantize_parts_torch = Q4_K.__dict__["dequantize_parts_torch"]
+    grid = Q4_K.__dict__["grid"]
+
+    @classmethod
+    def quantize_rtn(cls, w):
+        """As Q4_K's, codes 0..31."""
+        x = cls._sub_blocks(w, 32)
+        lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+        s, mn = (hi - lo) / 31, -lo
+        d, dmin = _f16(s.max(-1) / 63), _f16(mn.max(-1) / 63)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(0, 63)
+            m = np.where(dmin[:, None] > 0, np.rint(mn / dmin.astype(np.float32)[:, None]), 0).clip(0, 63)
+            ds = d.astype(np.float32)[:, None] * sc
+            dm = dmin.astype(np.float32)[:, None] * m
+            q = np.where(ds[..., None] > 0, np.rint((x + dm[..., None]) / ds[..., None]), 0).clip(0, 31)
+        return cls.pack(d=d, dmin=dmin, sc=sc.astype(np.uint8), m=m.astype(np.uint8), q=q.astype(np.uint8))
+
+
+class Q6_K(StockType, qtype="Q6_K"):
+    ints = {"sc": (-128, 127)}
+    parts = ("d", "sc", "q")
+    sub, bits = 16, 6
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        ql = b[:, :128].reshape(-1, 2, 1, 2, 32)  # (n, half, nibble, j & 1, l)
+        low = (ql >> np.array([0, 4], np.uint8)[:, None, None]) & 15  # (n, half, j >> 1, j & 1, l)
+        qh = b[:, 128:192].reshape(-1, 2, 1, 32)
+        high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # (n, half, j, l)
+        q = low.reshape(-1, 2, 4, 32) | high << 4
+        return {"d": _half(b, 208), "sc": b[:, 192:208].view(np.int8).copy(), "q": q.reshape(-1, 256)}
+
+    @classmethod
+    def pack(cls, d, sc, q):
+        sc = np.asarray(sc)
+        if sc.size and (sc.min() < -128 or sc.max() > 127):
+            raise ValueError(f"Q6_K sub-scales must lie in -128..127, got {sc.min()}..{sc.max()}")
+        q = _u8(q, 0, 63, "Q6_K codes").reshape(-1, 2, 2, 2, 32)  # (n, half, j >> 1, j & 1, l)
+        ql = ((q & 15) << np.array([0, 4], np.uint8)[:, None, None]).sum(2, dtype=np.uint8).reshape(-1, 128)
+        qh = ((q.reshape(-1, 2, 4, 32) >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(2, dtype=np.uint8)
+        return np.concatenate([ql, qh.reshape(-1, 64), sc.astype(np.int8).reshape(-1, 16).view(np.uint8),
+                               _half_bytes(d)], axis=1)
+
+    @classmethod
+    def dequantize_parts(cls, d, sc, q):
+        dl = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # C: d * sc[is] * q
+        return (dl[:, :, None] * (np.asarray(q, np.float32).reshape(-1, 16, 16) - 32)).reshape(-1, 256)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, sc, q):
+        return ((d[:, None] * sc)[:, :, None] * (q.reshape(-1, 16, 16) - 32)).reshape(-1, 256)
+
+    @classmethod
+    def grid(cls, d, sc, **_):
+        a = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)
+        return a, -32 * a
+
+    @classmethod
+    def quantize_rtn(cls, w):
+        """As Q3_K's: the largest-magnitude weight maps to code 0 (-32); signed 8-bit sub-scales."""
+        x = cls._sub_blocks(w, 16)
+        amax = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+        s = -amax / 32
+        d = _f16(np.abs(s).max(-1) / 127)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(-128, 127)
+            dl = d.astype(np.float32)[:, None] * sc
+            q = np.where(dl[..., None] != 0, np.rint(x / dl[..., None]), 0).clip(-32, 31) + 32
+        return cls.pack(d=d, sc=sc.astype(np.int8), q=q.astype(np.uint8))
+
+
+def _qh_unpack(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 4 high-bit bytes (a little-endian uint32) -> bit j of weight j, (n, 32)."""
+    return (qh[:, :, None] >> np.arange(8, dtype=np.uint8)).reshape(-1, 32) & 1
+
+
+def _qh_pack(q: np.ndarray) -> np.ndarray:
+    return ((q.reshape(-1, 4, 8) >> 4) << np.arange(8, dtype=np.uint8)).sum(2, dtype=np.uint8)
+
+
+class Q8_0(StockType, qtype="Q8_0"):
+    quantize_rtn = Q4_0.__dict__["quantize_rtn"]  # gguf-py's, llama.cpp's *_ref quantizer
+    parts = ("d", "q")
+    sub, bits = 32, 8
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        return {"d": _half(b, 0), "q": (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)}
+
+    @classmethod
+    def pack(cls, d, q):
+        q = _u8(q, 0, 255, "Q8_0 codes").reshape(-1, 32)
+        return np.concatenate([_half_bytes(d), (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=1)
+
+    @classmethod
+    def dequantize_parts(cls, d, q):
+        return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 128)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, q):
+        return d[:, None] * (q - 128)
+
+    @classmethod
+    def grid(cls, d, **_):
+        a = np.asarray(d).astype(np.float32)[:, None]
+        return a, -128 * a
+
+
+class Q5_0(StockType, qtype="Q5_0"):
+    quantize_rtn = Q4_0.__dict__["quantize_rtn"]  # gguf-py's, llama.cpp's *_ref quantizer
+    parts = ("d", "q")
+    sub, bits = 32, 5
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        qs = b[:, 6:]
+        return {"d": _half(b, 0), "q": np.concatenate([qs & 15, qs >> 4], axis=1) | _qh_unpack(b[:, 2:6]) << 4}
+
+    @classmethod
+    def pack(cls, d, q):
+        q = _u8(q, 0, 31, "Q5_0 codes").reshape(-1, 32)
+        lo = q & 15
+        return np.concatenate([_half_bytes(d), _qh_pack(q), lo[:, :16] | lo[:, 16:] << 4], axis=1)
+
+    @classmethod
+    def dequantize_parts(cls, d, q):
+        return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 16)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, q):
+        return d[:, None] * (q - 16)
+
+    @classmethod
+    def grid(cls, d, **_):
+        a = np.asarray(d).astype(np.float32)[:, None]
+        return a, -16 * a
+
+
+class Q5_1(StockType, qtype="Q5_1"):
+    quantize_rtn = Q4_0.__dict__["quantize_rtn"]  # gguf-py's, llama.cpp's *_ref quantizer
+    parts = ("d", "m", "q")
+    sub, bits = 32, 5
+
+    @classmethod
+    def unpack(cls, blocks):
+        b = cls.blocks(blocks)
+        qs = b[:, 8:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=1) | _qh_unpack(b[:, 4:8]) << 4
+        return {"d": _half(b, 0), "m": _half(b, 2), "q": q}
+
+    @classmethod
+    def pack(cls, d, m, q):
+        q = _u8(q, 0, 31, "Q5_1 codes").reshape(-1, 32)
+        lo = q & 15
+        return np.concatenate([_half_bytes(d), _half_bytes(m), _qh_pack(q), lo[:, :16] | lo[:, 16:] << 4], axis=1)
+
+    @classmethod
+    def dequantize_parts(cls, d, m, q):
+        return np.asarray(q, np.float32) * np.asarray(d).astype(np.float32)[:, None] + \
+            np.asarray(m).astype(np.float32)[:, None]
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, m, q):
+        return q * d[:, None] + m[:, None]
+
+    @classmethod
+    def grid(cls, d, m, **_):
+        return np.asarray(d).astype(np.float32)[:, None], np.asarray(m).astype(np.float32)[:, None]
 
 
 def stock_type(t: str | int | GGMLQuantizationType) -> type[StockType]:

@@ -161,9 +161,10 @@ def main() -> None:
         p = wd / f"{ck.name}.gguf"
         if not p.exists():
             # a stock-target checkpoint's token_embd/output as llama-quantize gives them at that type's _S
-            # recipe (Q3_K -> Q3_K_S): the same tensor types as the stock file it is compared with
+            # recipe (Q3_K -> Q3_K_S), or at the recipe itself (Q3_K_M): as in the stock file it is compared with
             target = checkpoint.read_manifest(ck).get("target")
-            embd = f"auto:{target}{'_S' if target.endswith('_K') else ''}" if target and a.embd_type == "auto" else a.embd_type
+            embd = f"auto:{target}{'_S' if target in ('Q3_K', 'Q4_K', 'Q5_K') else ''}" \
+                if target and a.embd_type == "auto" else a.embd_type
             info = convert(ck, p, outtype="f16", embd_type=embd, threads=os.cpu_count() or 2,
                            tokenizer_pre=a.tokenizer_pre)
             _say(f"converted {ck.name}: {json.dumps(info)[:400]}")

@@ -12,7 +12,8 @@ from quant2gguf import stock_types as st
 
 NAMES = list(st.REGISTRY)
 FP16_SPECIAL = np.array([0.0, -0.0, 65504.0, 2.0**-24, 2.0**-14, 6.1e-5, 1.0, 1e-3, 7.0, 1e4], np.float16)
-FP16_FIELDS = {"Q4_0": ("d",), "Q4_K": ("d", "dmin"), "Q3_K": ("d",)}
+FP16_FIELDS = {"Q4_0": ("d",), "Q4_K": ("d", "dmin"), "Q3_K": ("d",), "Q5_K": ("d", "dmin"), "Q6_K": ("d",),
+               "Q8_0": ("d",), "Q5_0": ("d",), "Q5_1": ("d", "m")}
 
 TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
@@ -77,11 +78,11 @@ def random_blocks(cls, rng, n: int = 200) -> np.ndarray:
             p = {k: v[:1].copy() for k, v in parts.items()}
             for f in FP16_FIELDS[cls.qtype.name]:
                 p[f][:] = sign * 65504.0
-            p["q"][:] = {"max": 7 if cls.qtype.name == "Q3_K" else 15, "min": 0}[code]
+            p["q"][:] = {"max": 2**cls.bits - 1, "min": 0}[code]
             if "sc" in p:
-                lo, hi = (-32, 31) if cls.qtype.name == "Q3_K" else (0, 63)
+                lo, hi = cls.ints["sc"]
                 p["sc"][:] = {"max": hi, "min": lo, "zero": 0}[scale]
-            if "m" in p:
+            if "m" in cls.ints:
                 p["m"][:] = {"max": 63, "min": 0, "zero": 0}[scale]
             edges.append(cls.pack(**p))
     return np.concatenate([cls.pack(**parts), *edges])
@@ -92,13 +93,13 @@ def differing(a: np.ndarray, b: np.ndarray) -> list[int]:
 
 
 def test_registry_uses_gguf_ids_and_sizes():
-    assert NAMES == ["Q4_0", "Q4_K", "Q3_K"]
+    assert NAMES == ["Q4_0", "Q4_K", "Q3_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "Q5_1"]
     for name, cls in st.REGISTRY.items():
         assert cls.qtype is GGMLQuantizationType[name]
         assert (cls.block_size, cls.type_size) == GGML_QUANT_SIZES[cls.qtype]
         assert st.stock_type(name.lower()) is st.stock_type(int(cls.qtype)) is st.stock_type(cls.qtype) is cls
     with pytest.raises(ValueError, match="no stock type"):
-        st.stock_type("Q5_K")
+        st.stock_type("Q2_K")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -133,19 +134,20 @@ def test_pack_unpack_round_trip(name):
 def test_pack_rejects_out_of_range(name):
     cls = st.REGISTRY[name]
     parts = cls.unpack(np.zeros((2, cls.type_size), np.uint8))
-    bad = dict(parts, q=parts["q"].astype(np.int16) + (8 if name == "Q3_K" else 16))
+    bad = dict(parts, q=parts["q"].astype(np.int16) + 2**cls.bits)
     with pytest.raises(ValueError, match="codes"):
         cls.pack(**bad)
     if "sc" in parts:
         with pytest.raises(ValueError, match="sub-scales"):
-            cls.pack(**dict(parts, sc=parts["sc"].astype(np.int16) + 64))
+            cls.pack(**dict(parts, sc=parts["sc"].astype(np.int16) + np.ptp(cls.ints["sc"]) + 1))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_quantize_rtn_valid_and_close(ggml, name):
     cls = st.REGISTRY[name]
     rng = np.random.default_rng(2 + int(cls.qtype))
-    tol = {"Q4_0": 0.12, "Q4_K": 0.11, "Q3_K": 0.2}[name]  # relative RMSE on Gaussian weights
+    tol = {"Q4_0": 0.12, "Q4_K": 0.11, "Q3_K": 0.2, "Q5_K": 0.055, "Q6_K": 0.03, "Q8_0": 0.008, "Q5_0": 0.06,
+           "Q5_1": 0.055}[name]  # relative RMSE on Gaussian weights
     for scale in (1e-2, 1.0, 1e3):
         w = (rng.standard_normal((8, 4 * cls.block_size)) * scale).astype(np.float32)
         w[0] = 0  # all-zero row: zero scales
@@ -160,9 +162,10 @@ def test_quantize_rtn_valid_and_close(ggml, name):
         assert err < tol, f"{name} scale {scale}: relative RMSE {err:.3f} >= {tol}"
 
 
-def test_q4_0_rtn_is_llama_reference_quantizer(ggml):
-    """gguf-py's Q4_0 quantizer, which quantize_rtn uses, writes quantize_row_q4_0_ref's bytes."""
-    cls = st.REGISTRY["Q4_0"]
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q5_0", "Q5_1"])
+def test_block32_rtn_is_llama_reference_quantizer(ggml, name):
+    """gguf-py's quantizer, which quantize_rtn uses for the block-32 types, writes quantize_row_*_ref's bytes."""
+    cls = st.REGISTRY[name]
     w = np.ascontiguousarray(np.random.default_rng(5).standard_normal((4, 256)), np.float32)
     want = np.zeros((w.size // 32, cls.type_size), np.uint8)
     traits(ggml, cls).from_float_ref(ptr(w), ptr(want), w.size)
