@@ -34,7 +34,8 @@ def _label(ck: Path) -> str:
     man = checkpoint.read_manifest(ck)
     init = man.get("init", {})
     via = f"{init.get('method')}→" if man["method"] == "kd" and init else ""
-    return f"ours {ck.name}: {via}{man['method']} W{man['bits']}G{man['group_size']}"
+    grid = man.get("target") or f"W{man['bits']}G{man['group_size']}"  # a stock target names its type
+    return f"ours {ck.name}: {via}{man['method']} {grid}"
 
 
 def _measure(name, path, texts, bases, wd, a, params) -> dict:

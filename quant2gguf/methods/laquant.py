@@ -12,6 +12,11 @@ fused Triton fake-quant (straight-through round, LSQ-style d/m gradients; kernel
 Initialised from RTN, GPTQ or AWQ; AdamW with a cosine schedule; weights lr ~1e-5, quantizer lr
 ~1e-4. Inputs come from the quantized stream, targets from the FP stream. The result is kept only
 if it lowers the loss on the calibration set against the initialisation (reported in the stats).
+
+In a stock llama.cpp type (cfg.target, init rtn or gptq on that grid) the codes stay the init's and
+what the format stores besides them is trained, as distillation does (kd.StockFQLinear: fp16 super
+scales, integer sub-scales/mins through straight-through rounding); lr_q is then relative (a step in
+units of each value's initial magnitude, default 1e-3) and lr_w does not apply.
 """
 from __future__ import annotations
 
@@ -65,20 +70,43 @@ def run_layer_grad(layer, x, kwargs):
     return out[0] if isinstance(out, tuple) else out
 
 
+STOCK_LR_Q = 1e-3  # relative, in a stock grid (kd.StockFQLinear's units)
+
+
 def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w: float = 1e-5,
-                   lr_q: float = 1e-4, lam: float = 1.0, mu: float = 1.0, batch_size: int = 1
+                   lr_q: float | None = None, lam: float = 1.0, mu: float = 1.0, batch_size: int = 1
                    ) -> dict[str, QuantizedWeight]:
     from . import METHODS
     c = ctx.cfg
     names = list(ctx.arch.linears)
     fp = {n: ctx.linear(n).weight.data.clone() for n in names}
     start = METHODS[init](ctx)  # sets the layer's weights to the initial dequantized values
-    # latent weights start from the weights the init quantized (FP, after any AWQ scaling): on the
-    # grid itself the straight-through d/m gradients would be exactly zero
-    latent = {n: torch.nn.Parameter(ctx.prequant.get(n, fp[n]).float().to(ctx.device)) for n in names}
-    scales = {n: torch.nn.Parameter(start[n].scales.float().to(ctx.device)) for n in names}
-    offsets = {n: torch.nn.Parameter(start[n].offsets.float().to(ctx.device)) for n in names}
-    pidx = {n: None if start[n].pidx is None else start[n].pidx.to(ctx.device) for n in names}
+    if c.target:
+        from .kd import StockFQLinear
+        fq = {n: StockFQLinear(ctx.linear(n), start[n]).to(ctx.device) for n in names}
+        groups = [{"params": [p for m in fq.values() for p in m.qparams()], "lr": STOCK_LR_Q if lr_q is None else lr_q}]
+
+        def weights():
+            return {f"{n}.weight": fq[n].weight_q() for n in names}
+
+        def export():
+            return {n: fq[n].export() for n in names}
+    else:
+        # latent weights start from the weights the init quantized (FP, after any AWQ scaling): on the
+        # grid itself the straight-through d/m gradients would be exactly zero
+        latent = {n: torch.nn.Parameter(ctx.prequant.get(n, fp[n]).float().to(ctx.device)) for n in names}
+        scales = {n: torch.nn.Parameter(start[n].scales.float().to(ctx.device)) for n in names}
+        offsets = {n: torch.nn.Parameter(start[n].offsets.float().to(ctx.device)) for n in names}
+        pidx = {n: None if start[n].pidx is None else start[n].pidx.to(ctx.device) for n in names}
+        groups = [{"params": list(latent.values()), "lr": lr_w},
+                  {"params": list(scales.values()) + list(offsets.values()), "lr": 1e-4 if lr_q is None else lr_q}]
+
+        def weights():
+            return {f"{n}.weight": fake_quant(latent[n], scales[n], offsets[n], c.bits, c.group_size, pidx[n])
+                    for n in names}
+
+        def export():
+            return {n: _export(latent[n].detach(), scales[n].detach(), offsets[n].detach(), pidx[n], c) for n in names}
     for p in ctx.layer.parameters():
         p.requires_grad_(False)
     if ctx.next_layer is not None:
@@ -87,17 +115,11 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
     targets, lam, mu = _targets(ctx, lam, mu)
     inputs = [x.to(ctx.device) for x in ctx.q_in]
 
-    def weights():
-        return {f"{n}.weight": fake_quant(latent[n], scales[n], offsets[n], c.bits, c.group_size, pidx[n])
-                for n in names}
-
     def total_loss(w: dict) -> float:
         with torch.no_grad():
             return sum(_loss(ctx, _fwd(ctx, w, x), t, lam, mu).item() for x, t in zip(inputs, targets))
 
-    opt = torch.optim.AdamW([{"params": list(latent.values()), "lr": lr_w},
-                             {"params": list(scales.values()) + list(offsets.values()), "lr": lr_q}],
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = max(1, epochs * math.ceil(len(inputs) / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     before = total_loss({f"{n}.weight": start[n].dequantize().to(ctx.device) for n in names})
@@ -111,8 +133,7 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
             sched.step()
     with torch.no_grad():
         after = total_loss(weights())
-    result = {n: _export(latent[n].detach(), scales[n].detach(), offsets[n].detach(), pidx[n], c)
-              for n in names} if after < before else start
+    result = export() if after < before else start
     for n, q in result.items():
         ctx.set_quantized(n, q)
     ctx.stats.update(qat_loss_before=before, qat_loss_after=after, qat_kept=after < before)
