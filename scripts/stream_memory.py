@@ -4,6 +4,7 @@ process: peak RSS (and peak CUDA memory allocated with --device cuda), wall time
 
 usage: python scripts/stream_memory.py --shape 8b --layers 4 --method rtn gptq [--device cpu] \
            [--workdir DIR] [--out results.json]
+       python scripts/stream_memory.py --plan 70b [--nsamples 128 --seqlen 512]   (estimate, no run)
 Shapes: 8b (Llama-3-8B: hidden 4096, ffn 14336, 32/8 heads, vocab 128256), 70b (Llama-3-70B: 8192,
 28672, 64/8), 1b (Llama-3.2-1B: 2048, 8192, 32/8). `--layers` builds fewer decoder layers than the real
 model (memory per layer is what is measured; the whole-model figure grows with the layer count, the
@@ -85,6 +86,29 @@ def run(model: Path, out: Path, method: str, stream: bool, device: str, nsamples
     return json.loads(line[7:])
 
 
+def plan(shape: str, nsamples: int, seqlen: int, gqa_heads: int = 8, vocab: int = 128256) -> dict:
+    """Per-layer memory of a streamed layer-wise run, from the shapes (GiB): what --stream keeps
+    resident besides the activations, GPTQ's largest Hessian group (calib.py runs one group of
+    linears at a time: q/k/v, o, gate/up, down), LAQuant's fp32 latent weights with their gradient and
+    two AdamW moments, and the three activation streams (FP in, quantized in, FP out) in fp32."""
+    s = SHAPES[shape]
+    h, f, nh = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"]
+    kv = h // nh * gqa_heads
+    p_layer = 2 * h * h + 2 * h * kv + 3 * h * f
+    g = 2**30
+    hess = max(3 * h * h, h * h, 2 * h * h, f * f) * 4 / g  # one group's Hessians, fp32
+    acts = 3 * nsamples * seqlen * h * 4 / g
+    return {"shape": shape, "layers": s["real_layers"], "params_per_layer_M": round(p_layer / 1e6, 1),
+            "layer_bf16_gib": round(2 * p_layer / g, 2), "layer_fp32_compute_gib": round(4 * p_layer / g, 2),
+            "gptq_largest_hessian_group_gib": round(hess, 2),
+            "laquant_latent_grad_adam_gib": round(16 * p_layer / g, 2),
+            "activations_3_streams_gib": round(acts, 2),
+            "embeddings_bf16_gib": round(2 * vocab * h / g, 2),
+            "codes_uint8_all_layers_gib": round(p_layer * s["real_layers"] / g, 1),
+            "gptq_peak_gpu_gib_est": round(4 * p_layer / g + 3 * hess + acts, 1),
+            "laquant_peak_gpu_gib_est": round(4 * p_layer / g + 2 * p_layer / g + 16 * p_layer / g + acts, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=list(SHAPES), default="8b")
@@ -95,7 +119,11 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--workdir", default="stream-memory")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plan", choices=list(SHAPES), help="print the per-layer memory estimate for a shape and exit")
     a = ap.parse_args()
+    if a.plan:
+        print(json.dumps(plan(a.plan, a.nsamples, a.seqlen), indent=1))
+        return
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
