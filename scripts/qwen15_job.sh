@@ -14,6 +14,8 @@
 #   bench, phase 2 (when the training lanes are done): the speed cache of phase 1 (measured beside training) is
 #           dropped, our files join, everything else resumes from the cache: report.md / report.json / PNGs
 #   compare_gguf beside it: KLD/PPL on news, CHAMP and code for our files against Q3_K_M and IQ4_XS + imatrix
+#   issue 12: peak RSS / VRAM of GPTQ and LAQuant with and without --stream on a synthetic 8B shape (4 of its
+#           32 layers; scripts/stream_memory.py), before phase 2 so the speeds run alone
 # Results: ~/results. Env: CALIB, KD_MIN, NS, BENCH_GSM, BENCH_LONG.
 set -u
 export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
@@ -61,7 +63,11 @@ P1=$!
     --imat-nsamples $NS --texts news champ code --types Q3_K_M+imat IQ4_XS+imat \
     --ckpts ~/bench/kd-q3k-lr5 ~/bench/gptq-q3km ~/bench/kd-q3km --wait 1500 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
-wait $A $A2 $B
+( timeout 900 python3 scripts/stream_memory.py --shape 8b --layers 4 --method gptq laquant --device cuda --nsamples 32 \
+    --seqlen 512 --workdir ~/smem --out ~/results/stream-memory-8b.json >~/logs/stream-memory.log 2>&1
+  log "stream memory rc=$?"; rm -rf ~/smem ) &
+S=$!
+wait $A $A2 $B $S
 for n in gptq-q3k kd-q3k kd-q3k-lr5 gptq-q3km kd-q3km; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 wait $P1

@@ -150,6 +150,63 @@ def test_vec_dot_q8_1_with_protected_slots(ggml, name):
         assert abs(res[0] - ref) <= tol, f"{name} k={k}: vec_dot {res[0]} vs reference {ref} (tol {tol})"
 
 
+VEC_DOT_ROWS_ARGS = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                     ctypes.c_int]
+
+
+def finite_weight(t: gt.QType, n: int, nb: int, rng) -> qz.QuantizedWeight:
+    """random_weight with scales, offsets and protected values clamped: finite dot products."""
+    qw = random_weight(t, n, nb, rng)
+    qw.scales = qw.scales.float().clamp(-1, 1).half()
+    qw.offsets = qw.offsets.float().clamp(-1, 1).half()
+    if qw.pval is not None:
+        qw.pval = qw.pval.float().clamp(-100, 100).half()
+    return qw
+
+
+def check_rows(lib, vec_dot, t: gt.QType, q8, rng, exact_vec_dot: bool = True) -> bool:
+    """ggml_q3g_vec_dot_rows (the multi-row path mul_mat takes) over a strided tile of up to 16 rows
+    against vec_dot row by row and an fp64 reference; False where the build has no multi-row path."""
+    fn = lib.ggml_q3g_vec_dot_rows
+    fn.restype, fn.argtypes = ctypes.c_bool, VEC_DOT_ROWS_ARGS
+    for nr, nb, pad in [(1, 1, 0), (3, 5, 0), (4, 2, 8), (7, 9, 0), (16, 3, 2), (13, 7, 0)]:
+        qw = finite_weight(t, nr, nb, rng)
+        k = nb * t.group_size
+        rows = gt.pack(qw, t)
+        tile = np.zeros((nr, rows.shape[1] + pad * t.block_bytes), np.uint8)  # row stride > row size
+        tile[:, :rows.shape[1]] = rows
+        x = np.ascontiguousarray(rng.standard_normal(k).astype(np.float32))
+        xq = np.zeros(k // 32 * 36, np.uint8)
+        q8.from_float(ptr(x), ptr(xq), k)
+        blk = xq.reshape(-1, 36)
+        a = (blk[:, 0:2].copy().view("<f2").astype(np.float64) * blk[:, 4:].view(np.int8)).reshape(-1)
+        got = np.full(16, np.nan, np.float32)
+        if not fn(t.id, k, ptr(got), ptr(tile), tile.shape[1], ptr(xq), nr):
+            return False
+        assert np.isnan(got[nr:]).all(), f"{t.name}: wrote past row {nr}"
+        with np.errstate(over="ignore"):
+            ref = qw.dequantize().numpy().astype(np.float64) @ a
+        for r in range(nr):
+            one = np.zeros(1, np.float32)
+            vec_dot(k, ptr(one), 0, ptr(np.ascontiguousarray(rows[r])), 0, ptr(xq), 0, 1)
+            # the same sums in another fp32 order
+            assert got[r] == pytest.approx(one[0], rel=1e-5, abs=1e-4), f"{t.name} nr={nr} row {r}: {got[r]} vs vec_dot {one[0]}"
+            tol = 1e-3 * float(np.abs(qw.offsets[r].float().numpy()).max()) * float(np.abs(a).sum()) + 1e-4 * float(np.abs(qw.dequantize()[r].numpy() * a).sum()) + 1e-4
+            assert abs(got[r] - ref[r]) <= tol, f"{t.name} nr={nr} row {r}: {got[r]} vs reference {ref[r]}"
+    return True
+
+
+@pytest.mark.parametrize("name", list(gt.TYPES))
+def test_vec_dot_rows_multi_row_path(ggml, name):
+    """mul_mat hands our types' row tiles (<= 16 rows, one activation column) to ggml_q3g_vec_dot_rows."""
+    _, cpu = ggml
+    t = gt.TYPES[name]
+    tc = cpu.ggml_get_type_traits_cpu(t.id).contents
+    q8 = cpu.ggml_get_type_traits_cpu(GGML_TYPE_Q8_1).contents
+    if not check_rows(cpu, tc.vec_dot, t, q8, np.random.default_rng(300 + t.id)):
+        pytest.skip("this build has no multi-row path (x86 AVX2 only)")
+
+
 @pytest.mark.parametrize("name", list(gt.TYPES))
 def test_validate_row_data(ggml, name):
     base, _ = ggml
@@ -223,3 +280,6 @@ def test_scalar_and_avx2_paths_agree(ggml, tmp_path):
             out[name] = float(r[0])
         for name in out:
             assert out["scalar"] == pytest.approx(out[name], rel=1e-5, abs=1e-4), f"{t.name}: {out}"
+        for name, lib in libs.items():  # the multi-row path (none in the scalar build)
+            fn = ctypes.cast(getattr(lib, f"ggml_vec_dot_{t.name.lower()}_q8_1"), VEC_DOT)
+            assert check_rows(lib, fn, t, q8, rng) == (name != "scalar"), name
