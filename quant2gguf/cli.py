@@ -57,7 +57,7 @@ def quantize(
     nsamples: int = typer.Option(32),
     seqlen: int = typer.Option(512),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
-    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (default: on with --target, off in our types)"),
     clip: bool = typer.Option(True, help="search a per-group clip ratio"),
     damp: Optional[float] = typer.Option(None, help="GPTQ/LoaQ: Hessian damping as a fraction of its mean diagonal (0.01); more is more conservative off the calibration domain"),
     slots: Optional[int] = typer.Option(None, help="protected fp16 weights per group: 0 or 2 (default: 2 for quantlrm)"),

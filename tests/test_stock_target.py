@@ -289,3 +289,15 @@ def test_llama_perplexity_matches_torch(target, tmp_path):
     r = llama_vs_torch(gguf, ck, text, CTX, CHUNKS, tmp_path)
     assert r["ppl"] == pytest.approx(r["ppl_torch"], rel=0.01), (r["ppl"], r["ppl_torch"])
     assert r["kld"] < 1e-3, r["kld"]
+
+
+def test_gptq_act_order_is_on_by_default_in_a_stock_grid(tmp_path):
+    """With --target, GPTQ orders columns by decreasing Hessian diagonal unless --no-act-order."""
+    from quant2gguf import checkpoint
+    from quant2gguf.pipeline import quantize_model
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden=256)
+    kw = dict(method="gptq", target="q3_k", nsamples=4, seqlen=64, device="cpu")
+    runs = {k: checkpoint.load_quantized(quantize_model(hf, tmp_path / str(k), act_order=k, **kw))[1]
+            for k in (None, True, False)}
+    assert all(torch.equal(runs[None][n].blocks, runs[True][n].blocks) for n in runs[True])
+    assert any(not torch.equal(runs[None][n].blocks, runs[False][n].blocks) for n in runs[False])

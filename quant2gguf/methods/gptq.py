@@ -107,10 +107,14 @@ def gptq_stock(w: torch.Tensor, h: torch.Tensor, qtype: str, damp: float = 0.01,
     return (sw, pre) if return_prequant else sw
 
 
-def quantize_layer(ctx: LayerContext, act_order: bool = False, damp: float = 0.01, clip: bool = True,
+def quantize_layer(ctx: LayerContext, act_order: bool | None = None, damp: float = 0.01, clip: bool = True,
                    static_groups: bool = False) -> dict[str, QuantizedWeight]:
-    """`clip`: the per-group clip search (our types) or, with a stock target, the parameter search."""
+    """`clip`: the per-group clip search (our types) or, with a stock target, the parameter search.
+    `act_order` None: on in a stock grid (its groups are static anyway; SmolLM2 Q4_0 news KLD 0.190 ->
+    0.116, docs/BENCHMARKS.md), off in ours (qwen15 Q3_G128: news 0.148 -> 0.142 but code 0.155 -> 0.160)."""
     c = ctx.cfg
+    if act_order is None:
+        act_order = bool(c.target)
     if c.group_size > 128 and not (act_order or static_groups):
         raise ValueError("GPTQ fits groups within a 128-column block: use group size <= 128 or --act-order")
     for group in ctx.arch.groups:
