@@ -165,18 +165,32 @@ def save_layer_state(path: Path, layer: nn.Module, result: dict[str, QuantizedWe
     from .cache import atomic_path
     skip = {f"{n}.weight" for n in result}
     rec = {"params": {k: v.detach().cpu().clone() for k, v in layer.state_dict().items() if k not in skip},
-           "quantized": {n: {"bits": q.bits, "group_size": q.group_size,
-                             **{f: getattr(q, f).cpu() for f in _QW_FIELDS if getattr(q, f) is not None}}
-                         for n, q in result.items()},
+           "quantized": {n: _qw_record(q) for n, q in result.items()},
            "stats": stats, "rng": _rng_state()}
     with atomic_path(path) as tmp:
         torch.save(rec, tmp)
 
 
+def _qw_record(q: QuantizedWeight) -> dict:
+    """A QuantizedWeight as plain tensors; a stock-type one (quantize --target) as its type and blocks,
+    which hold everything else."""
+    if getattr(q, "blocks", None) is not None:
+        return {"qtype": q.qtype, "blocks": q.blocks.cpu()}
+    return {"bits": q.bits, "group_size": q.group_size,
+            **{f: getattr(q, f).cpu() for f in _QW_FIELDS if getattr(q, f) is not None}}
+
+
+def _qw_from_record(d: dict) -> QuantizedWeight:
+    if "blocks" in d:
+        from .stock_quant import from_blocks
+        return from_blocks(d["qtype"], d["blocks"])
+    return QuantizedWeight(**d)
+
+
 def load_layer_state(path: Path, layer: nn.Module) -> tuple[dict[str, QuantizedWeight], dict]:
     """Put a saved layer back exactly as the run left it; returns (its QuantizedWeights, stats)."""
     rec = torch.load(path, map_location="cpu", weights_only=True)
-    quantized = {n: QuantizedWeight(**d) for n, d in rec["quantized"].items()}
+    quantized = {n: _qw_from_record(d) for n, d in rec["quantized"].items()}
     layer.load_state_dict(rec["params"], strict=False)
     for n, q in quantized.items():
         w = get_module(layer, n).weight

@@ -80,7 +80,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     checkpoint is written; `resume` continues an interrupted run from it (same settings only).
     `target` (rtn, gptq, laquant): a stock llama.cpp type (stock_quant.TARGETS: q3_k, q4_k, ... or a llama-quantize
     mix, q3_k_m, q4_k_m, ...) instead of our Q3_G types;
-    such a run keeps no state (not resumable). `dtype`: how the model is held in memory (auto: as stored,
+    resumable like the others. `dtype`: how the model is held in memory (auto: as stored,
     e.g. bf16 for most HF models, half of fp32's RAM); every layer computes in fp32 either way. `stream`:
     decoder layers read from the safetensors shards one at a time and dropped once quantized (stream.py),
     so neither RAM nor VRAM ever holds the whole model; the same checkpoint bit for bit."""
@@ -111,7 +111,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                 "ft_steps": ft_steps, "ft_calib": ft_calib,
                 "options": {k: v for k, v in sorted(options.items())  # only what the method reads
                             if v is not None and method != "kd" and k in _params(METHODS[method])}}
-    state = None if method == "kd" or target else open_state(out, settings, resume)
+    state = None if method == "kd" else open_state(out, {**settings, "target": target}, resume)
     if method == "kd":
         return distill_model(model, out, bits=bits, group_size=group_size, calib=calib, nsamples=nsamples,
                              seqlen=seqlen, device=device, seed=seed, batch_size=batch_size, offload=offload,

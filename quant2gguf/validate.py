@@ -30,7 +30,7 @@ def _flag(name: str, value) -> str:
 
 def check_target(method: str, bits: int, group_size: int, given: dict) -> None:
     """--target: a known stock type, a method that rounds onto it, and none of the options the type
-    fixes (bits, group size, slots) set to anything but their defaults; such runs keep no state."""
+    fixes (bits, group size, slots) set to anything but their defaults."""
     import inspect
 
     from .pipeline import quantize_model
@@ -46,8 +46,6 @@ def check_target(method: str, bits: int, group_size: int, given: dict) -> None:
         if value not in ok:
             raise ValueError(f"{flag} {value}: not applicable with --target {target} (the stock type fixes its "
                              f"bits and blocks); drop {flag}")
-    if given.get("resume"):
-        raise ValueError("--resume: runs with --target keep no state to resume; drop --resume")
     if method == "laquant":  # in a stock grid it trains the stored scales of a rtn/gptq init, codes frozen
         if given.get("lr_w") is not None:
             raise ValueError(f"--lr-w: laquant --target {target} keeps its init's codes and trains the type's "

@@ -59,6 +59,24 @@ def test_resumed_run_writes_the_uninterrupted_checkpoint(tiny, tmp_path, monkeyp
     assert not state.exists()
 
 
+def test_resumed_stock_target_run_writes_the_uninterrupted_checkpoint(tmp_path, monkeypatch):
+    """--target runs keep their layers' stock blocks in the state and resume like the others."""
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden=256, layers=3)
+    kw = dict(method="gptq", target="q3_k", nsamples=4, seqlen=64, device="cpu")
+    a = P.quantize_model(hf, tmp_path / "a", **kw)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "gptq", 2)
+        with pytest.raises(KeyboardInterrupt):
+            P.quantize_model(hf, tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match="other target"):  # a state is only resumed with its own settings
+        P.quantize_model(hf, tmp_path / "b", resume=True, **{**kw, "target": "q4_k"})
+    b = P.quantize_model(hf, tmp_path / "b", resume=True, **kw)
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
+    assert any(k.endswith(".blocks") for k in ta)
+    assert json.loads((b / "manifest.json").read_text())["resumed_layers"] == 2
+
+
 def test_interrupted_state_needs_resume_and_the_same_settings(tiny, tmp_path, monkeypatch):
     run = CliRunner().invoke
     base = ["quantize", str(tiny), "-o", str(tmp_path / "c"), "-g", "64", "--seqlen", "64", "--device", "cpu"]

@@ -226,7 +226,6 @@ def no_loading(monkeypatch):
     (["--target", "q4_k", "-g", "64"], "--group-size 64: not applicable with --target q4_k"),
     (["--target", "q4_k", "--slots", "2"], "--slots 2: not applicable with --target q4_k"),
     (["--target", "q4_0", "--bits", "4"], "--bits 4: not applicable with --target q4_0"),
-    (["--target", "q4_0", "--resume"], "--resume: runs with --target keep no state to resume"),
     (["--target", "q3_k", "--epochs", "2"], "--epochs: --method gptq ignores it"),
 ])
 def test_bad_target_options_refused_before_loading(args, pattern, tmp_path, no_loading):
