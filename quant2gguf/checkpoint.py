@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,8 +50,15 @@ def versions() -> dict:
     return {"quant2gguf": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, QuantizedWeight], manifest: dict) -> Path:
-    """Save `model` (its quantized linears' weights are ignored) and `quantized` atomically."""
+# tokenizer files save_pretrained of a fast tokenizer does not write, which llama.cpp's converter reads
+# (phi3 and other sentencepiece models: _set_vocab_sentencepiece needs tokenizer.model)
+SOURCE_FILES = ("tokenizer.model",)
+
+
+def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, QuantizedWeight], manifest: dict,
+         source: str | os.PathLike | None = None) -> Path:
+    """Save `model` (its quantized linears' weights are ignored) and `quantized` atomically; the
+    SOURCE_FILES the HF folder `source` has are copied too."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it or choose another -o")
@@ -60,6 +68,9 @@ def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, Quantiz
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name in SOURCE_FILES if source is not None else ():
+            if (Path(source) / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(Path(source) / name, tmp / name)
         skip = {f"{n}.weight" for n in quantized}
         # tied weights share storage and safetensors refuses aliases: keep the first name
         plain, seen = {}, set()

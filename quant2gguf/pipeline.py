@@ -170,7 +170,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         }
         if streamer is None:  # (a streamed model is back on the CPU, its dropped weights on meta)
             mdl.to("cpu")
-        path = checkpoint.save(out, mdl, tok, quantized, manifest)
+        path = checkpoint.save(out, mdl, tok, quantized, manifest, source=folder)
         if state is not None:
             shutil.rmtree(state, ignore_errors=True)
         return path
@@ -361,7 +361,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         "kd": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
     }
     mdl.to("cpu")
-    return checkpoint.save(out, mdl, tok, {n: q.to("cpu") for n, q in best.items()}, manifest)
+    return checkpoint.save(out, mdl, tok, {n: q.to("cpu") for n, q in best.items()}, manifest, source=folder)
 
 
 def weight_updates(model, tok, base, ft_calib, steps, seqlen, seed, device) -> dict:

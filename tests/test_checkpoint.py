@@ -47,3 +47,18 @@ def test_refuses_existing_and_reports_missing_tensor(tiny_llama_dir, tmp_path):
         checkpoint.load_quantized(path)
     with pytest.raises(ValueError, match="not a quant2gguf checkpoint"):
         checkpoint.read_manifest(tmp_path)
+
+
+def test_sentencepiece_model_copied_from_the_source(tiny_llama_dir, tmp_path):
+    """A fast tokenizer's save_pretrained does not write tokenizer.model; llama.cpp's converter needs it
+    for sentencepiece vocabularies (phi3), so the checkpoint takes it from the source folder."""
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "tokenizer.model").write_bytes(b"\x0a\x05spm-bytes")  # stands in for a sentencepiece model
+    model, tok, q, stats = _quantized_model(src)
+    man = {"method": "rtn", "bits": 3, "group_size": 64, "layers": stats}
+    a = checkpoint.save(tmp_path / "a", model, tok, q, man, source=src)
+    assert (a / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    b = checkpoint.save(tmp_path / "b", model, tok, q, man, source=tiny_llama_dir)  # none there: none copied
+    assert not (b / "tokenizer.model").exists()
