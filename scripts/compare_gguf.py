@@ -75,25 +75,9 @@ def _plot(rows, text, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [(r["mib"], r[text]["kld"], r["file"]) for r in rows if r.get(text, {}).get("kld") is not None]
-    stock = sorted((p for p in pts if not p[2].startswith("ours") and "Q3_G" not in p[2]), key=lambda p: p[0])
-    front, best = [], float("inf")
-    for p in stock:  # the stock frontier: files no smaller stock file beats
-        if p[1] < best:
-            front.append(p)
-            best = p[1]
+    from plot_results import size_kld_panel  # scripts/ is on sys.path when this runs as a script
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if front:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="stock frontier (imatrix)")
-    for x, y, n in pts:
-        ours = n.startswith("ours") or "Q3_G" in n
-        ax.scatter(x, y, c="tab:red" if ours else "tab:blue", marker="o" if ours else "s")
-        ax.annotate(n.replace("ours ", ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("whole file MiB")
-    ax.set_ylabel(f"KLD vs F16 ({text} eval split)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    size_kld_panel(ax, rows, text)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
