@@ -286,8 +286,10 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     init = str(o["init"])
     init_man = check_kd_options(model, init, bits, group_size, calib, o["steps"], o["batch"], o["lr_w"],
                                 o["lr_q"], o["eval_every"], o["heldout"], o["max_minutes"])
-    stock = {k: init_man[k] for k in ("target", "types") if init_man and init_man.get("target") and k in init_man}
-    if stock:  # a stock-type init: bits and blocks are its target's, and so is the manifest
+    # a stock-type init: bits and blocks are its target's, and so is the manifest (checkpoint.save writes
+    # `types` from the weights themselves)
+    stock = {k: init_man[k] for k in ("target", "fallbacks") if init_man and init_man.get("target") and k in init_man}
+    if stock:
         bits, group_size = init_man["bits"], init_man["group_size"]
     dev = torch.device(pick_device(device))
     t0 = time.time()
