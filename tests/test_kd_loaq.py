@@ -326,7 +326,7 @@ def tiny_qwen256(tmp_path_factory):
     return make_tiny_model("qwen2", tmp_path_factory.mktemp("kd-tiny256"), hidden=256)
 
 
-@pytest.fixture(scope="module", params=["q3_k", "q4_0"])
+@pytest.fixture(scope="module", params=["q3_k", "q4_0", "q3_k_m"])
 def stock_ckpt(request, tiny_qwen256, tmp_path_factory):
     return request.param, quantize_model(tiny_qwen256, tmp_path_factory.mktemp("kd-stock") / request.param,
                                          method="gptq", target=request.param, nsamples=8, seqlen=64, device="cpu")
@@ -335,7 +335,8 @@ def stock_ckpt(request, tiny_qwen256, tmp_path_factory):
 def test_kd_in_the_stock_grid(stock_ckpt, tiny_qwen256, tmp_path, monkeypatch):
     """--init a --target checkpoint: scales trained with the codes frozen beat the init's held-out KL;
     every export during training dequantizes to the student's forward weights bit for bit; the
-    checkpoint keeps target/types and converts to a GGUF whose linears are the stock type."""
+    checkpoint keeps target/types and converts to a GGUF whose linears are the stock type (q3_k_m: the
+    mix of Q3_K, Q4_K and Q5_K llama-quantize's recipe gives them)."""
     target, init = stock_ckpt
     name = target.upper()
     checked = []
@@ -346,19 +347,25 @@ def test_kd_in_the_stock_grid(stock_ckpt, tiny_qwen256, tmp_path, monkeypatch):
         checked.append(np.array_equal(_bits(self.weight_q()), _bits(e.dequantize())))
         return e
     monkeypatch.setattr(kd.StockFQLinear, "export", export_checked)
+    # the mix at the default rate rises first (held-out KL 0.0065 -> 0.0080 by step 10: sub-scale flips and
+    # super-scale steps on its finer Q4_K/Q5_K grids) and is back at the init by step 30; a quarter of
+    # the rate descends from the first step (qwen15's Q3_K run peaked at step 25 the same way)
+    lr = {"lr_q": 5e-4} if target == "q3_k_m" else {}
     ck = quantize_model(tiny_qwen256, tmp_path / "kd", method="kd", init=str(init), seqlen=64, device="cpu",
-                        steps=30, batch=4, eval_every=5, heldout=4)
+                        steps=30, batch=4, eval_every=5, heldout=4, **lr)
     man = json.loads((ck / "manifest.json").read_text())
     ini = json.loads((init / "manifest.json").read_text())
     st = man["kd"]
     assert st["kd_heldout_kl_best"] < st["kd_heldout_kl_init"] and not st["kd_kept_init"], st
     assert checked and all(checked)
-    assert man["target"] == name and man["types"] == ini["types"] and set(ini["types"].values()) == {name}
+    types = ini["types"]
+    assert man["target"] == name and man["types"] == types
+    assert set(types.values()) == ({"Q3_K", "Q4_K", "Q5_K"} if name == "Q3_K_M" else {name})
     assert (man["bits"], man["group_size"]) == (ini["bits"], ini["group_size"])
     _, got = checkpoint.load_quantized(ck)
     _, ref = checkpoint.load_quantized(init)
     from quant2gguf.stock_quant import StockWeight
-    assert all(isinstance(got[k], StockWeight) and got[k].qtype == name for k in ref)
+    assert all(isinstance(got[k], StockWeight) and got[k].qtype == types[k] for k in ref)
     assert all(torch.equal(got[k].codes, ref[k].codes) for k in ref)  # codes never moved
     assert any(not torch.equal(got[k].blocks, ref[k].blocks) for k in ref)  # the stored scales did
     model, _, _, _ = checkpoint.load_model(ck)
@@ -368,7 +375,7 @@ def test_kd_in_the_stock_grid(stock_ckpt, tiny_qwen256, tmp_path, monkeypatch):
     tensors = {t.name: t for t in export.read_gguf(info["path"]).tensors}  # gguf-py's GGUFReader
     lin = {n: t.tensor_type.name for n, t in tensors.items() if n.startswith("blk.") and t.data.ndim >= 2
            and not n.endswith("norm.weight")}
-    assert len(lin) == len(ref) and set(lin.values()) == {name}, lin
+    assert len(lin) == len(ref) and set(lin.values()) == set(types.values()), lin
     t = tensors["blk.1.ffn_down.weight"]  # no row permutation on this one: the stored bytes verbatim
     want = got["model.layers.1.mlp.down_proj"].blocks.numpy()
     assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(want.shape), want)
