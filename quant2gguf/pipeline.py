@@ -78,7 +78,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     weight updates from `base` (the pre-fine-tuning model) or a `ft_steps` pseudo-fine-tune on
     `ft_calib` reasoning text. Each finished layer is kept in a state folder beside `out` until the
     checkpoint is written; `resume` continues an interrupted run from it (same settings only).
-    `target` (rtn, gptq, laquant): a stock llama.cpp type (stock_quant.TARGETS: q3_k, q4_k, ... or a llama-quantize
+    `target` (rtn, gptq, loaq, laquant): a stock llama.cpp type (stock_quant.TARGETS: q3_k, q4_k, ... or a llama-quantize
     mix, q3_k_m, q4_k_m, ...) instead of our Q3_G types;
     resumable like the others. `dtype`: how the model is held in memory (auto: as stored,
     e.g. bf16 for most HF models, half of fp32's RAM); every layer computes in fp32 either way. `stream`:

@@ -12,7 +12,7 @@ SLOTS = sorted({t.slots for t in TYPES.values()})
 FILLS_SLOTS = ("quantlrm",)  # the only method choosing protected weights; awq would write the slots empty
 PIPELINE_OPTIONS = {"quantlrm": {"base", "ft_steps"}}  # read by the pipeline, not the method's signature
 LAQUANT_INITS = [m for m in METHODS if m not in ("laquant", "quantlrm")]  # quantlrm needs its importance pass
-TARGET_METHODS = ("rtn", "gptq", "laquant")  # the methods that round onto a fitted stock grid (stock_quant)
+TARGET_METHODS = ("rtn", "gptq", "loaq", "laquant")  # the methods that round onto a fitted stock grid (stock_quant)
 
 
 def method_options(method: str, init: str | None) -> set[str]:
@@ -50,8 +50,8 @@ def check_target(method: str, bits: int, group_size: int, given: dict) -> None:
         if given.get("lr_w") is not None:
             raise ValueError(f"--lr-w: laquant --target {target} keeps its init's codes and trains the type's "
                              f"scales only (--lr-q); drop --lr-w")
-        if given.get("init") not in (None, "rtn", "gptq"):
-            raise ValueError(f"--init {given['init']}: laquant --target {target} starts from rtn | gptq on that grid")
+        if given.get("init") not in (None, "rtn", "gptq", "loaq"):
+            raise ValueError(f"--init {given['init']}: laquant --target {target} starts from rtn | gptq | loaq on that grid")
 
 
 def check_quantize_options(method: str, bits: int, group_size: int, given: dict | None = None) -> None:

@@ -44,7 +44,7 @@ def test_codes_kept_scales_trained_and_layer_error_lower(runs):
 
 @pytest.mark.parametrize("args, pattern", [
     (["--lr-w", "1e-5"], "--lr-w: laquant --target q3_k keeps its init's codes"),
-    (["--init", "awq"], "--init awq: laquant --target q3_k starts from rtn | gptq"),
+    (["--init", "awq"], "--init awq: laquant --target q3_k starts from rtn | gptq | loaq"),
 ])
 def test_stock_laquant_refuses_what_it_cannot_honour(args, pattern, tmp_path):
     r = CliRunner().invoke(app, ["quantize", str(tmp_path / "nomodel"), "-o", str(tmp_path / "ck"),

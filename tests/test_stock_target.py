@@ -221,7 +221,7 @@ def no_loading(monkeypatch):
 
 @pytest.mark.parametrize("args, pattern", [
     (["--target", "q2_k"], "--target q2_k: unknown stock type; use --target q4_0 | q4_k | q3_k | q5_k | q6_k |"),
-    (["--target", "q3_k", "--method", "awq"], "--target q3_k: --method awq has no stock-type path; use --method rtn | gptq"),
+    (["--target", "q3_k", "--method", "awq"], "--target q3_k: --method awq has no stock-type path; use --method rtn | gptq | loaq | laquant"),
     (["--target", "q3_k", "--method", "kd"], "--method kd has no stock-type path"),
     (["--target", "q4_k", "-g", "64"], "--group-size 64: not applicable with --target q4_k"),
     (["--target", "q4_k", "--slots", "2"], "--slots 2: not applicable with --target q4_k"),
@@ -300,3 +300,17 @@ def test_gptq_act_order_is_on_by_default_in_a_stock_grid(tmp_path):
             for k in (None, True, False)}
     assert all(torch.equal(runs[None][n].blocks, runs[True][n].blocks) for n in runs[True])
     assert any(not torch.equal(runs[None][n].blocks, runs[False][n].blocks) for n in runs[False])
+
+
+def test_loaq_in_a_stock_grid_is_gptq_where_the_streams_agree(tmp_path):
+    """LoaQ --target: where X^ = X (layer 0's q/k/v: the embeddings are not quantized) W~ = W and the
+    blocks are GPTQ's exactly; downstream of a quantized group the correction moves them."""
+    from quant2gguf import checkpoint
+    from quant2gguf.pipeline import quantize_model
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden=256)
+    kw = dict(target="q3_k", nsamples=4, seqlen=64, device="cpu")
+    _, g = checkpoint.load_quantized(quantize_model(hf, tmp_path / "g", method="gptq", **kw))
+    _, lo = checkpoint.load_quantized(quantize_model(hf, tmp_path / "l", method="loaq", **kw))
+    first = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert all(torch.equal(g[n].blocks, lo[n].blocks) for n in first)
+    assert any(not torch.equal(g[n].blocks, lo[n].blocks) for n in g if n not in first)

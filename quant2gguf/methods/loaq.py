@@ -17,9 +17,10 @@ import copy
 
 import torch
 
+from .. import stock_quant
 from ..calib import LayerContext, run_layer
 from ..quantizer import QuantizedWeight
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, gptq_stock
 
 
 class Moments:
@@ -55,9 +56,12 @@ def target_weight(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float
 
 
 @torch.no_grad()
-def quantize_layer(ctx: LayerContext, damp: float = 0.01, clip: bool = True, act_order: bool = False,
+def quantize_layer(ctx: LayerContext, damp: float = 0.01, clip: bool = True, act_order: bool | None = None,
                    static_groups: bool = False, alpha: float = 1.0) -> dict[str, QuantizedWeight]:
+    """GPTQ on W~ (above); in a stock grid (cfg.target) GPTQ's stock path, act-order on by default as there."""
     c = ctx.cfg
+    if act_order is None:
+        act_order = bool(c.target)
     fp_layer = copy.deepcopy(ctx.layer)  # the layer's FP weights, before any group is quantized
     shift = {}
     for group in ctx.arch.groups:
@@ -75,8 +79,12 @@ def quantize_layer(ctx: LayerContext, damp: float = 0.01, clip: bool = True, act
             w0 = ctx.linear(n).weight.data.float()
             w = target_weight(w0, h, cc, damp, alpha)
             shift[n] = float((w - w0).norm() / w0.norm().clamp_min(1e-30))
-            q, pre = gptq_quantize(w, h, c.bits, c.group_size, damp=damp, act_order=act_order,
-                                   static_groups=static_groups, clip=clip, return_prequant=True)
+            if c.target:  # the stock grid is fitted to W~, weighted by diag H like GPTQ's
+                q, pre = gptq_stock(w, h, stock_quant.linear_type(ctx, n), damp=damp, act_order=act_order,
+                                    search=clip, return_prequant=True)
+            else:
+                q, pre = gptq_quantize(w, h, c.bits, c.group_size, damp=damp, act_order=act_order,
+                                       static_groups=static_groups, clip=clip, return_prequant=True)
             ctx.set_quantized(n, q, prequant=pre)
         del mom
     ctx.stats["loaq_max_rel_shift"] = round(max(shift.values()), 4)  # how far W~ moved from W
