@@ -11,6 +11,7 @@
 #   lane A2: from lane A's GPTQ, the same KD at a quarter of the rate (--lr-q 5e-4): the fourth run's KD peaked at
 #           step 25 and drifted up
 #   lane B: the same GPTQ -> KD with llama-quantize's Q3_K_M recipe (--target q3_k_m)
+#   lane L: LoaQ in the Q3_K grid (its init beat GPTQ's on SmolLM2), judged against lane A's GPTQ (fourth run)
 #   bench, phase 2 (when the training lanes are done): the speed cache of phase 1 (measured beside training) is
 #           dropped, our files join, everything else resumes from the cache: report.md / report.json / PNGs
 #   compare_gguf beside it: KLD/PPL on news, CHAMP and code for our files against Q3_K_M and IQ4_XS + imatrix
@@ -52,6 +53,8 @@ A=$!
 A2=$!
 ( q gptq-q3km $GPTQ --target q3_k_m; q kd-q3km $KD --init ~/bench/gptq-q3km; conv kd-q3km Q3_K_M ) &
 B=$!
+( q loaq-q3k --method loaq --calib $CALIB --damp 0.1 --target q3_k ) &  # LoaQ's init beat GPTQ's on SmolLM2
+L=$!
 BENCH="python3 -m quant2gguf bench --ref qwen15 --vs IQ3_S,Q3_K_S,Q3_K_M --calib $CALIB --nsamples $NS --text champ
   --gsm $BENCH_GSM --long $BENCH_LONG --parallel 16 --cuda -o $HOME/bench-gsm --force"
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
@@ -61,14 +64,14 @@ P1=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --types Q3_K_M+imat IQ4_XS+imat \
-    --ckpts ~/bench/kd-q3k-lr5 ~/bench/gptq-q3km ~/bench/kd-q3km --wait 1500 >~/logs/compare.log 2>&1
+    --ckpts ~/bench/kd-q3k-lr5 ~/bench/gptq-q3km ~/bench/loaq-q3k ~/bench/kd-q3km --wait 1500 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 ( timeout 900 python3 scripts/stream_memory.py --shape 8b --layers 4 --method gptq laquant --device cuda --nsamples 32 \
     --seqlen 512 --workdir ~/smem --out ~/results/stream-memory-8b.json >~/logs/stream-memory.log 2>&1
   log "stream memory rc=$?"; rm -rf ~/smem ) &
 S=$!
-wait $A $A2 $B $S
-for n in gptq-q3k kd-q3k kd-q3k-lr5 gptq-q3km kd-q3km; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+wait $A $A2 $B $L $S
+for n in gptq-q3k kd-q3k kd-q3k-lr5 gptq-q3km kd-q3km loaq-q3k; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 wait $P1
 rm -f ~/bench-gsm/cache/*.speed.*.json  # phase 1's speeds were measured beside training
