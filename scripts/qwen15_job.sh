@@ -64,7 +64,7 @@ P1=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --types Q3_K_M+imat IQ4_XS+imat \
-    --ckpts ~/bench/kd-q3k-lr5 ~/bench/gptq-q3km ~/bench/loaq-q3k ~/bench/kd-q3km --wait 1500 >~/logs/compare.log 2>&1
+    --ckpts ~/bench/gptq-q3km ~/bench/loaq-q3k ~/bench/kd-q3k-lr5 ~/bench/kd-q3km --wait 1500 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 ( timeout 900 python3 scripts/stream_memory.py --shape 8b --layers 4 --method gptq laquant --device cuda --nsamples 32 \
     --seqlen 512 --workdir ~/smem --out ~/results/stream-memory-8b.json >~/logs/stream-memory.log 2>&1
