@@ -2,7 +2,9 @@
 to_float bit for bit, the C reference quantizer byte for byte, vec_dot with protected slots,
 row validation, and llama.cpp's own test-quantize-fns."""
 import ctypes
+import platform
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,10 @@ class TypeTraits(ctypes.Structure):
 class TypeTraitsCpu(ctypes.Structure):
     _fields_ = [("from_float", FROM_FLOAT), ("vec_dot", VEC_DOT), ("vec_dot_type", ctypes.c_int),
                 ("nrows", ctypes.c_int64)]
+
+
+X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and " avx2" in (
+    Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +156,6 @@ def test_vec_dot_q8_1_with_protected_slots(ggml, name):
         assert abs(res[0] - ref) <= tol, f"{name} k={k}: vec_dot {res[0]} vs reference {ref} (tol {tol})"
 
 
-VEC_DOT_ROWS_ARGS = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                     ctypes.c_int]
-
-
 def finite_weight(t: gt.QType, n: int, nb: int, rng) -> qz.QuantizedWeight:
     """random_weight with scales, offsets and protected values clamped: finite dot products."""
     qw = random_weight(t, n, nb, rng)
@@ -164,47 +166,73 @@ def finite_weight(t: gt.QType, n: int, nb: int, rng) -> qz.QuantizedWeight:
     return qw
 
 
-def check_rows(lib, vec_dot, t: gt.QType, q8, rng, exact_vec_dot: bool = True) -> bool:
-    """ggml_q3g_vec_dot_rows (the multi-row path mul_mat takes) over a strided tile of up to 16 rows
-    against vec_dot row by row and an fp64 reference; False where the build has no multi-row path."""
-    fn = lib.ggml_q3g_vec_dot_rows
-    fn.restype, fn.argtypes = ctypes.c_bool, VEC_DOT_ROWS_ARGS
-    for nr, nb, pad in [(1, 1, 0), (3, 5, 0), (4, 2, 8), (7, 9, 0), (16, 3, 2), (13, 7, 0)]:
+def check_x8(lib, vec_dot, t: gt.QType, q8, rng) -> bool:
+    """The CPU_REPACK path (8 rows interleaved): ggml_q3g_repack_x8 then ggml_q3g_gemv_x8 against
+    vec_dot row by row and an fp64 reference; False where the build has no such path."""
+    lib.ggml_q3g_x8_supported.restype, lib.ggml_q3g_x8_supported.argtypes = ctypes.c_bool, [ctypes.c_int]
+    lib.ggml_q3g_repack_x8.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.ggml_q3g_gemv_x8.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_int]
+    lib.ggml_q3g_gemm_x8.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    if not lib.ggml_q3g_x8_supported(t.id):
+        return False
+    for nr, nb in [(8, 1), (16, 5), (24, 9), (8, 14)]:
         qw = finite_weight(t, nr, nb, rng)
         k = nb * t.group_size
-        rows = gt.pack(qw, t)
-        tile = np.zeros((nr, rows.shape[1] + pad * t.block_bytes), np.uint8)  # row stride > row size
-        tile[:, :rows.shape[1]] = rows
+        rows = np.ascontiguousarray(gt.pack(qw, t))
+        x8 = np.zeros_like(rows)
+        lib.ggml_q3g_repack_x8(t.id, ptr(x8), ptr(rows), nr, k)
+        assert sorted(x8.tobytes()) == sorted(rows.tobytes()), f"{t.name}: repack is not a permutation of the bytes"
         x = np.ascontiguousarray(rng.standard_normal(k).astype(np.float32))
         xq = np.zeros(k // 32 * 36, np.uint8)
         q8.from_float(ptr(x), ptr(xq), k)
         blk = xq.reshape(-1, 36)
         a = (blk[:, 0:2].copy().view("<f2").astype(np.float64) * blk[:, 4:].view(np.int8)).reshape(-1)
-        got = np.full(16, np.nan, np.float32)
-        if not fn(t.id, k, ptr(got), ptr(tile), tile.shape[1], ptr(xq), nr):
-            return False
+        got = np.full(nr + 8, np.nan, np.float32)
+        lib.ggml_q3g_gemv_x8(t.id, k, ptr(got), ptr(x8), ptr(xq), nr)
         assert np.isnan(got[nr:]).all(), f"{t.name}: wrote past row {nr}"
-        with np.errstate(over="ignore"):
-            ref = qw.dequantize().numpy().astype(np.float64) @ a
+        wq = qw.dequantize().numpy().astype(np.float64)
+        ref = wq @ a
         for r in range(nr):
             one = np.zeros(1, np.float32)
             vec_dot(k, ptr(one), 0, ptr(np.ascontiguousarray(rows[r])), 0, ptr(xq), 0, 1)
             # the same sums in another fp32 order
-            assert got[r] == pytest.approx(one[0], rel=1e-5, abs=1e-4), f"{t.name} nr={nr} row {r}: {got[r]} vs vec_dot {one[0]}"
-            tol = 1e-3 * float(np.abs(qw.offsets[r].float().numpy()).max()) * float(np.abs(a).sum()) + 1e-4 * float(np.abs(qw.dequantize()[r].numpy() * a).sum()) + 1e-4
-            assert abs(got[r] - ref[r]) <= tol, f"{t.name} nr={nr} row {r}: {got[r]} vs reference {ref[r]}"
+            assert got[r] == pytest.approx(one[0], rel=1e-5, abs=1e-4), f"{t.name} {nr}x{k} row {r}: {got[r]} vs vec_dot {one[0]}"
+            tol = (1e-3 * float(np.abs(qw.offsets[r].float().numpy()).max()) * float(np.abs(a).sum())
+                   + 1e-4 * float(np.abs(wq[r] * a).sum()) + 1e-4)
+            assert abs(got[r] - ref[r]) <= tol, f"{t.name} {nr}x{k} row {r}: {got[r]} vs reference {ref[r]}"
+        # gemm (prompt batches): 6 activation rows = one group of 4 + 2 single, output rows bs apart
+        na, bs = 6, nr + 3
+        xs = np.ascontiguousarray((rng.standard_normal((na, k)) * np.arange(1, na + 1)[:, None]).astype(np.float32))
+        xsq = np.zeros((na, k // 32 * 36), np.uint8)
+        for i in range(na):
+            q8.from_float(ptr(xs[i]), ptr(xsq[i]), k)
+        out = np.full((na, bs), np.nan, np.float32)
+        lib.ggml_q3g_gemm_x8(t.id, k, ptr(out), bs, ptr(x8), ptr(xsq), na, nr)
+        assert np.isnan(out[:, nr:]).all(), f"{t.name}: gemm wrote past row {nr}"
+        for i in range(na):
+            one = np.zeros(nr, np.float32)
+            lib.ggml_q3g_gemv_x8(t.id, k, ptr(one), ptr(x8), ptr(np.ascontiguousarray(xsq[i])), nr)
+            assert (out[i, :nr] == one).all(), f"{t.name} {nr}x{k}: gemm activation row {i} differs from gemv"
+            for r in (0, nr - 1):
+                ref1 = np.zeros(1, np.float32)
+                vec_dot(k, ptr(ref1), 0, ptr(np.ascontiguousarray(rows[r])), 0, ptr(np.ascontiguousarray(xsq[i])), 0, 1)
+                assert out[i, r] == pytest.approx(ref1[0], rel=1e-5, abs=1e-4 * (i + 1)), f"{t.name}: gemm ({i}, {r})"
     return True
 
 
 @pytest.mark.parametrize("name", list(gt.TYPES))
-def test_vec_dot_rows_multi_row_path(ggml, name):
-    """mul_mat hands our types' row tiles (<= 16 rows, one activation column) to ggml_q3g_vec_dot_rows."""
+def test_repacked_gemv_x8(ggml, name):
+    """x86 AVX2 builds repack Q3_G128/Q3_G64 weights into 8-row groups (CPU_REPACK buffer) and
+    run mul_mat through ggml_q3g_gemv_x8; P types and other builds keep vec_dot."""
     _, cpu = ggml
     t = gt.TYPES[name]
     tc = cpu.ggml_get_type_traits_cpu(t.id).contents
     q8 = cpu.ggml_get_type_traits_cpu(GGML_TYPE_Q8_1).contents
-    if not check_rows(cpu, tc.vec_dot, t, q8, np.random.default_rng(300 + t.id)):
-        pytest.skip("this build has no multi-row path (x86 AVX2 only)")
+    if not check_x8(cpu, tc.vec_dot, t, q8, np.random.default_rng(300 + t.id)):
+        assert t.slots or not X86_AVX2, f"{name}: no repacked path in an x86 AVX2 build"
+        pytest.skip(f"{name}: no repacked path here (P type, or no AVX2)")
 
 
 @pytest.mark.parametrize("name", list(gt.TYPES))
@@ -280,6 +308,6 @@ def test_scalar_and_avx2_paths_agree(ggml, tmp_path):
             out[name] = float(r[0])
         for name in out:
             assert out["scalar"] == pytest.approx(out[name], rel=1e-5, abs=1e-4), f"{t.name}: {out}"
-        for name, lib in libs.items():  # the multi-row path (none in the scalar build)
+        for name, lib in libs.items():  # the repacked path (none in the scalar build, nor for P types)
             fn = ctypes.cast(getattr(lib, f"ggml_vec_dot_{t.name.lower()}_q8_1"), VEC_DOT)
-            assert check_rows(lib, fn, t, q8, rng) == (name != "scalar"), name
+            assert check_x8(lib, fn, t, q8, rng) == (name != "scalar" and not t.slots), name
