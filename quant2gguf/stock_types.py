@@ -101,6 +101,21 @@ def _nibbles_pack(q: np.ndarray) -> np.ndarray:
     return (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
 
 
+def _rtn_min_k(x: np.ndarray, qmax: int) -> dict:
+    """Q4_K/Q5_K RTN parts of sub-blocks x (n, 8, 32): min-max per sub-block (min clamped to <= 0),
+    6-bit sub-scales/mins on fp16 super-scales, codes 0..qmax against the stored (rounded) scales."""
+    lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+    s, mn = (hi - lo) / qmax, -lo  # per sub-block, both >= 0
+    d, dmin = _f16(s.max(-1) / 63), _f16(mn.max(-1) / 63)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(0, 63)
+        m = np.where(dmin[:, None] > 0, np.rint(mn / dmin.astype(np.float32)[:, None]), 0).clip(0, 63)
+        ds = d.astype(np.float32)[:, None] * sc
+        dm = dmin.astype(np.float32)[:, None] * m
+        q = np.where(ds[..., None] > 0, np.rint((x + dm[..., None]) / ds[..., None]), 0).clip(0, qmax)
+    return {"d": d, "dmin": dmin, "sc": sc.astype(np.uint8), "m": m.astype(np.uint8), "q": q.astype(np.uint8)}
+
+
 class StockType:
     """One stock ggml block format; subclasses register as `class X(StockType, qtype="Q4_0")`."""
     qtype: GGMLQuantizationType
@@ -240,18 +255,7 @@ class Q4_K(StockType, qtype="Q4_K"):
     def quantize_rtn(cls, w):
         """Min-max per 32-weight sub-block (min clamped to <= 0), 6-bit sub-scales/mins on fp16
         super-scales, codes against the stored (rounded) scales."""
-        x = cls._sub_blocks(w, 32)
-        lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
-        s, mn = (hi - lo) / 15, -lo  # per sub-block, both >= 0
-        d = _f16(s.max(-1) / 63)
-        dmin = _f16(mn.max(-1) / 63)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(0, 63)
-            m = np.where(dmin[:, None] > 0, np.rint(mn / dmin.astype(np.float32)[:, None]), 0).clip(0, 63)
-            ds = d.astype(np.float32)[:, None] * sc
-            dm = dmin.astype(np.float32)[:, None] * m
-            q = np.where(ds[..., None] > 0, np.rint((x + dm[..., None]) / ds[..., None]), 0).clip(0, 15)
-        return cls.pack(d=d, dmin=dmin, sc=sc.astype(np.uint8), m=m.astype(np.uint8), q=q.astype(np.uint8))
+        return cls.pack(**_rtn_min_k(cls._sub_blocks(w, 32), 2 ** cls.bits - 1))
 
 
 class Q3_K(StockType, qtype="Q3_K"):
@@ -339,17 +343,7 @@ class Q5_K(StockType, qtype="Q5_K"):
     @classmethod
     def quantize_rtn(cls, w):
         """As Q4_K's, codes 0..31."""
-        x = cls._sub_blocks(w, 32)
-        lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
-        s, mn = (hi - lo) / 31, -lo
-        d, dmin = _f16(s.max(-1) / 63), _f16(mn.max(-1) / 63)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(0, 63)
-            m = np.where(dmin[:, None] > 0, np.rint(mn / dmin.astype(np.float32)[:, None]), 0).clip(0, 63)
-            ds = d.astype(np.float32)[:, None] * sc
-            dm = dmin.astype(np.float32)[:, None] * m
-            q = np.where(ds[..., None] > 0, np.rint((x + dm[..., None]) / ds[..., None]), 0).clip(0, 31)
-        return cls.pack(d=d, dmin=dmin, sc=sc.astype(np.uint8), m=m.astype(np.uint8), q=q.astype(np.uint8))
+        return cls.pack(**_rtn_min_k(cls._sub_blocks(w, 32), 2 ** cls.bits - 1))
 
 
 class Q6_K(StockType, qtype="Q6_K"):
