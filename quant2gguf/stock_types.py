@@ -126,8 +126,10 @@ class StockType:
     bits: int  # code bits: q in 0..2**bits - 1
     ints: dict[str, tuple[int, int]] = {}  # integer parts (but q) -> the (lo, hi) range pack accepts
 
-    def __init_subclass__(cls, qtype: str, **kw):
+    def __init_subclass__(cls, qtype: str | None, **kw):
         super().__init_subclass__(**kw)
+        if qtype is None:  # a shared base of several types, not a type
+            return
         cls.qtype = GGMLQuantizationType[qtype]
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.qtype]
         REGISTRY[qtype] = cls
@@ -182,9 +184,34 @@ class StockType:
         return w.reshape(-1, cls.block_size // sub, sub)
 
 
-class Q4_0(StockType, qtype="Q4_0"):
+class _Sym32(StockType, qtype=None):
+    """Block-32 types y = d * (q - zero): Q4_0 (8), Q5_0 (16), Q8_0 (128)."""
     parts = ("d", "q")
-    sub, bits = 32, 4
+    sub = 32
+    zero: int
+
+    @classmethod
+    def dequantize_parts(cls, d, q):
+        return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - cls.zero)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, q):
+        return d[:, None] * (q - cls.zero)
+
+    @classmethod
+    def grid(cls, d, **_):
+        a = np.asarray(d).astype(np.float32)[:, None]
+        return a, -cls.zero * a
+
+    @classmethod
+    def quantize_rtn(cls, w):
+        """gguf-py's quantizer (mirrors llama.cpp's quantize_row_*_ref)."""
+        cls._sub_blocks(w, 32)
+        return cls.blocks(gq.quantize(np.ascontiguousarray(w, np.float32), cls.qtype))
+
+
+class Q4_0(_Sym32, qtype="Q4_0"):
+    bits, zero = 4, 8
 
     @classmethod
     def unpack(cls, blocks):
@@ -196,25 +223,6 @@ class Q4_0(StockType, qtype="Q4_0"):
     def pack(cls, d, q):
         q = _u8(q, 0, 15, "Q4_0 codes").reshape(-1, 32)
         return np.concatenate([_half_bytes(d), q[:, :16] | q[:, 16:] << 4], axis=1)
-
-    @classmethod
-    def dequantize_parts(cls, d, q):
-        return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 8)
-
-    @classmethod
-    def dequantize_parts_torch(cls, d, q):
-        return d[:, None] * (q - 8)
-
-    @classmethod
-    def grid(cls, d, **_):
-        a = np.asarray(d).astype(np.float32)[:, None]
-        return a, -8 * a
-
-    @classmethod
-    def quantize_rtn(cls, w):
-        """gguf-py's quantizer (mirrors llama.cpp's quantize_row_*_ref)."""
-        cls._sub_blocks(w, 32)
-        return cls.blocks(gq.quantize(np.ascontiguousarray(w, np.float32), cls.qtype))
 
 
 class Q4_K(StockType, qtype="Q4_K"):
@@ -409,10 +417,8 @@ def _qh_pack(q: np.ndarray) -> np.ndarray:
     return ((q.reshape(-1, 4, 8) >> 4) << np.arange(8, dtype=np.uint8)).sum(2, dtype=np.uint8)
 
 
-class Q8_0(StockType, qtype="Q8_0"):
-    quantize_rtn = Q4_0.__dict__["quantize_rtn"]  # gguf-py's, llama.cpp's *_ref quantizer
-    parts = ("d", "q")
-    sub, bits = 32, 8
+class Q8_0(_Sym32, qtype="Q8_0"):
+    bits, zero = 8, 128
 
     @classmethod
     def unpack(cls, blocks):
@@ -424,24 +430,9 @@ class Q8_0(StockType, qtype="Q8_0"):
         q = _u8(q, 0, 255, "Q8_0 codes").reshape(-1, 32)
         return np.concatenate([_half_bytes(d), (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=1)
 
-    @classmethod
-    def dequantize_parts(cls, d, q):
-        return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 128)
 
-    @classmethod
-    def dequantize_parts_torch(cls, d, q):
-        return d[:, None] * (q - 128)
-
-    @classmethod
-    def grid(cls, d, **_):
-        a = np.asarray(d).astype(np.float32)[:, None]
-        return a, -128 * a
-
-
-class Q5_0(StockType, qtype="Q5_0"):
-    quantize_rtn = Q4_0.__dict__["quantize_rtn"]  # gguf-py's, llama.cpp's *_ref quantizer
-    parts = ("d", "q")
-    sub, bits = 32, 5
+class Q5_0(_Sym32, qtype="Q5_0"):
+    bits, zero = 5, 16
 
     @classmethod
     def unpack(cls, blocks):
@@ -455,22 +446,9 @@ class Q5_0(StockType, qtype="Q5_0"):
         lo = q & 15
         return np.concatenate([_half_bytes(d), _qh_pack(q), lo[:, :16] | lo[:, 16:] << 4], axis=1)
 
-    @classmethod
-    def dequantize_parts(cls, d, q):
-        return np.asarray(d).astype(np.float32)[:, None] * (np.asarray(q, np.float32) - 16)
-
-    @classmethod
-    def dequantize_parts_torch(cls, d, q):
-        return d[:, None] * (q - 16)
-
-    @classmethod
-    def grid(cls, d, **_):
-        a = np.asarray(d).astype(np.float32)[:, None]
-        return a, -16 * a
-
 
 class Q5_1(StockType, qtype="Q5_1"):
-    quantize_rtn = Q4_0.__dict__["quantize_rtn"]  # gguf-py's, llama.cpp's *_ref quantizer
+    quantize_rtn = _Sym32.__dict__["quantize_rtn"]  # gguf-py's, llama.cpp's *_ref quantizer
     parts = ("d", "m", "q")
     sub, bits = 32, 5
 
