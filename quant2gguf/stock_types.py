@@ -266,10 +266,49 @@ class Q4_K(StockType, qtype="Q4_K"):
         return cls.pack(**_rtn_min_k(cls._sub_blocks(w, 32), 2 ** cls.bits - 1))
 
 
-class Q3_K(StockType, qtype="Q3_K"):
-    ints = {"sc": (-32, 31)}
+class _SymK(StockType, qtype=None):
+    """Q3_K/Q6_K: 16 sub-blocks of 16, y = d * sc * (q - zero), zero = 2**(bits-1), signed integer
+    sub-scales sc (ints["sc"]) on one fp16 super-scale d."""
     parts = ("d", "sc", "q")
-    sub, bits = 16, 3
+    sub = 16
+
+    @classmethod
+    def _zero(cls) -> int:
+        return 2 ** (cls.bits - 1)
+
+    @classmethod
+    def dequantize_parts(cls, d, sc, q):
+        dl = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # C: d * sc * (q - zero)
+        return (dl[:, :, None] * (np.asarray(q, np.float32).reshape(-1, 16, 16) - cls._zero())).reshape(-1, 256)
+
+    @classmethod
+    def dequantize_parts_torch(cls, d, sc, q):
+        return ((d[:, None] * sc)[:, :, None] * (q.reshape(-1, 16, 16) - cls._zero())).reshape(-1, 256)
+
+    @classmethod
+    def grid(cls, d, sc, **_):
+        a = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)
+        return a, -cls._zero() * a
+
+    @classmethod
+    def quantize_rtn(cls, w):
+        """Symmetric per 16-weight sub-block: the largest-magnitude weight maps to code 0 (-zero), so
+        it is exact up to scale rounding; signed sub-scales on an fp16 super-scale."""
+        z, (lo, hi) = cls._zero(), cls.ints["sc"]
+        x = cls._sub_blocks(w, 16)
+        amax = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+        s = -amax / z  # signed: x = s * (q - z) with q - z = -z at the extreme
+        d = _f16(np.abs(s).max(-1) / hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(lo, hi)
+            dl = d.astype(np.float32)[:, None] * sc
+            q = np.where(dl[..., None] != 0, np.rint(x / dl[..., None]), 0).clip(-z, z - 1) + z
+        return cls.pack(d=d, sc=sc.astype(np.int8), q=q.astype(np.uint8))
+
+
+class Q3_K(_SymK, qtype="Q3_K"):
+    ints = {"sc": (-32, 31)}
+    bits = 3
 
     @classmethod
     def unpack(cls, blocks):
@@ -294,34 +333,6 @@ class Q3_K(StockType, qtype="Q3_K"):
         s = np.concatenate([(u[:, :8] & 15) | (u[:, 8:] & 15) << 4,
                             (hi2 << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(1, dtype=np.uint8)], axis=1)
         return np.concatenate([hmask, qs, s, _half_bytes(d)], axis=1)
-
-    @classmethod
-    def dequantize_parts(cls, d, sc, q):
-        dl = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # C: d_all * (sc - 32)
-        return (dl[:, :, None] * (np.asarray(q, np.float32).reshape(-1, 16, 16) - 4)).reshape(-1, 256)
-
-    @classmethod
-    def dequantize_parts_torch(cls, d, sc, q):
-        return ((d[:, None] * sc)[:, :, None] * (q.reshape(-1, 16, 16) - 4)).reshape(-1, 256)
-
-    @classmethod
-    def grid(cls, d, sc, **_):
-        a = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)
-        return a, -4 * a
-
-    @classmethod
-    def quantize_rtn(cls, w):
-        """Symmetric per 16-weight sub-block: the largest-magnitude weight maps to code 0 (-4), so
-        it is exact up to scale rounding; signed 6-bit sub-scales on an fp16 super-scale."""
-        x = cls._sub_blocks(w, 16)
-        amax = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
-        s = -amax / 4  # signed: x = s * (q - 4) with q - 4 = -4 at the extreme
-        d = _f16(np.abs(s).max(-1) / 31)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(-32, 31)
-            dl = d.astype(np.float32)[:, None] * sc
-            q = np.where(dl[..., None] != 0, np.rint(x / dl[..., None]), 0).clip(-4, 3) + 4
-        return cls.pack(d=d, sc=sc.astype(np.int8), q=q.astype(np.uint8))
 
 
 class Q5_K(StockType, qtype="Q5_K"):
@@ -354,10 +365,9 @@ class Q5_K(StockType, qtype="Q5_K"):
         return cls.pack(**_rtn_min_k(cls._sub_blocks(w, 32), 2 ** cls.bits - 1))
 
 
-class Q6_K(StockType, qtype="Q6_K"):
+class Q6_K(_SymK, qtype="Q6_K"):
     ints = {"sc": (-128, 127)}
-    parts = ("d", "sc", "q")
-    sub, bits = 16, 6
+    bits = 6
 
     @classmethod
     def unpack(cls, blocks):
@@ -379,33 +389,6 @@ class Q6_K(StockType, qtype="Q6_K"):
         qh = ((q.reshape(-1, 2, 4, 32) >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(2, dtype=np.uint8)
         return np.concatenate([ql, qh.reshape(-1, 64), sc.astype(np.int8).reshape(-1, 16).view(np.uint8),
                                _half_bytes(d)], axis=1)
-
-    @classmethod
-    def dequantize_parts(cls, d, sc, q):
-        dl = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)  # C: d * sc[is] * q
-        return (dl[:, :, None] * (np.asarray(q, np.float32).reshape(-1, 16, 16) - 32)).reshape(-1, 256)
-
-    @classmethod
-    def dequantize_parts_torch(cls, d, sc, q):
-        return ((d[:, None] * sc)[:, :, None] * (q.reshape(-1, 16, 16) - 32)).reshape(-1, 256)
-
-    @classmethod
-    def grid(cls, d, sc, **_):
-        a = np.asarray(d).astype(np.float32)[:, None] * np.asarray(sc, np.float32)
-        return a, -32 * a
-
-    @classmethod
-    def quantize_rtn(cls, w):
-        """As Q3_K's: the largest-magnitude weight maps to code 0 (-32); signed 8-bit sub-scales."""
-        x = cls._sub_blocks(w, 16)
-        amax = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
-        s = -amax / 32
-        d = _f16(np.abs(s).max(-1) / 127)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sc = np.where(d[:, None] > 0, np.rint(s / d.astype(np.float32)[:, None]), 0).clip(-128, 127)
-            dl = d.astype(np.float32)[:, None] * sc
-            q = np.where(dl[..., None] != 0, np.rint(x / dl[..., None]), 0).clip(-32, 31) + 32
-        return cls.pack(d=d, sc=sc.astype(np.int8), q=q.astype(np.uint8))
 
 
 def _qh_unpack(qh: np.ndarray) -> np.ndarray:
