@@ -44,7 +44,7 @@ from .cache import atomic_path
 
 PHASES = ("quality", "speed", "gsm", "long")
 PROMPTS = {  # one user message; the server wraps it in the model's own chat template
-    "gsm": "{q}\nSolve the problem step by step. Write the final answer as a number after '####'.",
+    "gsm": data.GSM_DEPLOY_PROMPT,  # traces (calibration) answer the same prompt
     "long": "{q}\nReason step by step. Write the final answer as a single number in \\boxed{{}}.",
 }
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")  # CHAMP answers we can grade by value

@@ -66,6 +66,20 @@ def _progress_bar(total: int, label: str):
     return prog, update
 
 
+def _traces_source(calib: str, model, tok, folder, dev) -> tuple[str, str]:
+    """(source, split) to draw calibration windows from: `traces` (alone or as a part of a mix) replaced
+    by the file of the model's own GSM answers, generated once per model and cached (traces.traces_file).
+    Traces alone are used whole; in a mix every part gives its calib split."""
+    from .data import TRACES, mixture, parts
+    if TRACES not in parts(calib):
+        return calib, "calib"
+    from .traces import traces_file
+    path = str(traces_file(model, tok, folder, device=dev))
+    if not mixture(calib):
+        return path, "all"
+    return "+".join(path if p == TRACES else p for p in parts(calib)), "calib"
+
+
 def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bits: int = 3,
                    group_size: int = 128, calib: str = "news", nsamples: int = 32, seqlen: int = 512,
                    device: str = "auto", seed: int = 0, batch_size: int = 4, offload: bool = False,
@@ -84,7 +98,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
     e.g. bf16 for most HF models, half of fp32's RAM); every layer computes in fp32 either way. `stream`:
     decoder layers read from the safetensors shards one at a time and dropped once quantized (stream.py),
     so neither RAM nor VRAM ever holds the whole model; the same checkpoint bit for bit."""
-    from .data import token_batches
+    from .data import TRACES, describe_split, parts, token_batches
 
     out = Path(out)
     if out.exists():
@@ -102,8 +116,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         if method not in STREAM_METHODS:
             raise ValueError(f"--stream: --method {method} needs the whole model at once; use --method "
                              f"{' | '.join(STREAM_METHODS)} or drop --stream")
-        if calib == "traces":
-            raise ValueError("--stream: --calib traces generates with the whole model first; drop --stream")
+        if TRACES in parts(calib):
+            raise ValueError(f"--stream: --calib {calib} generates traces with the whole model first; drop --stream")
     if resume and method == "kd":
         raise ValueError("--resume: kd runs are not resumable (its layer-wise init is); drop --resume")
     settings = {"model": str(model), "method": method, "bits": bits, "group_size": group_size, "calib": calib,
@@ -125,15 +139,13 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
             mdl, tok, folder, streamer = load_streamed(model, DTYPES[dtype])
         else:
             mdl, tok, folder = load_hf(model, DTYPES[dtype])
-        if calib == "traces" or (method == "quantlrm" and not base):
+        if TRACES in parts(calib) or (method == "quantlrm" and not base):
             mdl.float()  # these generate with, or fine-tune, the whole model first: in fp32
         arch = get_arch(mdl.config.model_type)
-        if calib == "traces":  # the model's own reasoning on GSM calibration problems
-            from .traces import traces_file
-            batches = token_batches(tok, str(traces_file(mdl, tok, folder, device=dev)), "all", nsamples, seqlen, seed=seed)
+        source, split = _traces_source(calib, mdl, tok, folder, dev)  # the model's own reasoning on GSM calib problems
+        if source != calib:
             mdl.to("cpu")
-        else:
-            batches = token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed)
+        batches = token_batches(tok, source, split, nsamples, seqlen, seed=seed)
         fn = METHODS[method]
         opts = {k: v for k, v in options.items() if k in _params(fn) and v is not None}
         slots = (2 if method == "quantlrm" else 0) if slots is None else slots
@@ -164,7 +176,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
             "options": {k: v for k, v in opts.items() if k != "importance"},
             "arch": arch.name, "source_model": str(model),
             "calibration": {"source": calib, "nsamples": int(batches.shape[0]),
-                            "split": "model's greedy traces on the gsm calib split" if calib == "traces" else "calib",
+                            "split": describe_split(calib, "calib"), **({"files": source} if source != calib else {}),
                             "seqlen": int(batches.shape[1]), "seed": seed},
             "layers": stats, "device": str(dev), "seconds": round(time.time() - t0, 1),
         }
@@ -276,13 +288,10 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
                   batch_size: int = 4, offload: bool = False, slots: int | None = None, **options) -> Path:
     """Distillation QAT (methods/kd.py) from a PTQ init: a checkpoint (--init CKPT) or a method
     run first on the same calibration source. Saves an ordinary checkpoint at `out`."""
-    from .data import token_batches, train_heldout_batches
+    from .data import TRACES, parts, texts, token_batches, train_heldout_batches
     from .methods import kd
 
     o = {**KD_DEFAULTS, **{k: v for k, v in options.items() if k in KD_DEFAULTS and v is not None}}
-    if calib == "traces":
-        raise ValueError("--method kd takes news | gsm | champ | FILE as --calib (for traces, make the init "
-                         "with --calib traces and pass the traces file the manifest names)")
     init = str(o["init"])
     init_man = check_kd_options(model, init, bits, group_size, calib, o["steps"], o["batch"], o["lr_w"],
                                 o["lr_q"], o["eval_every"], o["heldout"], o["max_minutes"])
@@ -299,12 +308,22 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     from .fixtures import resolve_model
     # the data (and a source too short for --heldout) is checked before the model loads
     tok = AutoTokenizer.from_pretrained(resolve_model(str(model)))
-    if calib != SELF:
+    if calib != SELF and TRACES not in parts(calib):
         train, held = train_heldout_batches(tok, calib, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed)
+    elif calib != SELF:  # traces need the model (made once it is loaded); the other parts are checked now
+        for p in parts(calib):
+            if p != TRACES:
+                texts(p, "calib")
     mdl, tok, folder = load_hf(model)
     arch = get_arch(mdl.config.model_type)
     teacher = copy.deepcopy(mdl)
     teacher_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    source, split = calib, "calib"
+    if calib != SELF and TRACES in parts(calib):  # the teacher answers the GSM calib problems (cached per model)
+        teacher.to(dev, dtype=teacher_dtype)
+        source, split = _traces_source(calib, teacher, tok, folder, dev)
+        train, held = train_heldout_batches(tok, source, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed,
+                                            split=split)
     if calib == SELF:  # nsamples + heldout sequences sampled from the teacher; training draws from the first nsamples
         from .traces import self_samples
         teacher.to(dev, dtype=teacher_dtype)
@@ -319,7 +338,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         prog, update = _progress_bar(len(mdl.get_decoder().layers), f"{init} W{bits}G{group_size} (kd init)")
         with prog:
             quantized, layer_stats = quantize_layers(
-                mdl, arch, ids[:nsamples] if calib == SELF else token_batches(tok, calib, "calib", nsamples, seqlen, seed=seed),
+                mdl, arch, ids[:nsamples] if calib == SELF else token_batches(tok, source, split, nsamples, seqlen, seed=seed),
                 functools.partial(METHODS[init], **opts), cfg, dev, batch_size=batch_size, offload=offload,
                 progress=update)
         init_desc = {"method": init, "options": opts, "layers": layer_stats}
@@ -354,7 +373,8 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         "method": "kd", "bits": bits, "group_size": group_size, "slots": next(iter(best.values())).slots, **stock,
         "init": init_desc, "options": {k: o[k] for k in ("steps", "batch", "lr_w", "lr_q", "eval_every", "heldout", "max_minutes")},
         "arch": arch.name, "source_model": str(model),
-        "calibration": {"source": calib, "split": "calib", "nsamples": int(train.shape[0]), "seqlen": seqlen,
+        "calibration": {"source": calib, "split": "calib", **({"files": source} if source != calib else {}),
+                        "nsamples": int(train.shape[0]), "seqlen": seqlen,
                         "seed": seed, "heldout": f"last {held.shape[0]} x {seqlen} tokens of the calib split"}
         if calib != SELF else
         {"source": SELF, "split": f"{nsamples} sequences sampled from the teacher (temperature 1, random first token)",

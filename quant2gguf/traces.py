@@ -1,8 +1,9 @@
 """Reasoning-domain calibration (LAQuant ingredient 1): the model's own chains of thought.
 
-The model answers the GSM *calibration* problems (greedy, the same prompt format as the GSM
-evaluation); prompt + generated reasoning become calibration text, so the Hessian subspace seen in
-calibration is the one seen when the model reasons at deployment. Traces are cached per model
+The model answers the GSM *calibration* problems (templates 0-49 and variants; `bench` asks 50-99)
+greedily, in the prompt format `bench` uses at deployment; prompt + generated reasoning become
+calibration text, so the Hessian subspace (or the distillation data) seen in calibration is the one
+seen when the model reasons in chat at deployment. Traces are cached per model
 folder and settings as JSONL ({"text": ...}) and then read like any user data file.
 """
 from __future__ import annotations
@@ -16,17 +17,32 @@ import torch
 from .cache import atomic_path, cache_dir
 
 
-def traces_file(model, tokenizer, folder: str | Path, n: int = 50, max_new_tokens: int = 256,
-                device="cpu", batch: int = 8) -> Path:
+TRACES_N = 200  # GSM calib problems answered: the 50 originals of templates 0-49, then variants of them
+
+
+def trace_prompts(tokenizer, problems: list[dict]) -> list[str]:
+    """The prompts the traces answer. With a chat template: one user message exactly as `bench` asks
+    its GSM questions at deployment (llama-server wraps it in the same template), so the calibration
+    covers the chat regime the deployed file reasons in; without one, the few-shot GSM prompt."""
+    from .data import GSM_DEPLOY_PROMPT
+    from .evaluate import gsm_prompts
+    if not getattr(tokenizer, "chat_template", None):
+        return gsm_prompts(tokenizer, problems)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": GSM_DEPLOY_PROMPT.format(q=p["question"])}],
+                                          tokenize=False, add_generation_prompt=True) for p in problems]
+
+
+def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_new_tokens: int = 256,
+                device="cpu", batch: int | None = None) -> Path:
     """Path of a JSONL of n prompt+trace texts, generated once per (model folder, n, length)."""
     from .data import gsm_problems
-    from .evaluate import gsm_prompts
-    key = hashlib.sha256(f"{Path(folder).resolve()}|{n}|{max_new_tokens}".encode()).hexdigest()[:16]
+    n = n or TRACES_N
+    key = hashlib.sha256(f"{Path(folder).resolve()}|{n}|{max_new_tokens}|deploy-chat".encode()).hexdigest()[:16]
     dest = cache_dir("traces") / f"{Path(folder).name}-{key}.jsonl"
     if dest.is_file():
         return dest
-    problems = gsm_problems("calib", n)
-    prompts = gsm_prompts(tokenizer, problems)
+    prompts = trace_prompts(tokenizer, gsm_problems("calib", n))
+    batch = batch or (32 if torch.device(device).type == "cuda" else 8)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -67,7 +67,7 @@ def test_mixed_source_interleaves_its_parts_and_keeps_splits_apart():
     assert not set(D.texts("news+code", "eval")) & set(mix)
     assert "news calib" in D.describe_split("news+code", "calib") and "code calib" in D.describe_split("news+code", "calib")
     for bad in ("news+news", "news+wiki", "news+"):
-        with pytest.raises(ValueError, match="join distinct built-in sources"):
+        with pytest.raises(ValueError, match="join distinct sources"):
             D.texts(bad, "calib")
     tok = tiny_tokenizer()  # KD's held-out tail of a mix holds text of every part
     _, held = D.train_heldout_batches(tok, "news+code", 4, 16, 64)
