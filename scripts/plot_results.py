@@ -6,6 +6,7 @@ usage: python scripts/plot_results.py methods RESULTS.json [...] -o docs/results
 methods: KLD vs FP and perplexity per method, one panel row per model (bench_methods.py output).
 decode: tok/s against file size per type (llama-bench -o json output).
 gemv: batch-1 packed GEMV time vs cuBLAS fp16 per shape, and % of copy bandwidth (bench_kernels.py).
+gsm: GSM pass@1 (95% Wilson interval) against CHAMP KLD per file, from a gsm-*.json summary of bench answers.
 sizekld: whole-file MiB vs llama.cpp KLD, one panel per text, from compare_gguf.py JSON files: the first
   file's rows solid; stock rows of later files (earlier runs, same protocol) hollow where the first lacks them.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 
 import matplotlib
@@ -134,9 +136,34 @@ def plot_size_kld(paths: list[str], out: str, texts: list[str]) -> None:
     fig.savefig(out, dpi=110)
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return c - h, c + h
+
+
+def plot_gsm(path: str, out: str) -> None:
+    """Teacher-forced KLD does not rank generation: each file's GSM accuracy against its CHAMP KLD."""
+    res = json.load(open(path))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in res["rows"]:
+        lo, hi = wilson(r["correct"], r["n"])
+        p, x = r["correct"] / r["n"], r["champ_kld"] or 0.0
+        ours = r["file"].startswith("ours")
+        c = "tab:red" if ours else ("k" if r["file"] == "F16" else "tab:blue")
+        ax.errorbar(x, 100 * p, yerr=[[100 * (p - lo)], [100 * (hi - p)]], fmt="o" if ours else "s", color=c, capsize=3)
+        ax.annotate(r["file"], (x, 100 * p), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("KLD vs F16, CHAMP eval text (F16: 0)")
+    ax.set_ylabel(f"GSM pass@1 %, {res['rows'][0]['n']} held-out problems (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{res['model']}, {res['date']}, {res['card']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["methods", "decode", "gemv", "sizekld"])
+    ap.add_argument("kind", choices=["methods", "decode", "gemv", "sizekld", "gsm"])
     ap.add_argument("inputs", nargs="+")
     ap.add_argument("--texts", nargs="+", default=["news", "champ", "code"], help="sizekld: one panel each")
     ap.add_argument("-o", "--out", required=True)
@@ -145,6 +172,8 @@ def main() -> None:
         plot_methods(a.inputs, a.out)
     elif a.kind == "sizekld":
         plot_size_kld(a.inputs, a.out, a.texts)
+    elif a.kind == "gsm":
+        plot_gsm(a.inputs[0], a.out)
     elif a.kind == "gemv":
         plot_gemv(a.inputs[0], a.out)
     else:
