@@ -395,6 +395,11 @@ def _report(rows, ref, vs, calib, nsamples, seqlen, problems, st, plans, command
                                            for x in r[ph]["rows"]]}
         if r.get("speed") and r["speed"].get("model_n_params"):
             r["bpw"] = round(Path(r["path"]).stat().st_size * 8 / r["speed"]["model_n_params"], 3)
+    f16 = next((r for r in rows if r.get("kind") == "f16"), None)
+    for r in rows:
+        for ph in ("gsm", "long"):
+            if f16 is not None and r is not f16 and r.get(ph) and f16.get(ph):
+                r[ph]["vs_f16"] = paired(f16[ph]["rows"], r[ph]["rows"])
     failed = [f"{r['label']}/{ph}: {msg}" for r in rows for ph, msg in r["errors"].items()]
     return {
         "complete": not failed, "failed": failed,
@@ -410,6 +415,18 @@ def _report(rows, ref, vs, calib, nsamples, seqlen, problems, st, plans, command
     }
 
 
+def paired(ref_rows: list[dict], rows: list[dict]) -> dict:
+    """The same problems graded for the reference (F16) and a file: how many the file lost (reference right,
+    file wrong) and gained, and the exact two-sided McNemar p of that split. Intervals of two accuracies
+    overlap long before a paired difference stops being significant."""
+    ref = {x["key"]: bool(x["correct"]) for x in ref_rows}
+    both = [(ref[x["key"]], bool(x["correct"])) for x in rows if x["key"] in ref]
+    lost, gained = sum(a and not b for a, b in both), sum(b and not a for a, b in both)
+    n, k = lost + gained, min(lost, gained)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"n": len(both), "lost": lost, "gained": gained, "p": p}
+
+
 def _fmt(v, spec: str = ".3f", scale: float = 1.0) -> str:
     return "–" if v is None else format(v * scale, spec)
 
@@ -418,7 +435,9 @@ def _acc(res: dict | None) -> str:
     if not res:
         return "–"
     lo, hi = res["ci95"]
-    return f"{100 * res['pass1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({res['correct']}/{res['n']})"
+    vs = res.get("vs_f16")
+    pair = f"; vs F16 −{vs['lost']} +{vs['gained']}, p {vs['p']:.2g}" if vs else ""
+    return f"{100 * res['pass1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({res['correct']}/{res['n']}{pair})"
 
 
 COLUMNS = ["file", "MiB", "bpw", "PPL", "KLD", "KLD p99", "same top %", "GSM pass@1 % [95% CI]",
@@ -485,7 +504,7 @@ def markdown(report: dict) -> str:
         lines.append(f"- long: {len(probs['long'])} CHAMP eval problems with a numeric answer, at most "
                      f"{st['long_max_tokens']} tokens")
     if probs["gsm"] or probs["long"]:
-        lines.append("- intervals: 95% Wilson; the same problems for every file")
+        lines.append("- intervals: 95% Wilson; the same problems for every file; vs F16: problems lost (F16 right, file wrong) and gained, exact McNemar p")
     for t, fb in report["fallbacks"].items():
         lines.append(f"- {t}: {len(fb)} tensor(s) fell back to another type ({_fallback_summary(fb)})")
     cols = _columns(report)

@@ -48,6 +48,20 @@ def test_wilson_interval():
     assert B.wilson(20, 20)[1] == pytest.approx(1) and B.wilson(20, 20)[0] == pytest.approx(0.8389, abs=1e-4)
 
 
+def test_paired_comparison_with_f16():
+    """The fifth qwen15 run's GSM split: 45 lost, 16 gained against F16 on 179 shared problems."""
+    keys = [f"k{i}" for i in range(179)]
+    ref = [{"key": k, "correct": i < 76} for i, k in enumerate(keys)]
+    ours = [{"key": k, "correct": 45 <= i < 92} for i, k in enumerate(keys)]  # 0-44 lost, 76-91 gained
+    vs = B.paired(ref, ours + [{"key": "not-in-ref", "correct": True}])
+    assert (vs["n"], vs["lost"], vs["gained"]) == (179, 45, 16)
+    assert vs["p"] == pytest.approx(2.6428e-4, rel=1e-3)  # exact binomial, 16 or fewer of 61 discordant
+    same = B.paired(ref, ref)
+    assert (same["lost"], same["gained"], same["p"]) == (0, 0, 1.0)
+    balanced = B.paired(ref, [{"key": k, "correct": 10 <= i < 86} for i, k in enumerate(keys)])
+    assert balanced["lost"] == balanced["gained"] == 10 and balanced["p"] == pytest.approx(1.0)
+
+
 def test_problem_sets_held_out_and_seeded():
     s = B.gsm_set(53, seed=1)
     assert len(s) == 53 and len({p["key"] for p in s}) == 53
@@ -158,6 +172,10 @@ def test_every_phase_measured(benched):
         assert f["speed"]["tests"]["tg16"]["tok_s"] > 0 and f["speed"]["tests"]["pp64"]["tok_s"] > 0
         assert f["speed"]["peak_rss_mib"] > 1 and f["bpw"] > 0
         assert f["gsm"]["n"] == 3 and f["long"]["n"] == 1 and f["gsm"]["server_memory"]["peak_rss_mib"] > 1
+    for f in (stock, ours):  # graded against F16 problem by problem
+        vs = f["gsm"]["vs_f16"]
+        assert vs["n"] == 3 and vs["lost"] + vs["gained"] <= 3 and 0 < vs["p"] <= 1
+    assert "vs_f16" not in f16["gsm"]
     types = {int(t.tensor_type) for t in export.read_gguf(stock["path"]).tensors}
     assert 2 in types  # GGML_TYPE_Q4_0: the stock file really is Q4_0
     assert f16["mib"] > stock["mib"] and ours["mib"] < f16["mib"]
