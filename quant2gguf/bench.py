@@ -178,11 +178,11 @@ def _ask(s: server.Server, p: dict, prompt: str, max_tokens: int) -> dict:
 
 # ------------------------------------------------------------------------------- inputs --------
 
-def _check_inputs(files, ref, text, port) -> tuple[list[Path], Path, Path]:
+def _check_inputs(files, ref, text, port, vs=("x",)) -> tuple[list[Path], Path, Path]:
     """The cheap checks, before llama.cpp is even built: GGUFs, reference, text, port."""
     from .fixtures import resolve_model
-    if not files:
-        raise ValueError("no GGUF files to bench")
+    if not files and not vs:
+        raise ValueError("nothing to bench: give GGUF files, or --vs stock types to judge F16 and those alone")
     paths = [runner.check_gguf(f) for f in files]
     if len({p.resolve() for p in paths}) < len(paths):
         raise ValueError("a GGUF file is named twice")
@@ -237,7 +237,7 @@ def bench(files: list, ref: str, vs: list[str] | tuple = ("Q4_0",), out: str | P
     out = Path(out)
     threads = threads or os.cpu_count() or 2
     vs = [t.strip() for t in vs if t.strip()]
-    paths, folder, text_file = _check_inputs(files, ref, text, port)
+    paths, folder, text_file = _check_inputs(files, ref, text, port, vs)
     problems = {"gsm": gsm_set(gsm, seed), "long": long_set(long)}
     llama.build(cuda=cuda)
     if problems["gsm"] or problems["long"]:

@@ -193,7 +193,7 @@ def quickstart(
 
 @app.command("bench")
 def bench_cmd(
-    files: list[Path] = typer.Argument(..., metavar="FILE.gguf...", help="the GGUF files to judge"),
+    files: Optional[list[Path]] = typer.Argument(None, metavar="[FILE.gguf...]", help="the GGUF files to judge (none: F16 and the --vs types alone, e.g. to fill the cache before your files exist)"),
     ref: str = typer.Option(..., help="reference HF folder or fixture name: its F16 GGUF and stock types are made here"),
     out: Path = typer.Option(Path("bench"), "-o", "--out", help="report folder (build/ and cache/ inside: a rerun resumes)"),
     vs: str = typer.Option("Q4_0", help="comma-separated stock llama-quantize types, each with our imatrix ('' for none)"),
@@ -225,7 +225,7 @@ def bench_cmd(
 
     from .bench import bench, rich_table
     _refuse_existing(out / "report.md", force)  # an OUT without a report is an interrupted run: it resumes
-    rep = _guard(bench, files, ref, vs=vs.split(","), out=out, calib=calib, text=text, gsm=gsm, long=long,
+    rep = _guard(bench, files or [], ref, vs=vs.split(","), out=out, calib=calib, text=text, gsm=gsm, long=long,
                  cuda=cuda, threads=threads or None, parallel=parallel, chunks=chunks or None, ctx=ctx,
                  gsm_max_tokens=gsm_max_tokens, long_max_tokens=long_max_tokens, nsamples=nsamples,
                  seqlen=seqlen, port=port, server_args=shlex.split(server_args), allow_fallback=allow_fallback,

@@ -9,9 +9,10 @@
 #            in its chat template, asked as bench asks (the traces are generated once, by this lane's GPTQ)
 #   lane B:  GPTQ with llama-quantize's Q3_K_M recipe on news+code, then KD (KD_M=1: the fifth run's KD diverged
 #            in that mix; the fix is in kd.py) -- both converted
-#   bench:   phase 1 beside training (F16, the fixture Q4_K_M, IQ3_S, Q3_K_S, Q3_K_M + imatrix from the same NS x 512 tokens; CHAMP KLD,
-#            GSM pass@1 on BENCH_GSM held-out problems); then, while lanes run, every converted file of ours as it
-#            appears (quality + GSM, resumed from the cache); at the end speeds are re-measured alone
+#   bench:   phase 1 beside training (F16, IQ3_S and Q3_K_M + imatrix from the same NS x 512 tokens; CHAMP KLD,
+#            GSM pass@1 on BENCH_GSM held-out problems, 8 long CHAMP decodes); then, while lanes run, our files as
+#            they appear (resumed from the cache: each pass adds the new ones); at the end the fixture's Q4_K_M
+#            joins and speeds are re-measured alone. ~1.8 min a file: the budget holds about 8 files
 #   compare_gguf beside it: news / CHAMP / code KLD of lane T's files and lane A's GPTQ against IQ3_S, Q3_K_S + imatrix
 #   issue 12: LAQuant's peak RSS / VRAM with and without --stream at the 8B shape (fifth run: it failed on bf16)
 # Results: ~/results. Env: CALIB, KD_MIN, NS, BENCH_GSM, KD_M.
@@ -57,15 +58,14 @@ T=$!
   if [ "$KD_M" = 1 ]; then q kd-q3km ${KD/--lr-q 5e-4/} --calib $CALIB --init ~/bench/gptq-q3km; conv kd-q3km Q3_K_M; fi ) &
 B=$!
 lanes() { kill -0 $A 2>/dev/null || kill -0 $A2 2>/dev/null || kill -0 $T 2>/dev/null || kill -0 $B 2>/dev/null; }
-BENCH="python3 -m quant2gguf bench --ref qwen15 --vs IQ3_S,Q3_K_S,Q3_K_M --calib $CALIB --nsamples $NS --text champ
-  --gsm $BENCH_GSM --long 0 --parallel 32 --cuda -o $HOME/bench-gsm --force"
-ours() { ls ~/ours/kd-q3k-t.gguf ~/ours/gptq-q3k.gguf ~/ours/kd-q3k-lr5.gguf ~/ours/gptq-q3k-t.gguf ~/ours/gptq-q3km.gguf \
-  ~/ours/kd-q3km.gguf 2>/dev/null; }
+BENCH="python3 -m quant2gguf bench --ref qwen15 --vs IQ3_S,Q3_K_M --calib $CALIB --nsamples $NS --text champ
+  --gsm $BENCH_GSM --long 8 --parallel 32 --cuda -o $HOME/bench-gsm --force"
+ours() { ls ~/ours/kd-q3k-t.gguf ~/ours/gptq-q3k.gguf ~/ours/kd-q3k-lr5.gguf ~/ours/kd-q3km.gguf ~/ours/gptq-q3km.gguf 2>/dev/null; }  # in order of need
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
-  $BENCH $FIX >~/logs/bench1.log 2>&1; log "bench phase 1 rc=$?"
+  $BENCH >~/logs/bench1.log 2>&1; log "bench phase 1 rc=$?"  # F16 and the stock types alone
   while lanes; do  # our files as they appear (quality and GSM; cached, so each pass adds only the new ones)
-    [ -n "$(ours)" ] && { $BENCH $(ours) $FIX >>~/logs/bench1.log 2>&1; log "bench pass rc=$? on $(ours | wc -l) files"; }
+    [ -n "$(ours)" ] && { $BENCH $(ours) >>~/logs/bench1.log 2>&1; log "bench pass rc=$? on $(ours | wc -l) files"; }
     sleep 10
   done ) &
 P1=$!

@@ -208,6 +208,9 @@ def test_rerun_resumes_from_cache(benched, tiny, monkeypatch):
     for a, b in zip(rep["files"], again["files"]):
         assert a["quality"] == b["quality"] and a["speed"] == b["speed"]
         assert [r["pred"] for r in a["gsm"]["rows"]] == [r["pred"] for r in b["gsm"]["rows"]]
+    alone = B.bench([], str(tiny["hf"]), out=out, **SMALL)  # no files: F16 and the stock types, from the cache
+    assert [f["kind"] for f in alone["files"]] == ["f16", "stock"] and alone["complete"]
+    assert alone["files"][1]["gsm"] == again["files"][1]["gsm"]
 
 
 @slow
@@ -263,6 +266,11 @@ def test_not_a_gguf(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"definitely not a gguf file")
     _one_line_failure(_cli(bad, "--ref", "smollm2", "-o", tmp_path / "r"), "not a GGUF file")
+    assert not (tmp_path / "r").exists()
+
+
+def test_nothing_to_bench(tmp_path):
+    _one_line_failure(_cli("--ref", "smollm2", "--vs", "", "-o", tmp_path / "r"), "nothing to bench")
     assert not (tmp_path / "r").exists()
 
 
