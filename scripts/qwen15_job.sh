@@ -44,7 +44,7 @@ conv() {  # conv NAME TYPE: our checkpoint -> ~/ours/NAME.gguf, token_embd/outpu
 KD="--method kd --steps 3000 --max-minutes $KD_MIN --batch 8 --eval-every 25 --heldout 16 --lr-q 5e-4"
 GPTQ="--method gptq --damp 0.1 --act-order"
 TR=$CALIB+traces
-FIX=$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf  # the fixture itself (bench needs a file; phase 1 judges it)
+FIX=$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf  # the fixture itself (the FP reference's source grid): judged last
 mkdir -p ~/ours
 ( q gptq-q3k $GPTQ --calib $CALIB --target q3_k; conv gptq-q3k Q3_K_S ) &
 A=$!
