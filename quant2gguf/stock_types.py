@@ -126,6 +126,15 @@ class StockType:
     bits: int  # code bits: q in 0..2**bits - 1
     ints: dict[str, tuple[int, int]] = {}  # integer parts (but q) -> the (lo, hi) range pack accepts
 
+    @classmethod
+    def reach(cls) -> int:
+        """How many grid steps |a| of its sub-block (y = a * q + b) a weight can sit from the point a
+        scale change leaves in place, so a relative change e of a scale part (d, sc) moves a weight
+        by up to e * reach() steps (kd.StockFQLinear's learning-rate units). Codes against a free
+        offset (Q4_K, Q5_K, Q5_1: y = a * q - mn): 2**bits - 1, a relative change of the offset
+        parts (dmin, m) moving weights by at most as many steps."""
+        return 2 ** cls.bits - 1
+
     def __init_subclass__(cls, qtype: str | None, **kw):
         super().__init_subclass__(**kw)
         if qtype is None:  # a shared base of several types, not a type
@@ -189,6 +198,10 @@ class _Sym32(StockType, qtype=None):
     parts = ("d", "q")
     sub = 32
     zero: int
+
+    @classmethod
+    def reach(cls):
+        return cls.zero  # |q - zero| <= zero
 
     @classmethod
     def dequantize_parts(cls, d, q):
@@ -275,6 +288,10 @@ class _SymK(StockType, qtype=None):
     @classmethod
     def _zero(cls) -> int:
         return 2 ** (cls.bits - 1)
+
+    @classmethod
+    def reach(cls):
+        return cls._zero()  # |q - zero| <= zero: Q3_K 4, Q6_K 32
 
     @classmethod
     def dequantize_parts(cls, d, sc, q):

@@ -131,10 +131,17 @@ class StockFQLinear(nn.Module):
     the format stores besides the codes, each a continuous latent projected in forward through a
     straight-through estimator: fp16 super scales (Q4_0 and Q3_K d; Q4_K d, dmin) through an fp16
     cast, integer sub-scales / sub-mins (Q3_K sc in -32..31; Q4_K sc, m in 0..63) rounded and clamped.
-    Each latent is in units of its initial magnitude (1 where it is 0), so one learning rate is a
-    relative step for every model, like FQLinear's u. The weight is stock_types' torch formula on
-    the projected parts, the fp32 arithmetic ggml does, so export()'s repacked blocks dequantize to
-    forward's weights bit for bit."""
+    Each latent is in units of its initial magnitude (1 where it is 0) times REACH / the type's
+    reach(), so one learning rate moves every type's weights the same number of its own grid steps
+    (Q3_K's: a unit moves a weight at most 4 steps) and is a relative step for every model, like
+    FQLinear's u. In plain relative units a finer type moved reach() / 4 times as many of its steps
+    per update (Q4_0 8 / 4, Q4_K 15 / 4, Q5_K 31 / 4, Q6_K 32 / 4) and its integer sub-scales and sub-mins
+    crossed their rounding edges that much sooner: on a tiny qwen2 the Q3_K_M mix's held-out KL rose
+    0.0065 -> 0.0080 in 10 steps at the default rate, pure Q4_K / Q5_K / Q6_K 1.5x-2.4x, where
+    Q3_K fell. The weight is stock_types' torch formula on the projected parts, the fp32 arithmetic
+    ggml does, so export()'s repacked blocks dequantize to forward's weights bit for bit."""
+
+    REACH = 4  # Q3_K's reach(): its latents keep plain relative units
 
     def __init__(self, lin: nn.Linear, q: StockWeight):
         super().__init__()
@@ -143,11 +150,12 @@ class StockFQLinear(nn.Module):
         dev = lin.weight.device
         self.register_buffer("codes", q.codes.to(dev))
         self.p = nn.ParameterDict()
+        f = self.REACH / self.cls.reach()
         for k, v in self.cls.unpack(q.blocks.cpu().numpy()).items():
             if k == "q":
                 continue
             t = torch.from_numpy(v.astype(np.float32)).to(dev)
-            u = torch.where(t != 0, t.abs(), torch.ones_like(t))
+            u = torch.where(t != 0, t.abs(), torch.ones_like(t)) * f
             self.register_buffer(f"u_{k}", u)
             self.p[k] = nn.Parameter(t / u)
         self.bias = lin.bias
