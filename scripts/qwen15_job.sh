@@ -7,8 +7,8 @@
 #   lane A2: from lane A's GPTQ, KD at --lr-q 5e-4 on news+code (the fifth run's best KLD; its GSM was not reached)
 #   lane T:  GPTQ and then KD (--lr-q 5e-4) on news+code+traces: the model's own answers to 200 GSM calib problems
 #            in its chat template, asked as bench asks (the traces are generated once, by this lane's GPTQ)
-#   lane B:  GPTQ with llama-quantize's Q3_K_M recipe on news+code, then KD (KD_M=1: the fifth run's KD diverged
-#            in that mix; the fix is in kd.py) -- both converted
+#   lane B:  GPTQ with llama-quantize's Q3_K_M recipe on news+code, then KD (KD_M=0 skips it): the fifth run's KD
+#            diverged in that mix; kd.py's stock latents now move every type the same grid steps -- both converted
 #   bench:   phase 1 beside training (F16, IQ3_S and Q3_K_M + imatrix from the same NS x 512 tokens; CHAMP KLD,
 #            GSM pass@1 on BENCH_GSM held-out problems, 8 long CHAMP decodes); then, while lanes run, our files as
 #            they appear (resumed from the cache: each pass adds the new ones); at the end the fixture's Q4_K_M
@@ -25,7 +25,7 @@ cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
 [ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
 ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 log() { echo "[job] $(date +%T) $*"; }
-CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-4} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-250} KD_M=${KD_M:-0}
+CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-4} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-250} KD_M=${KD_M:-1}
 
 log "fixture (calib $CALIB)"
 python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
@@ -55,7 +55,7 @@ A2=$!
   conv kd-q3k-t Q3_K_S; conv gptq-q3k-t Q3_K_S ) &
 T=$!
 ( q gptq-q3km $GPTQ --calib $CALIB --target q3_k_m; conv gptq-q3km Q3_K_M
-  if [ "$KD_M" = 1 ]; then q kd-q3km ${KD/--lr-q 5e-4/} --calib $CALIB --init ~/bench/gptq-q3km; conv kd-q3km Q3_K_M; fi ) &
+  if [ "$KD_M" = 1 ]; then q kd-q3km $KD --calib $CALIB --init ~/bench/gptq-q3km; conv kd-q3km Q3_K_M; fi ) &
 B=$!
 lanes() { kill -0 $A 2>/dev/null || kill -0 $A2 2>/dev/null || kill -0 $T 2>/dev/null || kill -0 $B 2>/dev/null; }
 BENCH="python3 -m quant2gguf bench --ref qwen15 --vs IQ3_S,Q3_K_M --calib $CALIB --nsamples $NS --text champ
