@@ -70,19 +70,33 @@ def _unwrap(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def param_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype a module computes in: its first floating parameter's (None: it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device: torch.device,
               hooks: dict[str, Callable[[torch.Tensor], None]] | None = None, keep: bool = True):
+    """`layer` on each batch (outputs kept on the batch's device, in its dtype). A layer held in
+    another dtype than the stream (a bf16 layer on the fp32 streams) sees its inputs and floating
+    arguments in its own dtype: it runs, at its own precision. quantize_layers computes every layer
+    it quantizes in COMPUTE; a method that runs another layer (laquant's lookahead) casts it too."""
+    dt = param_dtype(layer)
     handles = []
     for name, fn in (hooks or {}).items():
         handles.append(get_module(layer, name).register_forward_hook(
             lambda _m, args, _out, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))))
     try:
-        outs = []
+        outs, kw_dt = [], None
         for x in inputs:
-            y = _unwrap(layer(x.to(device), **kwargs))
+            kw, xin = kwargs, x.to(device)
+            if dt is not None and x.is_floating_point() and x.dtype != dt:
+                kw_dt = _to_compute(kwargs, dt) if kw_dt is None else kw_dt
+                kw, xin = kw_dt, xin.to(dt)
+            y = _unwrap(layer(xin, **kw))
             if keep:
-                outs.append(y.to(x.device))
+                outs.append(y.to(x.device, x.dtype))
         return outs if keep else None
     finally:
         for h in handles:
@@ -288,12 +302,12 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
     return quantized, stats
 
 
-def _to_compute(obj):
-    """Floating tensors (rotary cos/sin, masks) of a layer's keyword arguments in the compute dtype."""
+def _to_compute(obj, dtype: torch.dtype = COMPUTE):
+    """Floating tensors (rotary cos/sin, masks) of a layer's keyword arguments in `dtype` (default: COMPUTE)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(COMPUTE) if obj.is_floating_point() else obj
+        return obj.to(dtype) if obj.is_floating_point() else obj
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_compute(o) for o in obj)
+        return type(obj)(_to_compute(o, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to_compute(v) for k, v in obj.items()}
+        return {k: _to_compute(v, dtype) for k, v in obj.items()}
     return obj

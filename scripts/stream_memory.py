@@ -5,10 +5,13 @@ process: peak RSS (and peak CUDA memory allocated with --device cuda), wall time
 usage: python scripts/stream_memory.py --shape 8b --layers 4 --method rtn gptq [--device cpu] \
            [--workdir DIR] [--out results.json]
        python scripts/stream_memory.py --plan 70b [--nsamples 128 --seqlen 512]   (estimate, no run)
+       python scripts/stream_memory.py --shape tiny --method gptq laquant   (CPU smoke check, ~1.5 min)
 Shapes: 8b (Llama-3-8B: hidden 4096, ffn 14336, 32/8 heads, vocab 128256), 70b (Llama-3-70B: 8192,
-28672, 64/8), 1b (Llama-3.2-1B: 2048, 8192, 32/8). `--layers` builds fewer decoder layers than the real
-model (memory per layer is what is measured; the whole-model figure grows with the layer count, the
-streamed one does not). The result lists both and the extrapolation to the real layer count.
+28672, 64/8), 1b (Llama-3.2-1B: 2048, 8192, 32/8), tiny (256, 768, 4/2, vocab 512: no real model;
+it only checks that each method completes in both modes on a bf16 model, its memory figures mean
+nothing). `--layers` builds fewer decoder layers than the real model (memory per layer is what is
+measured; the whole-model figure grows with the layer count, the streamed one does not). The result
+lists both and the extrapolation to the real layer count.
 """
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-                     real_layers=16),
+SHAPES = {"tiny": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=512, real_layers=4),
+          "1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, real_layers=16),
           "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     real_layers=32),
+                     vocab_size=128256, real_layers=32),
           "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                      real_layers=80)}
+                      vocab_size=128256, real_layers=80)}
 
 
 def _tokenizer():
@@ -46,7 +51,7 @@ def build(shape: str, layers: int, folder: Path) -> Path:
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     s = {k: v for k, v in SHAPES[shape].items() if k != "real_layers"}
-    cfg = LlamaConfig(**s, num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=4096,
+    cfg = LlamaConfig(**s, num_hidden_layers=layers, max_position_embeddings=4096,
                       tie_word_embeddings=False, dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -86,14 +91,15 @@ def run(model: Path, out: Path, method: str, stream: bool, device: str, nsamples
     return json.loads(line[7:])
 
 
-def plan(shape: str, nsamples: int, seqlen: int, gqa_heads: int = 8, vocab: int = 128256) -> dict:
+def plan(shape: str, nsamples: int, seqlen: int) -> dict:
     """Per-layer memory of a streamed layer-wise run, from the shapes (GiB): what --stream keeps
     resident besides the activations, GPTQ's largest Hessian group (calib.py runs one group of
     linears at a time: q/k/v, o, gate/up, down), LAQuant's fp32 latent weights with their gradient and
-    two AdamW moments, and the three activation streams (FP in, quantized in, FP out) in fp32."""
+    two AdamW moments (and its lookahead layer l + 1, held in bf16 but computing in fp32 while the
+    method runs), and the three activation streams (FP in, quantized in, FP out) in fp32."""
     s = SHAPES[shape]
-    h, f, nh = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"]
-    kv = h // nh * gqa_heads
+    h, f, nh, vocab = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"], s["vocab_size"]
+    kv = h // nh * s["num_key_value_heads"]
     p_layer = 2 * h * h + 2 * h * kv + 3 * h * f
     g = 2**30
     hess = max(3 * h * h, h * h, 2 * h * h, f * f) * 4 / g  # one group's Hessians, fp32
@@ -106,7 +112,7 @@ def plan(shape: str, nsamples: int, seqlen: int, gqa_heads: int = 8, vocab: int 
             "embeddings_bf16_gib": round(2 * vocab * h / g, 2),
             "codes_uint8_all_layers_gib": round(p_layer * s["real_layers"] / g, 1),
             "gptq_peak_gpu_gib_est": round(4 * p_layer / g + 3 * hess + acts, 1),
-            "laquant_peak_gpu_gib_est": round(4 * p_layer / g + 2 * p_layer / g + 16 * p_layer / g + acts, 1)}
+            "laquant_peak_gpu_gib_est": round(4 * p_layer / g + 4 * p_layer / g + 16 * p_layer / g + acts, 1)}
 
 
 def main() -> None:

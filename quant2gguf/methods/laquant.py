@@ -21,12 +21,13 @@ units of each value's initial magnitude, default 1e-3) and lr_w does not apply.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call
 
 from ..arch import get_module
-from ..calib import LayerContext, run_layer
+from ..calib import COMPUTE, LayerContext, run_layer
 from ..quantizer import EMPTY, QuantizedWeight, codes_for, expand
 from quant2gguf.kernels.fakequant import fake_quant
 
@@ -36,8 +37,6 @@ def _targets(ctx: LayerContext, lam: float, mu: float):
     nxt = ctx.next_layer
     if nxt is None:
         lam = mu = 0.0
-    else:
-        nxt.to(ctx.device)
     out = []
     with torch.no_grad():
         for y in ctx.fp_out:
@@ -46,6 +45,30 @@ def _targets(ctx: LayerContext, lam: float, mu: float):
             kv = _kv(ctx, y) if mu else None
             out.append((y, la, kv))
     return out, lam, mu
+
+
+@contextmanager
+def _lookahead(ctx: LayerContext):
+    """The frozen next layer on the device, computing in COMPUTE (fp32) like layer l while the method
+    runs: a model held in bf16/fp16 (--dtype, --stream) keeps layer l + 1 so until it is reached, and
+    its targets and lookahead/KV terms must see the fp32 streams at fp32, as an fp32-loaded run does.
+    Each of its tensors goes back to the dtype it was held in afterwards (exact: bf16 and fp16 values
+    are fp32 values), so quantize_layers finds it as it left it."""
+    nxt = ctx.next_layer
+    if nxt is None:
+        yield
+        return
+    nxt.to(ctx.device)
+    held = [(t, t.dtype) for t in (*nxt.parameters(), *nxt.buffers()) if t.is_floating_point()]
+    for t, dt in held:
+        if dt != COMPUTE:
+            t.data = t.data.to(COMPUTE)
+    try:
+        yield
+    finally:
+        for t, dt in held:
+            if t.dtype != dt:
+                t.data = t.data.to(dt)
 
 
 def _kv(ctx: LayerContext, h: torch.Tensor):
@@ -112,27 +135,28 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
     if ctx.next_layer is not None:
         for p in ctx.next_layer.parameters():
             p.requires_grad_(False)
-    targets, lam, mu = _targets(ctx, lam, mu)
-    inputs = [x.to(ctx.device) for x in ctx.q_in]
+    with _lookahead(ctx):  # layer l + 1 in fp32 on the device while the targets and loss use it
+        targets, lam, mu = _targets(ctx, lam, mu)
+        inputs = [x.to(ctx.device) for x in ctx.q_in]
 
-    def total_loss(w: dict) -> float:
+        def total_loss(w: dict) -> float:
+            with torch.no_grad():
+                return sum(_loss(ctx, _fwd(ctx, w, x), t, lam, mu).item() for x, t in zip(inputs, targets))
+
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        steps = max(1, epochs * math.ceil(len(inputs) / batch_size))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        before = total_loss({f"{n}.weight": start[n].dequantize().to(ctx.device) for n in names})
+        for _ in range(epochs):
+            for i in torch.randperm(len(inputs)).split(batch_size):
+                w = weights()
+                loss = sum(_loss(ctx, _fwd(ctx, w, inputs[j]), targets[j], lam, mu) for j in i.tolist())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
         with torch.no_grad():
-            return sum(_loss(ctx, _fwd(ctx, w, x), t, lam, mu).item() for x, t in zip(inputs, targets))
-
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps = max(1, epochs * math.ceil(len(inputs) / batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    before = total_loss({f"{n}.weight": start[n].dequantize().to(ctx.device) for n in names})
-    for _ in range(epochs):
-        for i in torch.randperm(len(inputs)).split(batch_size):
-            w = weights()
-            loss = sum(_loss(ctx, _fwd(ctx, w, inputs[j]), targets[j], lam, mu) for j in i.tolist())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        after = total_loss(weights())
+            after = total_loss(weights())
     result = export() if after < before else start
     for n, q in result.items():
         ctx.set_quantized(n, q)
