@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .arch import Arch, decoder_layers, get_module
-from .quantizer import QuantizedWeight, check_weight
+from .quantizer import PackedCodes, QuantizedWeight, check_weight
 
 
 COMPUTE = torch.float32  # layer-wise calibration computes in fp32 whatever dtype the model is held in
@@ -186,19 +186,25 @@ def save_layer_state(path: Path, layer: nn.Module, result: dict[str, QuantizedWe
 
 
 def _qw_record(q: QuantizedWeight) -> dict:
-    """A QuantizedWeight as plain tensors; a stock-type one (quantize --target) as its type and blocks,
-    which hold everything else."""
+    """A QuantizedWeight as plain tensors, its codes packed (packed_codes uint8 (N, row bytes) and k,
+    quantizer.pack_codes' layout at its bits); a stock-type one (quantize --target) as its type and
+    blocks, which hold everything else."""
     if getattr(q, "blocks", None) is not None:
         return {"qtype": q.qtype, "blocks": q.blocks.cpu()}
-    return {"bits": q.bits, "group_size": q.group_size,
-            **{f: getattr(q, f).cpu() for f in _QW_FIELDS if getattr(q, f) is not None}}
+    pc = q.packed().stored_codes
+    return {"bits": q.bits, "group_size": q.group_size, "packed_codes": pc.data.cpu(), "k": pc.k,
+            **{f: getattr(q, f).cpu() for f in _QW_FIELDS if f != "codes" and getattr(q, f) is not None}}
 
 
 def _qw_from_record(d: dict) -> QuantizedWeight:
+    """_qw_record's inverse (codes kept packed); also reads a record with unpacked `codes` (older state)."""
     if "blocks" in d:
         from .stock_quant import from_blocks
         return from_blocks(d["qtype"], d["blocks"])
-    return QuantizedWeight(**d)
+    d = dict(d)
+    if "packed_codes" in d:
+        d["codes"] = PackedCodes(d.pop("packed_codes"), d["bits"], d.pop("k"))
+    return QuantizedWeight(**d).packed()
 
 
 def load_layer_state(path: Path, layer: nn.Module) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -281,6 +287,9 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
             if saved is not None:
                 save_layer_state(saved, layer, done, st)
         for name, qw in done.items():
+            # held packed (bits per code, not a byte; packed where computed, then moved) until the
+            # checkpoint is written; a stock-type weight (StockWeight) keeps its unpacked codes beside its blocks
+            qw = qw if getattr(qw, "blocks", None) is not None else qw.packed()
             quantized[f"{arch.layers}.{i}.{name}"] = qw.to("cpu")
             # the linear's weight is never saved (its codes are): back to the load dtype, memory with it.
             # Norms and biases stay fp32, exactly what the quantized stream saw (AWQ folds into them)

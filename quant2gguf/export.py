@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint
 from .cache import atomic_path
-from .quantizer import QuantizedWeight
+from .quantizer import PackedCodes, QuantizedWeight
 from .stock_quant import StockWeight
 from .stock_types import stock_type
 
@@ -129,13 +129,15 @@ def _check_quantized(reader, expected: dict[str, tuple[QuantizedWeight, int]], p
         if int(t.tensor_type) != qtype or [int(s) for s in t.shape] != [k, n]:
             raise ValueError(f"{path}: {name} reads back as {_type_name(t.tensor_type)} {list(t.shape)}, "
                              f"expected type {qtype} [{k}, {n}]; report this as a bug")
-        rows = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64))
+        rows = sample_rows(n)
         data = np.asarray(t.data).reshape(n, -1)[rows]
-        sub = _take_rows(q, torch.from_numpy(rows))
-        if isinstance(q, StockWeight):
+        sub = q.sample if isinstance(q, LazyBlocks) else _take_rows(q, torch.from_numpy(rows))
+        if sub is None:
+            raise ValueError(f"{path}: {name} was never written; report this as a bug")
+        if isinstance(sub, StockWeight):
             if not np.array_equal(data.view(np.uint8), sub.blocks.numpy()):
                 raise ValueError(f"{path}: {name} blocks differ from the checkpoint's; report this as a bug")
-            got = stock_type(q.qtype).dequantize(data).reshape(len(rows), k)
+            got = stock_type(sub.qtype).dequantize(data).reshape(len(rows), k)
         else:
             got = np.asarray(gguf_types.dequantize(data, qtype, (len(rows), k)), dtype=np.float32)
         want = sub.dequantize().numpy()
@@ -166,8 +168,62 @@ ROW_FIELDS = ("codes", "scales", "offsets", "pidx", "pval", "blocks")  # per-row
 
 
 def _take_rows(q: QuantizedWeight, rows: torch.Tensor) -> QuantizedWeight:
-    return dataclasses.replace(q, **{f: getattr(q, f)[rows].contiguous() for f in ROW_FIELDS
-                                     if getattr(q, f, None) is not None})
+    c = q.stored_codes  # packed codes: whole rows move without unpacking
+    return dataclasses.replace(q, codes=c.rows(rows) if isinstance(c, PackedCodes) else c[rows].contiguous(),
+                               **{f: getattr(q, f)[rows].contiguous() for f in ROW_FIELDS
+                                  if f != "codes" and getattr(q, f, None) is not None})
+
+
+def sample_rows(n: int) -> np.ndarray:
+    """The rows of an n-row tensor that _check_quantized re-dequantizes from the written file."""
+    return np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64))
+
+
+def _blocks(q: QuantizedWeight, qtype: int) -> np.ndarray:
+    from . import gguf_types
+    packed = q.blocks.numpy() if isinstance(q, StockWeight) else gguf_types.pack(q, qtype)
+    return np.ascontiguousarray(packed, dtype=np.uint8)
+
+
+class LazyBlocks:
+    """A quantized tensor's GGUF blocks uint8 (N, row_bytes) for GGUFWriter.add_tensor, made only when
+    the writer writes them (tofile: `load` reads the weight from the checkpoint, rows in GGUF order)
+    and dropped after, so convert holds one quantized tensor at a time. `shape` (the weight's (N, K)),
+    `sample` (sample_rows of the weight, once written) are for _check_quantized."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, load, shape: tuple[int, int], qtype: int, row_bytes: int):
+        self.load, self.shape, self.qtype = load, tuple(shape), qtype
+        self.nbytes = self.shape[0] * row_bytes
+        self.blocks = _BlocksView(self, (self.shape[0], row_bytes))
+        self.sample = None
+
+    def tofile(self, f) -> None:
+        q = self.load()
+        if tuple(q.shape) != self.shape or qtype_for(q) != self.qtype:
+            raise ValueError(f"quantized tensor changed while converting: {q.shape} type {qtype_for(q)}, "
+                             f"expected {self.shape} type {self.qtype}")
+        packed = _blocks(q, self.qtype)
+        if packed.nbytes != self.nbytes:
+            raise ValueError(f"packed {packed.nbytes} bytes, expected {self.nbytes}; report this as a bug")
+        self.sample = _take_rows(q, torch.from_numpy(sample_rows(self.shape[0])))
+        packed.tofile(f)
+
+
+class _BlocksView:
+    """What GGUFWriter sees of a LazyBlocks: shape, dtype and nbytes of the blocks, and tofile."""
+
+    def __init__(self, owner: LazyBlocks, shape: tuple[int, int]):
+        self.owner, self.shape, self.dtype, self.nbytes = owner, shape, owner.dtype, owner.nbytes
+
+    def tofile(self, f) -> None:
+        self.owner.tofile(f)
+
+
+def _row_bytes(q: QuantizedWeight, qtype: int) -> int:
+    from . import gguf_types
+    return int(q.blocks.shape[1]) if isinstance(q, StockWeight) else gguf_types.qtype(qtype).row_bytes(q.shape[1])
 
 
 def row_permutation(name: str, idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -200,8 +256,8 @@ def _byte_level_bpe(folder: Path) -> bool:
 
 def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer_pre: str | None,
                     extra_kv: dict[str, object]):
-    """A subclass of the architecture's converter class that writes quantized linears as our types."""
-    from . import gguf_types
+    """A subclass of the architecture's converter class that writes quantized linears as our types.
+    `quantized`: a dict, or checkpoint.QuantizedTensors (read one weight at a time, shapes from header)."""
 
     class Exporter(base):
         model_arch = base.model_arch
@@ -209,7 +265,7 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
         def index_tensors(self, remote_hf_model_id=None):
             tensors = super().index_tensors(remote_hf_model_id)
             self.q_by_name, self.written = {}, {}
-            for hf, q in quantized.items():
+            for hf in quantized:
                 # the real weight is never read: modify_tensors writes packed blocks instead
                 item = self.filter_tensors((f"{hf}.weight", lambda: torch.zeros(0)))
                 if item is None:
@@ -226,21 +282,22 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             return []
 
         def _write_quantized(self, hf: str, name: str, bid):
-            q = quantized[hf]
-            n, k = q.shape
+            # shapes only here (a lazy checkpoint's header); the data is read, rows moved and packed when
+            # the writer writes the tensor (LazyBlocks), one tensor at a time
+            head = quantized.header(hf) if hasattr(quantized, "header") else quantized[hf]
+            n, k = head.shape
             probe = torch.arange(n * k, dtype=torch.int64).view(n, k)
             outs = list(super().modify_tensors(probe, name, bid))
             if len(outs) != 1:
                 raise ValueError(f"{hf}: llama.cpp's converter merges or splits this tensor; leave it unquantized")
             new_name, idx = outs[0]
             rows = row_permutation(hf, idx, (n, k))
-            if not torch.equal(rows, torch.arange(n)):
-                q = _take_rows(q, rows)
-            qtype = qtype_for(q)
-            packed = q.blocks.numpy() if isinstance(q, StockWeight) else gguf_types.pack(q, qtype)
-            packed = np.ascontiguousarray(packed, dtype=np.uint8)
-            self.gguf_writer.add_tensor(new_name, packed, raw_dtype=gguf.GGMLQuantizationType(qtype))
-            self.written[new_name] = (q, qtype)
+            moved = not torch.equal(rows, torch.arange(n))
+            qtype = qtype_for(head)
+            load = lambda: _take_rows(quantized[hf], rows) if moved else quantized[hf]  # noqa: E731
+            lazy = LazyBlocks(load, (n, k), qtype, _row_bytes(head, qtype))
+            self.gguf_writer.add_tensor(new_name, lazy.blocks, raw_dtype=gguf.GGMLQuantizationType(qtype))
+            self.written[new_name] = (lazy, qtype)
 
         def get_vocab_base_pre(self, tokenizer):
             return tokenizer_pre or super().get_vocab_base_pre(tokenizer)
@@ -259,7 +316,7 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             if self.written:  # general.file_type names the type holding most weights (tensors are done)
                 sizes: dict[int, int] = {}
                 for q, qtype in self.written.values():
-                    sizes[qtype] = sizes.get(qtype, 0) + q.codes.numel()
+                    sizes[qtype] = sizes.get(qtype, 0) + q.shape[0] * q.shape[1]
                 top = max(sizes, key=sizes.get)
                 stock = STOCK_FTYPES.get(gguf.GGMLQuantizationType(top).name)
                 recipe = f"MOSTLY_{extra_kv.get('target')}"  # a mixed recipe target (Q3_K_M) names its own
@@ -334,9 +391,10 @@ def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_p
     converter does not know."""
     ckpt = Path(ckpt)
     _embd_ref(embd_type)  # refuse a bad value before any work
-    man, quantized = checkpoint.load_quantized(ckpt)
-    _expected_tensors(ckpt, quantized)
-    for q in quantized.values():
+    man, quantized = checkpoint.load_quantized(ckpt, lazy=True)  # each weight read when written
+    heads = {n: quantized.header(n) for n in quantized}  # shapes only
+    _expected_tensors(ckpt, heads)
+    for q in heads.values():
         qtype_for(q)  # refuse unsupported settings before any writing
     kv = {"method": man.get("method", "?"), "bits": int(man["bits"]), "group_size": int(man["group_size"]),
           "format_version": int(man["version"])}

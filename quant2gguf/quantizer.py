@@ -14,6 +14,7 @@ Protected positions keep their exact fp16 weight: per group up to P slots, each 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,93 @@ EMPTY = 255  # protected-slot index meaning "no weight in this slot"
 FP16_MAX = 65504.0
 
 
+PACK_CHUNK = 1 << 22  # codes per step of pack_codes / unpack_codes (bounds their int64 temporaries)
+
+
+def packed_row_bytes(k: int, bits: int) -> int:
+    """Bytes of one packed row of k codes: ceil(k / 8) chunks of 8 codes, `bits` bytes each."""
+    return (k + 7) // 8 * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (N, K), each < 2**bits, as uint8 (N, packed_row_bytes(K, bits)): per row a
+    little-endian bit stream (code j in stream bits [bits*j, bits*(j+1)), byte b holding stream bits
+    8b..8b+7, lowest first), the row padded with zero codes to a multiple of 8 codes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8 (N, K), got {codes.dtype} {tuple(codes.shape)}")
+    n, k = codes.shape
+    c = (k + 7) // 8
+    out = torch.empty((n, c * bits), dtype=torch.uint8, device=codes.device)
+    if n * k == 0:
+        return out.zero_()
+    if int(codes.max()) >> bits:
+        raise ValueError(f"codes exceed {bits} bits (max {int(codes.max())})")
+    shifts = torch.arange(8, device=codes.device) * bits  # code j of a chunk of 8
+    to_bytes = torch.arange(bits, device=codes.device) * 8  # byte b of a chunk
+    step = max(1, PACK_CHUNK // max(k, 1))
+    for r in range(0, n, step):
+        x = codes[r:r + step]
+        if k % 8:
+            x = torch.cat([x, x.new_zeros(x.shape[0], 8 * c - k)], 1)
+        if bits == 8:
+            out[r:r + step] = x
+            continue
+        v = (x.reshape(-1, c, 8).long() << shifts).sum(-1)  # disjoint bit ranges: sum == or, < 2**56
+        out[r:r + step] = ((v.unsqueeze(-1) >> to_bytes) & 255).to(torch.uint8).reshape(-1, c * bits)
+    return out
+
+
+def unpack_codes(data: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """pack_codes' inverse: uint8 (N, packed_row_bytes(K, bits)) -> uint8 codes (N, K)."""
+    n = data.shape[0]
+    c = (k + 7) // 8
+    if data.dim() != 2 or data.dtype != torch.uint8 or data.shape[1] != c * bits:
+        raise ValueError(f"packed codes {data.dtype} {tuple(data.shape)} do not hold {k} codes of {bits} bits a row "
+                         f"(expected uint8 (N, {c * bits}))")
+    if bits == 8:
+        return data[:, :k].contiguous()
+    out = torch.empty((n, k), dtype=torch.uint8, device=data.device)
+    shifts = torch.arange(8, device=data.device) * bits
+    from_bytes = torch.arange(bits, device=data.device) * 8
+    step = max(1, PACK_CHUNK // max(k, 1))
+    for r in range(0, n, step):
+        v = (data[r:r + step].reshape(-1, c, bits).long() << from_bytes).sum(-1)
+        q = ((v.unsqueeze(-1) >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(-1, 8 * c)
+        out[r:r + step] = q[:, :k]
+    return out
+
+
+@dataclass
+class PackedCodes:
+    """Codes held packed (pack_codes' layout): data uint8 (N, packed_row_bytes(k, bits))."""
+    data: torch.Tensor
+    bits: int
+    k: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, bits: int) -> "PackedCodes":
+        return cls(pack_codes(codes, bits), bits, codes.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.k)
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_codes(self.data, self.bits, self.k)
+
+    def to(self, device) -> "PackedCodes":
+        return PackedCodes(self.data.to(device), self.bits, self.k)
+
+    def rows(self, idx: torch.Tensor) -> "PackedCodes":
+        """Rows `idx` (rows are packed independently: no unpacking)."""
+        return PackedCodes(self.data[idx].contiguous(), self.bits, self.k)
+
+
 @dataclass
 class QuantizedWeight:
-    codes: torch.Tensor  # uint8 (N, K)
+    codes: torch.Tensor  # uint8 (N, K); may be given as PackedCodes, still read back as uint8 (N, K)
     scales: torch.Tensor  # fp16 (N, K // G): d
     offsets: torch.Tensor  # fp16 (N, K // G): m
     bits: int
@@ -32,9 +117,26 @@ class QuantizedWeight:
     pidx: torch.Tensor | None = None  # uint8 (N, K // G, P): in-group index, EMPTY = unused
     pval: torch.Tensor | None = None  # fp16 (N, K // G, P): exact fp16 weight at that index
 
+    # `codes` is a property (set below, after the dataclass is made): the field is stored as given,
+    # a uint8 tensor or PackedCodes, and reading `codes` always gives the uint8 (N, K) tensor.
+    @property
+    def stored_codes(self) -> "torch.Tensor | PackedCodes":
+        """The codes as held: a uint8 (N, K) tensor, or PackedCodes (not unpacked)."""
+        return self.__dict__["codes"]
+
+    @property
+    def is_packed(self) -> bool:
+        return isinstance(self.stored_codes, PackedCodes)
+
+    def packed(self) -> "QuantizedWeight":
+        """This weight with its codes held packed to `bits` bits (itself if they already are)."""
+        if self.is_packed:
+            return self
+        return dataclasses.replace(self, codes=PackedCodes.pack(self.stored_codes, self.bits))
+
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return tuple(self.stored_codes.shape)
 
     @property
     def slots(self) -> int:
@@ -45,8 +147,20 @@ class QuantizedWeight:
 
     def to(self, device) -> "QuantizedWeight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedWeight(mv(self.codes), mv(self.scales), mv(self.offsets), self.bits,
+        return QuantizedWeight(mv(self.stored_codes), mv(self.scales), mv(self.offsets), self.bits,
                                self.group_size, mv(self.pidx), mv(self.pval))
+
+
+def _codes_get(self) -> torch.Tensor:
+    c = self.__dict__["codes"]
+    return c.unpack() if isinstance(c, PackedCodes) else c
+
+
+def _codes_set(self, c) -> None:
+    self.__dict__["codes"] = c
+
+
+QuantizedWeight.codes = property(_codes_get, _codes_set, doc="uint8 (N, K) codes (unpacked on access if held packed)")
 
 
 def check_weight(name: str, w: torch.Tensor, group_size: int) -> None:

@@ -91,12 +91,14 @@ def run(model: Path, out: Path, method: str, stream: bool, device: str, nsamples
     return json.loads(line[7:])
 
 
-def plan(shape: str, nsamples: int, seqlen: int) -> dict:
+def plan(shape: str, nsamples: int, seqlen: int, bits: int = 3, group_size: int = 128) -> dict:
     """Per-layer memory of a streamed layer-wise run, from the shapes (GiB): what --stream keeps
     resident besides the activations, GPTQ's largest Hessian group (calib.py runs one group of
     linears at a time: q/k/v, o, gate/up, down), LAQuant's fp32 latent weights with their gradient and
     two AdamW moments (and its lookahead layer l + 1, held in bf16 but computing in fp32 while the
-    method runs), and the three activation streams (FP in, quantized in, FP out) in fp32."""
+    method runs), and the three activation streams (FP in, quantized in, FP out) in fp32. The result
+    held in host RAM until the checkpoint is written: every layer's codes packed to `bits` bits
+    (quantizer.pack_codes: ceil(K / 8) * bits bytes a row), plus fp16 d and m per group of `group_size`."""
     s = SHAPES[shape]
     h, f, nh, vocab = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"], s["vocab_size"]
     kv = h // nh * s["num_key_value_heads"]
@@ -110,7 +112,9 @@ def plan(shape: str, nsamples: int, seqlen: int) -> dict:
             "laquant_latent_grad_adam_gib": round(16 * p_layer / g, 2),
             "activations_3_streams_gib": round(acts, 2),
             "embeddings_bf16_gib": round(2 * vocab * h / g, 2),
-            "codes_uint8_all_layers_gib": round(p_layer * s["real_layers"] / g, 1),
+            "codes_packed_all_layers_gib": round(p_layer * bits / 8 * s["real_layers"] / g, 1),
+            "codes_and_scales_all_layers_gib": round(p_layer * (bits / 8 + 4 / group_size) * s["real_layers"] / g, 1),
+            "codes_uint8_all_layers_gib_before_packing": round(p_layer * s["real_layers"] / g, 1),
             "gptq_peak_gpu_gib_est": round(4 * p_layer / g + 3 * hess + acts, 1),
             "laquant_peak_gpu_gib_est": round(4 * p_layer / g + 4 * p_layer / g + 16 * p_layer / g + acts, 1)}
 

@@ -293,3 +293,26 @@ def test_a_changed_tensor_fails_loudly(small_ckpt, tmp_path):
     export._check_unchanged(before, before, set(), tmp_path / "a.gguf")
     with pytest.raises(ValueError, match=f"llama-quantize changed {t.name} "):
         export._check_unchanged(before, after, set(), tmp_path / "b.gguf")
+
+
+@pytest.mark.parametrize("arch,g,slots", [("llama", 64, 0), ("qwen2", 128, 2)])
+def test_v1_and_v2_checkpoints_convert_identically(arch, g, slots, tmp_path):
+    """Codes packed in the checkpoint (v2) and read one tensor at a time change nothing in the GGUF: the
+    same weights as a version 1 checkpoint (unpacked codes) give the same tensors, byte for byte, and
+    the same metadata but quant2gguf.format_version."""
+    from test_packed_codes import write_v1
+    v2 = make_checkpoint(arch, tmp_path / "m", g, slots)
+    v1 = write_v1(v2, tmp_path / "v1" / "ckpt")  # the same folder name: general.name comes from it
+    r2 = export.read_gguf(export.convert(v2, tmp_path / "v2.gguf", tokenizer_pre=PRE)["path"])
+    r1 = export.read_gguf(export.convert(v1, tmp_path / "v1.gguf", tokenizer_pre=PRE)["path"])
+    t1, t2 = ({t.name: t for t in r.tensors} for r in (r1, r2))
+    assert list(t1) == list(t2)
+    for name, a in t1.items():
+        b = t2[name]
+        assert int(a.tensor_type) == int(b.tensor_type) and int(a.data_offset) == int(b.data_offset), name
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), name
+    f1, f2 = ({k: v.contents() for k, v in r.fields.items()} for r in (r1, r2))
+    assert f1.pop("quant2gguf.format_version") == 1 and f2.pop("quant2gguf.format_version") == 2
+    assert f1 == f2
+    n1, n2 = ((tmp_path / f).stat().st_size for f in ("v1.gguf", "v2.gguf"))
+    assert n1 == n2
