@@ -71,6 +71,61 @@ def test_clip_search_finds_the_brute_force_optimum(weighted):
     assert (best < err(1.0)).float().mean() > 0.5 and (ratio < 1).float().mean() > 0.5  # min-max is not optimal here
 
 
+def test_weighted_clip_search_keeps_outliers_on_loud_input_channels():
+    """RTN's clip search (methods/rtn.py) weights each input channel by its activation second moment.
+    An outlier weight on a channel with large activations (Qwen2.5's outlier channels) is reproduced
+    (its group's range is not cut), where plain weight MSE clips it by a fifth or more; the same
+    outlier on a quiet channel is still clipped, so the search is not simply "never clip"."""
+    from quant2gguf.methods import rtn
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g)
+    w[:, 5] = 6.0 * torch.where(torch.rand(64, generator=g) < 0.5, -1.0, 1.0)  # one outlier per row, group 0
+    loud, quiet = torch.ones(256), torch.ones(256)
+    loud[5], quiet[5] = 100.0, 0.01
+
+    def outlier_err(x):  # relative error of the outlier after quantize/dequantize, per row
+        deq = rtn.quantize_weight(w, 3, 128, x=x).dequantize()
+        return (deq[:, 5] - w[:, 5]).abs() / w[:, 5].abs()
+    assert (outlier_err(None) > 0.2).float().mean() > 0.5  # plain MSE cuts it in most rows
+    assert outlier_err(loud).max() < 0.01  # fp16 rounding only: min-max kept the outlier
+    assert (Q.search_clip(w, 3, 128, x=loud)[:, 0] == 1.0).all()
+    assert (Q.search_clip(w, 3, 128, x=quiet)[:, 0] < 1.0).all()  # a quiet channel's outlier is clipped
+    assert (outlier_err(quiet) > 0.2).float().mean() > 0.5
+
+
+def test_rtn_clip_search_uses_the_layer_inputs(tiny_llama_dir):
+    """quantize_layer measures E[x^2] per input channel of each linear on the layer's inputs and
+    weights the clip search with it: the deployed weights equal quantize_weight(w, x=that moment)."""
+    import functools
+    from transformers import AutoModelForCausalLM
+    from quant2gguf.arch import get_arch
+    from quant2gguf.calib import QuantConfig, quantize_layers
+    from quant2gguf.methods import rtn
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    layer = model.get_decoder().layers[0]
+    w = {n: layer.get_submodule(n).weight.data.clone() for n in ("self_attn.q_proj", "mlp.down_proj")}
+    seen = {}
+
+    def hook(name):
+        def fn(_m, args, _out):
+            seen[name] = args[0].reshape(-1, args[0].shape[-1]).float()
+        return fn
+    hooks = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in w]
+    batches = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(batches)  # layer 0's inputs are the same FP inputs quantize_layers feeds it
+    for h in hooks:
+        h.remove()
+    q, _ = quantize_layers(model, get_arch("llama"), batches, functools.partial(rtn.quantize_layer), QuantConfig(3, 64))
+    for n, wn in w.items():
+        x = (seen[n] ** 2).mean(0)
+        want = rtn.quantize_weight(wn, 3, 64, x=x).dequantize()
+        plain = rtn.quantize_weight(wn, 3, 64).dequantize()
+        got = q[f"model.layers.0.{n}"].dequantize()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(got, plain)  # the statistics changed some group's ratio
+
+
 def test_check_weight_messages():
     with pytest.raises(ValueError, match=r"blk\.w: input dim 576 is not divisible by group size 128 \(use --group-size 64\)"):
         Q.check_weight("blk.w", torch.zeros(4, 576), 128)

@@ -28,7 +28,9 @@ def results(tmp_path_factory):
 
 def test_gptq_beats_rtn_on_real_model(results):
     rtn, gptq = results["rtn"], results["gptq"]
-    assert gptq["ppl"] < 0.8 * rtn["ppl"], (gptq["ppl"], rtn["ppl"])
+    # RTN's clip search weighs each input channel by its calibration activations (ppl ~64 here, ~270 with plain
+    # RTN): a strong baseline, which GPTQ still beats by a real margin
+    assert gptq["ppl"] < 0.95 * rtn["ppl"], (gptq["ppl"], rtn["ppl"])
     assert gptq["kld"] < rtn["kld"] and gptq["top1"] > rtn["top1"]
     # 3 bits cost something: the quantized model is measurably off the FP reference
     assert gptq["ppl"] > gptq["ref_ppl"] and gptq["kld"] > 0.01
