@@ -90,15 +90,16 @@ def _k4_scales_pack(name: str, sc, m) -> np.ndarray:
                            (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
 
 
-def _nibbles_unpack(qs: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K's 128 low-nibble bytes -> (n, 256): qs[32c + l] = q[64c + l] | q[64c + 32 + l] << 4."""
-    qs = qs.reshape(-1, 4, 1, 32)
-    return np.concatenate([qs & 15, qs >> 4], axis=2).reshape(-1, 256)
+def _nibbles_unpack(qs: np.ndarray, block: int = 256, half: int = 32) -> np.ndarray:
+    """Low-nibble bytes -> (n, block) codes: every 2 * half codes share half bytes, byte l holding code l in
+    its low nibble and code half + l in its high one (Q4_K/Q5_K: 256 codes, half 32; block-32 types: 32, 16)."""
+    qs = qs.reshape(-1, 1, half)
+    return np.concatenate([qs & 15, qs >> 4], axis=1).reshape(-1, block)
 
 
-def _nibbles_pack(q: np.ndarray) -> np.ndarray:
-    q = np.asarray(q, np.uint8).reshape(-1, 4, 2, 32) & 15
-    return (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
+def _nibbles_pack(q: np.ndarray, block: int = 256, half: int = 32) -> np.ndarray:
+    q = np.asarray(q, np.uint8).reshape(-1, 2, half) & 15
+    return (q[:, 0] | q[:, 1] << 4).reshape(-1, block // 2)
 
 
 def _rtn_min_k(x: np.ndarray, qmax: int) -> dict:
@@ -229,13 +230,12 @@ class Q4_0(_Sym32, qtype="Q4_0"):
     @classmethod
     def unpack(cls, blocks):
         b = cls.blocks(blocks)
-        qs = b[:, 2:]
-        return {"d": _half(b, 0), "q": np.concatenate([qs & 15, qs >> 4], axis=1)}
+        return {"d": _half(b, 0), "q": _nibbles_unpack(b[:, 2:], 32, 16)}
 
     @classmethod
     def pack(cls, d, q):
         q = _u8(q, 0, 15, "Q4_0 codes").reshape(-1, 32)
-        return np.concatenate([_half_bytes(d), q[:, :16] | q[:, 16:] << 4], axis=1)
+        return np.concatenate([_half_bytes(d), _nibbles_pack(q, 32, 16)], axis=1)
 
 
 class Q4_K(StockType, qtype="Q4_K"):
@@ -437,14 +437,12 @@ class Q5_0(_Sym32, qtype="Q5_0"):
     @classmethod
     def unpack(cls, blocks):
         b = cls.blocks(blocks)
-        qs = b[:, 6:]
-        return {"d": _half(b, 0), "q": np.concatenate([qs & 15, qs >> 4], axis=1) | _qh_unpack(b[:, 2:6]) << 4}
+        return {"d": _half(b, 0), "q": _nibbles_unpack(b[:, 6:], 32, 16) | _qh_unpack(b[:, 2:6]) << 4}
 
     @classmethod
     def pack(cls, d, q):
         q = _u8(q, 0, 31, "Q5_0 codes").reshape(-1, 32)
-        lo = q & 15
-        return np.concatenate([_half_bytes(d), _qh_pack(q), lo[:, :16] | lo[:, 16:] << 4], axis=1)
+        return np.concatenate([_half_bytes(d), _qh_pack(q), _nibbles_pack(q, 32, 16)], axis=1)
 
 
 class Q5_1(StockType, qtype="Q5_1"):
@@ -455,15 +453,13 @@ class Q5_1(StockType, qtype="Q5_1"):
     @classmethod
     def unpack(cls, blocks):
         b = cls.blocks(blocks)
-        qs = b[:, 8:]
-        q = np.concatenate([qs & 15, qs >> 4], axis=1) | _qh_unpack(b[:, 4:8]) << 4
+        q = _nibbles_unpack(b[:, 8:], 32, 16) | _qh_unpack(b[:, 4:8]) << 4
         return {"d": _half(b, 0), "m": _half(b, 2), "q": q}
 
     @classmethod
     def pack(cls, d, m, q):
         q = _u8(q, 0, 31, "Q5_1 codes").reshape(-1, 32)
-        lo = q & 15
-        return np.concatenate([_half_bytes(d), _half_bytes(m), _qh_pack(q), lo[:, :16] | lo[:, 16:] << 4], axis=1)
+        return np.concatenate([_half_bytes(d), _half_bytes(m), _qh_pack(q), _nibbles_pack(q, 32, 16)], axis=1)
 
     @classmethod
     def dequantize_parts(cls, d, m, q):
