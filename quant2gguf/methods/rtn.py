@@ -18,6 +18,7 @@ import torch
 from .. import stock_quant
 from ..calib import LayerContext
 from ..quantizer import QuantizedWeight, quantize, search_clip
+from .awq import InputStats
 
 
 @torch.no_grad()
@@ -29,30 +30,14 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, clip: bool = Tr
     return quantize(w, bits, group_size, clip=ratio)
 
 
-class SecondMoment:
-    """Forward-hook callback: running mean of x^2 per input channel."""
-
-    def __init__(self, k: int, device):
-        self.sq = torch.zeros(k, device=device)
-        self.n = 0
-
-    def __call__(self, x: torch.Tensor) -> None:
-        x = x.float()
-        self.sq += (x * x).sum(0).to(self.sq.device)
-        self.n += x.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return self.sq / max(self.n, 1)
-
-
 @torch.no_grad()
 def input_second_moments(ctx: LayerContext) -> dict[str, torch.Tensor]:
     """E[x^2] per input channel of every linear of the layer, over the quantized model's inputs to
     this layer (ctx.q_in, as AWQ measures them). Linears of a group share one input: one hook each."""
-    stats = {g.linears[0]: SecondMoment(ctx.linear(g.linears[0]).in_features, ctx.device)
+    stats = {g.linears[0]: InputStats(ctx.linear(g.linears[0]).in_features, ctx.device, keep=0)  # no token sample
              for g in ctx.arch.groups}
     ctx.forward(ctx.q_in, hooks=stats, keep=False)
-    return {name: stats[g.linears[0]].mean() for g in ctx.arch.groups for name in g.linears}
+    return {name: stats[g.linears[0]].mean_sq() for g in ctx.arch.groups for name in g.linears}
 
 
 def quantize_layer(ctx: LayerContext, clip: bool = True) -> dict[str, QuantizedWeight]:
