@@ -192,7 +192,7 @@ def _qw_record(q: QuantizedWeight) -> dict:
     if getattr(q, "blocks", None) is not None:
         return {"qtype": q.qtype, "blocks": q.blocks.cpu()}
     pc = q.to("cpu").packed().stored_codes  # packed on the CPU: the path the tests cover
-    return {"bits": q.bits, "group_size": q.group_size, "packed_codes": pc.data.cpu(), "k": pc.k,
+    return {"bits": q.bits, "group_size": q.group_size, "packed_codes": pc.data, "k": pc.k,
             **{f: getattr(q, f).cpu() for f in _QW_FIELDS if f != "codes" and getattr(q, f) is not None}}
 
 
@@ -289,8 +289,7 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
         for name, qw in done.items():
             # held packed (bits per code, not a byte; packed on the CPU) until the checkpoint is written;
             # a stock-type weight (StockWeight) keeps its unpacked codes beside its blocks
-            qw = qw.to("cpu")
-            quantized[f"{arch.layers}.{i}.{name}"] = qw if getattr(qw, "blocks", None) is not None else qw.packed()
+            quantized[f"{arch.layers}.{i}.{name}"] = qw.to("cpu").packed()
             # the linear's weight is never saved (its codes are): back to the load dtype, memory with it.
             # Norms and biases stay fp32, exactly what the quantized stream saw (AWQ folds into them)
             lin = get_module(layer, name)

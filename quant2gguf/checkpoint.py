@@ -219,7 +219,7 @@ def load_quantized(path: str | os.PathLike, lazy: bool = False) -> tuple[dict, d
     tensors = QuantizedTensors(path, man)
     if lazy:
         return man, tensors
-    return man, {name: q if isinstance(q, StockWeight) else q.packed() for name, q in tensors.items()}
+    return man, {name: q.packed() for name, q in tensors.items()}
 
 
 def load_model(path: str | os.PathLike, dtype=torch.float32, device="cpu"):

@@ -163,6 +163,9 @@ class StockWeight(QuantizedWeight):
         y = cls.dequantize(self.blocks.cpu().numpy()).reshape(self.shape)
         return torch.from_numpy(y).to(self.blocks.device)
 
+    def packed(self) -> "StockWeight":
+        return self  # its blocks are its packed form (what the checkpoint stores)
+
     def to(self, device) -> "StockWeight":
         return StockWeight(self.codes.to(device), self.scales.to(device), self.offsets.to(device), self.bits,
                            self.group_size, qtype=self.qtype, blocks=self.blocks.to(device))
