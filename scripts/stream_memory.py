@@ -149,14 +149,21 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "shape": a.shape, "layers": a.layers, "real_layers": real,
            "device": a.device, "calibration": f"{a.nsamples} x {a.seqlen} news tokens", "build_s": built,
            "shards_gib": round(sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30, 2), "rows": rows}
-    # whole-model runs grow by one layer's share per layer; streamed ones hold at most two layers
+    # whole-model runs grow by one layer's share per layer where the model lives (RAM on the CPU,
+    # VRAM on a GPU); streamed ones hold at most two layers. The share is clamped at 0: on a GPU the
+    # streamed run's RAM can exceed the whole run's (shards read through host memory), and a negative
+    # share extrapolated over 28 layers gave the sixth run's "0.3 GiB whole" nonsense.
     for m in a.method:
         w, s = (next(r for r in rows if r["method"] == m and r["stream"] is st) for st in (False, True))
-        per_layer = (w["peak_rss_gib"] - s["peak_rss_gib"]) / max(a.layers - 2, 1)
-        res.setdefault("extrapolated", {})[m] = {
-            "whole_rss_gib_at_real_layers": round(w["peak_rss_gib"] + per_layer * (real - a.layers), 1),
-            "stream_rss_gib": round(s["peak_rss_gib"], 1),
-            "seconds_per_layer_stream": round(s["seconds"] / a.layers, 1)}
+        ext = {}
+        for key in ("peak_rss_gib", "peak_cuda_gib"):
+            if w.get(key) is None or s.get(key) is None:
+                continue
+            per_layer = max(w[key] - s[key], 0.0) / max(a.layers - 2, 1)
+            ext[f"whole_{key}_at_real_layers"] = round(w[key] + per_layer * (real - a.layers), 1)
+            ext[f"stream_{key}"] = round(s[key], 1)
+        ext["seconds_per_layer_stream"] = round(s["seconds"] / a.layers, 1)
+        res.setdefault("extrapolated", {})[m] = ext
     print(json.dumps(res, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
