@@ -261,8 +261,8 @@ def bench(files: list, ref: str, vs: list[str] | tuple = ("Q4_0",), out: str | P
     serve_kw = {"parallel": parallel, "threads": threads, "cuda": cuda, "port": port, "extra_args": list(server_args)}
     asks = [k for k in ("gsm", "long") if problems[k]]
     if any(_unanswered(out, e["path"], k, problems, settings) for e in entries for k in asks):
-        # a server that cannot start fails now, not after hours
-        with server.serve(paths[0], ctx=256, **serve_kw):
+        # a server that cannot start fails now, not after hours (on F16: there may be no files)
+        with server.serve(f16, ctx=256, **serve_kw):
             pass
     if vs:
         from .compat import make_imatrix

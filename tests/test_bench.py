@@ -214,6 +214,22 @@ def test_rerun_resumes_from_cache(benched, tiny, monkeypatch):
 
 
 @slow
+def test_no_files_with_unanswered_problems(benched, tiny, tmp_path):
+    """bench with no files still checks the server (on F16) before answering: the sixth GPU run's
+    phase 1 died here on an empty file list (IndexError) and lost 17 device minutes."""
+    _, out = benched
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    gone = [f for f in (copy / "cache").glob("*F16.gsm.*")]
+    assert gone
+    for f in gone:
+        f.unlink()
+    rep = B.bench([], str(tiny["hf"]), out=copy, **SMALL)
+    assert rep["complete"] and [f["kind"] for f in rep["files"]] == ["f16", "stock"]
+    assert rep["files"][0]["gsm"]["n"] == 3 and list((copy / "cache").glob("*F16.gsm.*.json"))
+
+
+@slow
 def test_failed_phase_makes_the_report_partial(benched, tiny, monkeypatch, tmp_path):
     _, out = benched
     copy = tmp_path / "copy"
@@ -352,3 +368,33 @@ def test_cli_quickstart_prints_the_bench_table(benched, monkeypatch):
     r = CliRunner().invoke(app, ["quickstart", "--workdir", str(out)])
     assert r.exit_code == 0, r.output
     assert "ours-w3g64" in r.output and "GSM pass@1" in r.output and "{" not in r.output
+
+
+@slow
+def test_gsm_transcripts_are_f16s_conversations(benched, tiny, tmp_path):
+    """scripts/gsm_transcripts.py: F16's cached answers re-asked in the chat template, readable as an
+    eval text (KLD in the deployed regime)."""
+    import subprocess
+    import sys
+    from transformers import AutoTokenizer
+    from quant2gguf import data
+    rep, out = benched
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny["hf"], hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(hf)
+    dest = tmp_path / "chat.jsonl"
+    r = subprocess.run([sys.executable, "scripts/gsm_transcripts.py", str(out), "--model", str(hf), "-o", str(dest)],
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line)["text"] for line in dest.read_text().splitlines()]
+    f16 = next(f for f in rep["files"] if f["kind"] == "f16")
+    answers = json.loads(next((out / "cache").glob("*F16.gsm.*.json")).read_text())["rows"]
+    questions = {p["key"]: p["question"] for p in B.gsm_set(3)}
+    assert len(rows) == f16["gsm"]["n"] == 3
+    for text, a in zip(rows, answers):
+        assert text == (f"<|user|>{data.GSM_DEPLOY_PROMPT.format(q=questions[a['key']])}</s>"
+                        f"<|assistant|>{a['text']}</s>")
+    assert data.file_texts(dest, "all") == rows  # read back by the data layer as they were written
