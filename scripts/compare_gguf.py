@@ -39,11 +39,12 @@ def _label(ck: Path) -> str:
 
 
 def _measure(name, path, texts, bases, wd, a, params) -> dict:
+    """texts: {label: source}; a row holds one entry per label."""
     row = {"file": name, "path": str(path), "mib": path.stat().st_size / 2**20,
            "bpw": 8 * path.stat().st_size / params if params else None}
-    for src in texts:
+    for src, source in texts.items():
         if name == "F16":
-            r = runner.perplexity(path, eval_text_file(src), ctx=512, save_logits=bases[src], cuda=a.cuda,
+            r = runner.perplexity(path, eval_text_file(source), ctx=512, save_logits=bases[src], cuda=a.cuda,
                                   threads=a.threads)
         else:
             r = runner.perplexity(path, None, ctx=512, kld_base=bases[src], cuda=a.cuda, threads=a.threads)
@@ -87,7 +88,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen15")
     ap.add_argument("--ckpts", nargs="*", default=[])
     ap.add_argument("--types", nargs="*", default=["IQ3_S+imat", "Q3_K_M+imat"])
-    ap.add_argument("--texts", nargs="+", default=["news", "champ", "code"])
+    ap.add_argument("--texts", nargs="+", default=["news", "champ", "code"],
+                    help="eval sources (their eval splits); LABEL=FILE.jsonl names a data file's column")
     ap.add_argument("--calib", default="news", help="the importance matrix's source (the checkpoints' calibration source)")
     ap.add_argument("--embd-type", default="auto")
     ap.add_argument("--imat-nsamples", type=int, default=64)
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--tokenizer-pre", default=None, help="for tokenizers llama.cpp's converter cannot hash (tiny test models: gpt-2)")
     ap.add_argument("--wait", type=int, default=900, help="seconds to wait for a checkpoint to appear")
     a = ap.parse_args()
+    sources = dict(t.split("=", 1) if "=" in t else (t, t) for t in a.texts)
+    a.texts = list(sources)  # labels: columns, logits files and plot names
     wd, out = Path(a.workdir), Path(a.out)
     wd.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,7 @@ def main() -> None:
     imat = wd / f"{name}.imatrix.gguf"
 
     def save():
-        res = {"date": time.strftime("%Y-%m-%d"), "model": a.model, "cuda": a.cuda, "texts": a.texts,
+        res = {"date": time.strftime("%Y-%m-%d"), "model": a.model, "cuda": a.cuda, "texts": a.texts, "sources": sources,
                "embd_type": a.embd_type, "imatrix": f"{a.imat_nsamples} x 512 tokens of the {a.calib} calib split",
                "rows": rows}
         out.write_text(json.dumps(res, indent=1))
@@ -120,7 +124,7 @@ def main() -> None:
         for t in a.texts:
             _plot(rows, t, out.with_name(f"{out.stem}-{t}.png"))
 
-    rows.append(_measure("F16", f16, a.texts, bases, wd, a, params))
+    rows.append(_measure("F16", f16, sources, bases, wd, a, params))
     import gguf
     params = sum(int(t.n_elements) for t in gguf.GGUFReader(f16).tensors)
     rows[0]["bpw"] = 8 * f16.stat().st_size / params
@@ -134,7 +138,7 @@ def main() -> None:
                 make_imatrix(a.model, imat, a.calib, a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
             runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
                                   threads=os.cpu_count() or 2, cuda=a.cuda)
-        rows.append(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, a.texts, bases, wd, a, params))
+        rows.append(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params))
         save()
     for ck in map(Path, a.ckpts):
         t0 = time.time()
@@ -153,7 +157,7 @@ def main() -> None:
             info = convert(ck, p, outtype="f16", embd_type=embd, threads=os.cpu_count() or 2,
                            tokenizer_pre=a.tokenizer_pre)
             _say(f"converted {ck.name}: {json.dumps(info)[:400]}")
-        rows.append(_measure(_label(ck), p, a.texts, bases, wd, a, params))
+        rows.append(_measure(_label(ck), p, sources, bases, wd, a, params))
         save()
     _say("done")
 
