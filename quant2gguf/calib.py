@@ -288,7 +288,7 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
                 save_layer_state(saved, layer, done, st)
         for name, qw in done.items():
             # held packed (bits per code, not a byte; packed on the CPU) until the checkpoint is written;
-            # a stock-type weight (StockWeight) keeps its unpacked codes beside its blocks
+            # a stock-type weight (StockWeight) as its blocks alone (codes and grid unpack from them)
             quantized[f"{arch.layers}.{i}.{name}"] = qw.to("cpu").packed()
             # the linear's weight is never saved (its codes are): back to the load dtype, memory with it.
             # Norms and biases stay fp32, exactly what the quantized stream saw (AWQ folds into them)

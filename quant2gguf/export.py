@@ -168,6 +168,8 @@ ROW_FIELDS = ("codes", "scales", "offsets", "pidx", "pval", "blocks")  # per-row
 
 
 def _take_rows(q: QuantizedWeight, rows: torch.Tensor) -> QuantizedWeight:
+    if isinstance(q, StockWeight):  # its blocks hold everything: their rows, lean (nothing unpacked)
+        return q.rows(rows)
     c = q.stored_codes  # packed codes: whole rows move without unpacking
     return dataclasses.replace(q, codes=c.rows(rows) if isinstance(c, PackedCodes) else c[rows].contiguous(),
                                **{f: getattr(q, f)[rows].contiguous() for f in ROW_FIELDS

@@ -154,9 +154,31 @@ def quant_config(target: str, model, arch):
 class StockWeight(QuantizedWeight):
     """A QuantizedWeight on a stock type's grid: codes (N, K), scales / offsets the fp32 a, b of each
     sub-block (group_size = sub-block), and the packed blocks llama.cpp reads, whose values
-    dequantize() returns (through gguf-py's numpy, bit-exact with ggml)."""
+    dequantize() returns (through gguf-py's numpy, bit-exact with ggml).
+
+    packed() gives the lean form, which holds the blocks alone (codes, scales and offsets None as
+    stored): reading `codes`, `scales` or `offsets` unpacks them from the blocks (from_blocks), the
+    same values bit for bit, so a run holds ~3.4 bits a weight (Q3_K) instead of a byte of codes and
+    two fp32 grids beside the blocks."""
     qtype: str = FALLBACK
     blocks: torch.Tensor | None = None  # uint8 (N, K // block_size * type_size)
+
+    @property
+    def is_lean(self) -> bool:
+        """Whether only the blocks are held (codes, scales, offsets derived from them on access)."""
+        return self.__dict__.get("codes") is None and self.blocks is not None
+
+    @property
+    def is_packed(self) -> bool:
+        return self.is_lean
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if not self.is_lean:
+            return tuple(self.stored_codes.shape)
+        cls = stock_type(self.qtype)
+        n, row = self.blocks.shape
+        return (n, row // cls.type_size * cls.block_size)
 
     def dequantize(self) -> torch.Tensor:
         cls = stock_type(self.qtype)
@@ -164,11 +186,41 @@ class StockWeight(QuantizedWeight):
         return torch.from_numpy(y).to(self.blocks.device)
 
     def packed(self) -> "StockWeight":
-        return self  # its blocks are its packed form (what the checkpoint stores)
+        """The lean form: the blocks alone (what the checkpoint stores); codes and grid unpack from them."""
+        if self.is_lean:
+            return self
+        return StockWeight(None, None, None, self.bits, self.group_size, qtype=self.qtype, blocks=self.blocks)
+
+    def rows(self, idx: torch.Tensor) -> "StockWeight":
+        """Rows `idx`, lean (blocks rows are independent: nothing is unpacked)."""
+        return StockWeight(None, None, None, self.bits, self.group_size, qtype=self.qtype,
+                           blocks=self.blocks[idx].contiguous())
 
     def to(self, device) -> "StockWeight":
+        if self.is_lean:
+            return StockWeight(None, None, None, self.bits, self.group_size, qtype=self.qtype,
+                               blocks=self.blocks.to(device))
         return StockWeight(self.codes.to(device), self.scales.to(device), self.offsets.to(device), self.bits,
                            self.group_size, qtype=self.qtype, blocks=self.blocks.to(device))
+
+
+def _derived(field: str) -> property:
+    """StockWeight.FIELD: as held, or (lean) unpacked from the blocks on each access."""
+    def get(self):
+        v = self.__dict__.get(field)
+        if v is None and self.is_lean:
+            return getattr(from_blocks(self.qtype, self.blocks), field)
+        return v
+
+    def set_(self, v) -> None:
+        self.__dict__[field] = v
+    return property(get, set_, doc=f"{field} as held, or unpacked from the blocks when lean")
+
+
+# set after the dataclass is made (a class attribute named like a field would be taken for its default)
+for _f in ("codes", "scales", "offsets"):
+    setattr(StockWeight, _f, _derived(_f))
+del _f
 
 
 def _grid(cls, parts: dict, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -194,3 +194,83 @@ def test_pack_on_cuda_matches_cpu():
     p = pack_codes(codes.cuda(), 3)
     assert p.is_cuda and torch.equal(p.cpu(), pack_codes(codes, 3))
     assert torch.equal(unpack_codes(p, 3, 200).cpu(), codes)
+
+
+# ------------------------------------------------------------- stock types (--target): lean ----
+
+def _resident(q) -> int:
+    """Bytes of the tensors a weight actually holds (its instance fields, packed codes' data)."""
+    held = [v.data if isinstance(v, PackedCodes) else v for v in vars(q).values()]
+    return sum(t.nbytes for t in held if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K"])
+def test_stock_weight_packed_holds_only_its_blocks(qtype):
+    """StockWeight.packed(): the blocks alone; codes, scales, offsets unpack from them bit for bit."""
+    from quant2gguf import export, stock_quant
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 768, generator=g) * 0.02
+    full = stock_quant.quantize_rtn(w, qtype, torch.rand(768, generator=g))
+    lean = full.packed()
+    assert isinstance(lean, stock_quant.StockWeight) and lean.is_lean and lean.is_packed and not full.is_lean
+    assert lean.packed() is lean and lean.blocks is full.blocks
+    assert (lean.qtype, lean.bits, lean.group_size, lean.shape, lean.slots) == \
+        (full.qtype, full.bits, full.group_size, full.shape, 0)
+    for f in ("codes", "scales", "offsets"):
+        a, b = getattr(lean, f), getattr(full, f)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f
+        if f != "codes":  # bit for bit (-0 is not +0)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f
+    assert torch.equal(lean.dequantize().view(torch.int32), full.dequantize().view(torch.int32))
+    moved = lean.to("cpu")
+    assert moved.is_lean and torch.equal(moved.blocks, full.blocks) and torch.equal(moved.codes, full.codes)
+    rows = torch.tensor([5, 0, 47])
+    sub = export._take_rows(lean, rows)  # convert's sample rows: blocks rows, nothing unpacked
+    assert sub.is_lean and torch.equal(sub.codes, full.codes[rows]) and torch.equal(sub.scales, full.scales[rows])
+    assert torch.equal(sub.dequantize(), full.dequantize()[rows])
+    # what it holds: the blocks and nothing else (a few bytes of Python besides)
+    assert _resident(lean) == lean.blocks.nbytes == full.blocks.nbytes
+    assert lean.blocks.untyped_storage().nbytes() <= lean.blocks.nbytes + 64
+    assert _resident(full) > 3 * _resident(lean)  # codes a byte each + two fp32 grids beside the blocks
+
+
+def _same_file_tensors(a, b) -> None:
+    ta, tb = load_file(a), load_file(b)
+    assert set(ta) == set(tb) and ta
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
+        assert torch.equal(ta[k].view(torch.uint8), tb[k].view(torch.uint8)), k
+
+
+def test_stock_target_checkpoint_and_gguf_unchanged_by_lean_packing(tmp_path, monkeypatch):
+    """quantize_model(--target q3_k) holding its weights lean writes the checkpoint (and GGUF) it wrote
+    holding them whole (StockWeight.packed() returning itself), tensor for tensor, byte for byte."""
+    from conftest import make_tiny_model
+
+    from quant2gguf import export, stock_quant
+    from quant2gguf.pipeline import quantize_model
+    hf = make_tiny_model("llama", tmp_path / "hf", hidden=256)
+    kw = dict(method="gptq", target="q3_k", nsamples=4, seqlen=64, device="cpu")
+    held = []
+    real = stock_quant.StockWeight.packed
+
+    def spy(self):
+        out = real(self)
+        held.append(out)
+        return out
+    with monkeypatch.context() as m:
+        m.setattr(stock_quant.StockWeight, "packed", spy)
+        lean = quantize_model(hf, tmp_path / "lean" / "ck", **kw)
+    assert held and all(q.is_lean for q in held)
+    with monkeypatch.context() as m:
+        m.setattr(stock_quant.StockWeight, "packed", lambda self: self)  # the old behaviour: all resident
+        full = quantize_model(hf, tmp_path / "full" / "ck", **kw)
+    for f in ("quant.safetensors", "model.safetensors"):
+        _same_file_tensors(lean / f, full / f)
+    ml, mf = (json.loads((p / "manifest.json").read_text()) for p in (lean, full))
+    assert ml["types"] == mf["types"] and set(ml["types"].values()) == {"Q3_K"}
+    _, got = checkpoint.load_quantized(lean)  # loads lean too (what KD / LAQuant read of an init)
+    assert all(isinstance(q, stock_quant.StockWeight) and q.is_lean for q in got.values())
+    ggufs = [export.convert(ck, ck.parent / "m.gguf", tokenizer_pre="gpt-2") and ck.parent / "m.gguf"
+             for ck in (lean, full)]
+    assert ggufs[0].read_bytes() == ggufs[1].read_bytes()
