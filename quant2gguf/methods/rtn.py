@@ -1,6 +1,8 @@
 """RTN baseline: asymmetric min-max per group, with an optional per-group clip search; with a
 stock target (cfg.target), round-to-nearest on the stock type's grid fitted to the weight
-(stock_quant; `clip` turns its parameter search on).
+(stock_quant; `clip` turns its parameter search on, weighted per input column by E[x^2] as
+llama-quantize weights its search by an importance matrix: SmolLM2 into Q4_0, llama.cpp KLD news
+0.304 -> 0.179, below llama-quantize + imatrix's 0.189 for the same tensor types).
 
 The clip search minimises each group's output error sum_j E[x_j^2] (w_j - w'_j)^2, with the
 second moment E[x_j^2] of each linear's input measured on the calibration inputs (ctx.q_in, one
@@ -42,10 +44,10 @@ def input_second_moments(ctx: LayerContext) -> dict[str, torch.Tensor]:
 
 def quantize_layer(ctx: LayerContext, clip: bool = True) -> dict[str, QuantizedWeight]:
     c = ctx.cfg
-    if c.target:
-        return {name: stock_quant.quantize_rtn(ctx.linear(name).weight.data, stock_quant.linear_type(ctx, name),
-                                               search=clip)
-                for name in ctx.arch.linears}
     x = input_second_moments(ctx) if clip and ctx.q_in else {}
+    if c.target:  # the stock fit weighted by E[x^2]: what llama-quantize does with an importance matrix
+        return {name: stock_quant.quantize_rtn(ctx.linear(name).weight.data, stock_quant.linear_type(ctx, name),
+                                               imp=x.get(name), search=clip)
+                for name in ctx.arch.linears}
     return {name: quantize_weight(ctx.linear(name).weight.data, c.bits, c.group_size, clip, x.get(name))
             for name in ctx.arch.linears}
