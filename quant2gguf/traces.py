@@ -32,12 +32,15 @@ def trace_prompts(tokenizer, problems: list[dict]) -> list[str]:
                                           tokenize=False, add_generation_prompt=True) for p in problems]
 
 
-def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_new_tokens: int = 256,
+def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_new_tokens: int = 512,
                 device="cpu", batch: int | None = None) -> Path:
-    """Path of a JSONL of n prompt+trace texts, generated once per (model folder, n, length)."""
+    """Path of a JSONL of n prompt+trace texts, generated once per (model folder, n, length).
+    max_new_tokens is bench's GSM answer budget: F16 qwen15's answers average 311 tokens, so the 256 used
+    before cut most traces before their final answer. A trace keeps its end-of-turn token (the model
+    learns where an answer stops as well)."""
     from .data import gsm_problems
     n = n or TRACES_N
-    key = hashlib.sha256(f"{Path(folder).resolve()}|{n}|{max_new_tokens}|deploy-chat".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{Path(folder).resolve()}|{n}|{max_new_tokens}|deploy-chat-eot".encode()).hexdigest()[:16]
     dest = cache_dir("traces") / f"{Path(folder).name}-{key}.jsonl"
     if dest.is_file():
         return dest
@@ -47,6 +50,7 @@ def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
+    stops = _stop_ids(model, tokenizer)
     rows = []
     try:
         from rich.progress import track
@@ -57,12 +61,31 @@ def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                      pad_token_id=tokenizer.pad_token_id)
             for p, seq in zip(prompts[i:i + batch], out[:, enc["input_ids"].shape[1]:]):
-                rows.append({"text": p + tokenizer.decode(seq, skip_special_tokens=True)})
+                rows.append({"text": p + _answer(tokenizer, seq.tolist(), stops)})
     finally:
         tokenizer.padding_side = side
     with atomic_path(dest) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return dest
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
+    return {i for i in ids if i is not None}
+
+
+def _answer(tokenizer, ids: list[int], stops: set[int]) -> str:
+    """The generated text up to and including its first stop token (padding after it dropped); a
+    stop token that is only padding (pad == a stop id is common) is dropped with the rest."""
+    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        ids = ids[:cut + 1]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    pad = tokenizer.pad_token
+    if pad and pad not in {tokenizer.convert_ids_to_tokens(t) for t in stops}:
+        text = text.replace(pad, "")
+    return text
 
 
 def self_samples(model, tokenizer, folder: str | Path, n: int, seqlen: int, device="cpu", seed: int = 0,
