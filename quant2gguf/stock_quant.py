@@ -187,19 +187,18 @@ class StockWeight(QuantizedWeight):
 
     def packed(self) -> "StockWeight":
         """The lean form: the blocks alone (what the checkpoint stores); codes and grid unpack from them."""
-        if self.is_lean:
-            return self
-        return StockWeight(None, None, None, self.bits, self.group_size, qtype=self.qtype, blocks=self.blocks)
+        return self if self.is_lean else self._lean(self.blocks)
+
+    def _lean(self, blocks: torch.Tensor) -> "StockWeight":
+        return StockWeight(None, None, None, self.bits, self.group_size, qtype=self.qtype, blocks=blocks)
 
     def rows(self, idx: torch.Tensor) -> "StockWeight":
         """Rows `idx`, lean (blocks rows are independent: nothing is unpacked)."""
-        return StockWeight(None, None, None, self.bits, self.group_size, qtype=self.qtype,
-                           blocks=self.blocks[idx].contiguous())
+        return self._lean(self.blocks[idx].contiguous())
 
     def to(self, device) -> "StockWeight":
         if self.is_lean:
-            return StockWeight(None, None, None, self.bits, self.group_size, qtype=self.qtype,
-                               blocks=self.blocks.to(device))
+            return self._lean(self.blocks.to(device))
         return StockWeight(self.codes.to(device), self.scales.to(device), self.offsets.to(device), self.bits,
                            self.group_size, qtype=self.qtype, blocks=self.blocks.to(device))
 

@@ -76,16 +76,10 @@ def _stop_ids(model, tokenizer) -> set[int]:
 
 
 def _answer(tokenizer, ids: list[int], stops: set[int]) -> str:
-    """The generated text up to and including its first stop token (padding after it dropped); a
-    stop token that is only padding (pad == a stop id is common) is dropped with the rest."""
+    """The generated text up to and including its first stop token: generate() pads only sequences
+    that stopped, so the cut drops all padding; an unfinished answer has none."""
     cut = next((k for k, t in enumerate(ids) if t in stops), None)
-    if cut is not None:
-        ids = ids[:cut + 1]
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    pad = tokenizer.pad_token
-    if pad and pad not in {tokenizer.convert_ids_to_tokens(t) for t in stops}:
-        text = text.replace(pad, "")
-    return text
+    return tokenizer.decode(ids if cut is None else ids[:cut + 1], skip_special_tokens=False)
 
 
 def self_samples(model, tokenizer, folder: str | Path, n: int, seqlen: int, device="cpu", seed: int = 0,
