@@ -63,7 +63,7 @@ L=$!
 lanes() { kill -0 $T 2>/dev/null || kill -0 $R 2>/dev/null || kill -0 $B 2>/dev/null || kill -0 $L 2>/dev/null; }
 BENCH="python3 -m quant2gguf bench --ref qwen15 --vs IQ3_S,Q3_K_S,Q3_K_M --calib $CALIB --nsamples $NS --text champ
   --gsm $BENCH_GSM --long 8 --parallel 32 --cuda -o $HOME/bench-gsm --force"
-NAMES="kd-q3k-t kd-q3k-rt rtn-q3k-t gptq-q3k-t laq-q3k-rt kd-q3km-t gptq-q3km-t"  # in order of need
+NAMES="kd-q3k-rt kd-q3k-t rtn-q3k-t laq-q3k-rt gptq-q3k-t kd-q3km-t gptq-q3km-t"  # in order of need: the RTN-init KD first (the GSM question)
 ours() { for n in $NAMES; do ls ~/ours/$n.gguf 2>/dev/null; done; }
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
