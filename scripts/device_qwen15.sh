@@ -3,7 +3,8 @@
 # Made for the device tool's limits (10 min a call, 30 s warm between calls, 64 MiB carried a call):
 #   prep         carry .device/llama-src.tar.xz .device/whl .device/data .device/model/qwen15.sha256
 #                installs wheels, unpacks + patches the pinned llama.cpp, starts its CUDA build in the
-#                background (setsid: it outlives the call)
+#                background (setsid: it outlives the call), and issue 11's CUDA mat-vec microbenchmark
+#                (scripts/device_cuda_mmvq.sh, results in ~/results/cuda: they come back in logs.tgz)
 #   stage NN     carry .device/model/qwen15.partNN: copies it to ~/stage
 #   start        assemble + sha256-check the GGUF, copy the repo to ~/repo (the tree here is re-laid
 #                every call) and start scripts/qwen15_job.sh there in the background
@@ -29,6 +30,9 @@ prep)
   (cd "$R" && python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('$T/.device/llama-src.tar.xz'))") || exit 1
   (cd "$R" && setsid nohup python3 -m quant2gguf llama build --cuda -j 12 >~/logs/llama-build.log 2>&1 </dev/null &)
   echo "CUDA build started"
+  # issue 11's mat-vec microbenchmark (< 2 min) while the GPU is idle: staging and the build use CPUs only
+  mkdir -p ~/results/cuda && (cd "$R" && setsid nohup bash scripts/device_cuda_mmvq.sh ~/results/cuda/cuda_mmvq.jsonl \
+    >~/logs/cuda-mmvq.log 2>&1 </dev/null &)
   ls ~/stage
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
