@@ -66,7 +66,8 @@ def main() -> None:
     rows = conversations(json.loads(src.read_text())["rows"], tok, a.seed)
     with atomic_path(Path(a.out)) as tmp:
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    print(f"{a.out}: {len(rows)} conversations from {src.name} ({len(rows) - len(rows) * 4 // 5} in the eval split)")
+    from quant2gguf.data import _cut  # the split data files get, so the count printed is the one evaluated
+    print(f"{a.out}: {len(rows)} conversations from {src.name} ({len(_cut(rows, 'eval'))} in the eval split)")
 
 
 if __name__ == "__main__":
