@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import shutil
 import time
@@ -111,6 +112,7 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         raise ValueError(f"--dtype {dtype}: kd holds its student in fp32 and its teacher in bf16 on a GPU; drop --dtype")
     if calib == SELF and method != "kd":
         raise ValueError(f"--calib {SELF} (samples of the teacher) is distillation data: use it with --method kd")
+    check_straces(calib, method, stream)
     if stream:
         from .stream import STREAM_METHODS
         if method not in STREAM_METHODS:
@@ -223,6 +225,24 @@ def open_state(out: Path, settings: dict, resume: bool) -> Path:
 
 SELF = "self"  # kd's data sampled from the teacher itself (traces.self_samples)
 
+
+def check_straces(calib: str, method: str, stream: bool = False) -> None:
+    """`straces` (the kd init student's own GSM answers) is distillation data made from the init: one-line
+    errors, before any model loads, for every use that cannot have it."""
+    from .data import STRACES
+    names = calib.split("+")
+    if STRACES not in names:
+        return
+    if method != "kd":
+        raise ValueError(f"{STRACES}: the student's own answers exist only in distillation (--method kd); "
+                         f"use traces for other methods")
+    if SELF in names:
+        raise ValueError(f"--calib {calib}: {SELF} (the teacher's samples) is used alone and does not mix with "
+                         f"{STRACES}; pass --calib {SELF} or a mix of text sources with {STRACES}")
+    if stream:
+        raise ValueError(f"--stream: --calib {calib} generates the student's answers with the whole init model "
+                         f"(and kd holds the whole model); drop --stream")
+
 # lr_w 0 (codes frozen, scales/offsets trained) by default: on qwen15 it beat latent-weight training on
 # news and CHAMP at a third of the memory (docs/BENCHMARKS.md, 2026-11-28)
 KD_DEFAULTS = {"init": "gptq", "steps": 200, "batch": 4, "lr_w": 0.0, "lr_q": 2e-3, "eval_every": 25,
@@ -236,7 +256,9 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
     manifest (None when the init is a method to run first)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from .data import STRACES
     from .fixtures import resolve_model
+    check_straces(calib, "kd")
     if max_minutes is not None and max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0 (got {max_minutes})")
     if steps < 1 or batch < 1 or eval_every < 1 or heldout < 1:
@@ -247,6 +269,9 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
     if init == "quantlrm":
         raise ValueError("--init quantlrm needs its importance pass: make a quantlrm checkpoint first and pass it as --init CKPT")
     if init in METHODS:
+        if calib == STRACES:
+            raise ValueError(f"--calib {STRACES} alone: --init {init} runs first and needs calibration text made "
+                             f"without a student; mix it (e.g. news+{STRACES}) or pass --init CKPT")
         return None
     if not Path(init).exists():
         raise FileNotFoundError(f"--init {init}: neither a method ({', '.join(METHODS)}) nor an existing checkpoint")
@@ -277,10 +302,42 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
         raise ValueError(f"teacher {model} and student {init} tokenizers differ; distillation compares "
                          f"next-token distributions token by token, so they must be the same")
     src = man.get("calibration", {}).get("source")
-    if src and src != calib and calib != SELF:  # the teacher's own samples are every domain's
+    # the teacher's own samples are every domain's; the student's own answers (straces) may be added to the
+    # init's source, or used alone (they are the init's own trajectories)
+    base = "+".join(p for p in calib.split("+") if p != STRACES)
+    if src and calib != SELF and base and src not in (calib, base):
+        hint = f"{src}+{STRACES}" if base != calib else src
         raise ValueError(f"--calib {calib} differs from the init's calibration ({src}); distillation trains on "
-                         f"the init's domain (Reasoning-QAT): pass --calib {src}")
+                         f"the init's domain (Reasoning-QAT): pass --calib {hint}")
     return man
+
+
+def _generated_source(names: list[str], files: dict[str, str]) -> tuple[str, str]:
+    """(source, split) of calibration parts with each generated one (traces, straces) replaced by its
+    file: a generated file alone is used whole, in a mix every part gives its calib split."""
+    names = [files.get(p, p) for p in names]
+    if len(names) == 1 and names[0] in files.values():
+        return names[0], "all"
+    return "+".join(names), "calib"
+
+
+def _student_traces(mdl, quantized: dict, tok, ident: str, dev, dtype) -> Path:
+    """traces.student_traces_file from a copy of `mdl` (the model kd trains from) carrying the init's
+    dequantized weights (QuantizedWeight / StockWeight.dequantize, as the checkpoint exports them), in
+    `dtype` on `dev`; the copy is freed before training."""
+    from .traces import student_traces_file
+
+    def make():  # called only when the traces are not cached yet
+        mdl.to("cpu")
+        student = copy.deepcopy(mdl).to(dtype)
+        for name, q in quantized.items():
+            student.get_submodule(name).weight.data = q.dequantize().to(dtype)
+        return student
+    try:
+        return student_traces_file(make, tok, ident, device=dev)
+    finally:
+        if torch.device(dev).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size: int = 128, calib: str = "news",
@@ -288,7 +345,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
                   batch_size: int = 4, offload: bool = False, slots: int | None = None, **options) -> Path:
     """Distillation QAT (methods/kd.py) from a PTQ init: a checkpoint (--init CKPT) or a method
     run first on the same calibration source. Saves an ordinary checkpoint at `out`."""
-    from .data import TRACES, parts, texts, token_batches, train_heldout_batches
+    from .data import GENERATED, STRACES, TRACES, parts, texts, token_batches, train_heldout_batches
     from .methods import kd
 
     o = {**KD_DEFAULTS, **{k: v for k, v in options.items() if k in KD_DEFAULTS and v is not None}}
@@ -308,22 +365,25 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
     from .fixtures import resolve_model
     # the data (and a source too short for --heldout) is checked before the model loads
     tok = AutoTokenizer.from_pretrained(resolve_model(str(model)))
-    if calib != SELF and TRACES not in parts(calib):
+    generated = calib != SELF and any(p in GENERATED for p in parts(calib))
+    if calib != SELF and not generated:
         train, held = train_heldout_batches(tok, calib, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed)
-    elif calib != SELF:  # traces need the model (made once it is loaded); the other parts are checked now
+    elif calib != SELF:  # traces need the model, straces the init (made once they exist); the other parts now
         for p in parts(calib):
-            if p != TRACES:
+            if p not in GENERATED:
                 texts(p, "calib")
     mdl, tok, folder = load_hf(model)
     arch = get_arch(mdl.config.model_type)
     teacher = copy.deepcopy(mdl)
     teacher_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     source, split = calib, "calib"
+    files = {}  # generated part (traces, straces) -> its JSONL file
     if calib != SELF and TRACES in parts(calib):  # the teacher answers the GSM calib problems (cached per model)
+        from .traces import traces_file
         teacher.to(dev, dtype=teacher_dtype)
-        source, split = _traces_source(calib, teacher, tok, folder, dev)
-        train, held = train_heldout_batches(tok, source, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed,
-                                            split=split)
+        files[TRACES] = str(traces_file(teacher, tok, folder, device=dev))
+    if generated:  # the init (when a method runs first) calibrates on everything but the student's answers
+        source, split = _generated_source([p for p in parts(calib) if p != STRACES], files)
     if calib == SELF:  # nsamples + heldout sequences sampled from the teacher; training draws from the first nsamples
         from .traces import self_samples
         teacher.to(dev, dtype=teacher_dtype)
@@ -346,6 +406,20 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         _, quantized = checkpoint.load_quantized(init)
         init_desc = {"checkpoint": str(init), "method": init_man.get("method"),
                      "calibration": init_man.get("calibration")}
+    straces = None
+    if generated and STRACES in parts(calib):  # the init student answers the same prompts (on-policy data)
+        from .traces import init_fingerprint
+        ident = f"{Path(folder).resolve()}|" + init_fingerprint(
+            str(Path(init).resolve()) if init_man is not None else f"{Path(folder).resolve()}|{init}|{sorted(opts.items())}",
+            quantized)
+        files[STRACES] = str(_student_traces(mdl, quantized, tok, ident, dev, teacher_dtype))
+        straces = {"file": files[STRACES], "generated_by": "the kd init student (the init's dequantized weights, "
+                   "as exported before training), greedy answers to the GSM calib prompts of traces",
+                   "init": str(init), "init_id": hashlib.sha256(ident.encode()).hexdigest()[:16]}
+    if generated:  # the teacher scores the generated texts as any calibration text
+        source, split = _generated_source(parts(calib), files)
+        train, held = train_heldout_batches(tok, source, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed,
+                                            split=split)
     fp_weights = {n: teacher.get_submodule(n).weight.data for n in quantized}
     mdl.to(dev)
     teacher.to(dev, dtype=teacher_dtype)
@@ -374,6 +448,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         "init": init_desc, "options": {k: o[k] for k in ("steps", "batch", "lr_w", "lr_q", "eval_every", "heldout", "max_minutes")},
         "arch": arch.name, "source_model": str(model),
         "calibration": {"source": calib, "split": "calib", **({"files": source} if source != calib else {}),
+                        **({"student_traces": straces} if straces else {}),
                         "nsamples": int(train.shape[0]), "seqlen": seqlen,
                         "seed": seed, "heldout": f"last {held.shape[0]} x {seqlen} tokens of the calib split"}
         if calib != SELF else

@@ -5,6 +5,8 @@ greedily, in the prompt format `bench` uses at deployment; prompt + generated re
 calibration text, so the Hessian subspace (or the distillation data) seen in calibration is the one
 seen when the model reasons in chat at deployment. Traces are cached per model
 folder and settings as JSONL ({"text": ...}) and then read like any user data file.
+`straces` (student_traces_file, distillation only): the same prompts answered by the quantized kd init
+instead, so distillation also trains on the student's own trajectories (on-policy, GKD), cached per init.
 """
 from __future__ import annotations
 
@@ -38,12 +40,57 @@ def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_
     max_new_tokens is bench's GSM answer budget: F16 qwen15's answers average 311 tokens, so the 256 used
     before cut most traces before their final answer. A trace keeps its end-of-turn token (the model
     learns where an answer stops as well)."""
-    from .data import gsm_problems
     n = n or TRACES_N
     key = hashlib.sha256(f"{Path(folder).resolve()}|{n}|{max_new_tokens}|deploy-chat-eot".encode()).hexdigest()[:16]
     dest = cache_dir("traces") / f"{Path(folder).name}-{key}.jsonl"
-    if dest.is_file():
-        return dest
+    if not dest.is_file():
+        _write_traces(model, tokenizer, dest, n, max_new_tokens, device, batch, "reasoning traces")
+    return dest
+
+
+def student_traces_file(student, tokenizer, init_id: str, n: int | None = None, max_new_tokens: int = 512,
+                        device="cpu", batch: int | None = None) -> Path:
+    """`straces`: traces_file's GSM calib prompts answered by the quantized init student (a model, or a
+    function making it, called only when the file is not cached: the model kd trains from carrying the
+    init's dequantized weights, as it will be exported, before training), for on-policy
+    distillation (GKD): the teacher then scores the student's own trajectories. Same prompts, greedy
+    decoding, answer budget and end-of-turn handling as traces_file. Cached per `init_id` (init_fingerprint:
+    the init's path and weights, so a re-made init never reuses stale traces), n and max_new_tokens."""
+    n = n or TRACES_N
+    key = hashlib.sha256(f"{init_id}|{n}|{max_new_tokens}|student-deploy-chat-eot".encode()).hexdigest()[:16]
+    dest = cache_dir("traces") / f"student-{key}.jsonl"
+    if not dest.is_file():
+        model = student() if callable(student) and not isinstance(student, torch.nn.Module) else student
+        _write_traces(model, tokenizer, dest, n, max_new_tokens, device, batch, "student traces (quantized init)")
+        del model  # the caller's copy is freed before training
+    return dest
+
+
+def init_fingerprint(source: str, quantized) -> str:
+    """Identity of a kd init for student_traces_file's cache: its source (a checkpoint's resolved path
+    with its manifest's bytes, or the teacher folder and the init method run on it) and a sha256 over
+    every quantized tensor it holds (codes, grids, protected values or stock blocks, in name order)."""
+    h = hashlib.sha256(source.encode())
+    man = Path(source) / "manifest.json"
+    if man.is_file():
+        h.update(man.read_bytes())
+    for name in sorted(quantized):
+        q = quantized[name]
+        h.update(name.encode())
+        if getattr(q, "blocks", None) is not None:  # a stock type: the blocks hold everything
+            parts = [q.blocks]
+        else:
+            q = q.packed()  # the same bytes whether the init held its codes packed or not
+            parts = [q.stored_codes.data, q.scales, q.offsets, q.pidx, q.pval]
+        for t in parts:
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_traces(model, tokenizer, dest: Path, n: int, max_new_tokens: int, device, batch: int | None,
+                  label: str) -> None:
+    from .data import gsm_problems
     prompts = trace_prompts(tokenizer, gsm_problems("calib", n))
     batch = batch or (32 if torch.device(device).type == "cuda" else 8)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -54,7 +101,7 @@ def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_
     rows = []
     try:
         from rich.progress import track
-        for i in track(range(0, len(prompts), batch), description="reasoning traces"):
+        for i in track(range(0, len(prompts), batch), description=label):
             enc = tokenizer(prompts[i:i + batch], return_tensors="pt", padding=True,
                             add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
             with torch.no_grad():
@@ -66,7 +113,6 @@ def traces_file(model, tokenizer, folder: str | Path, n: int | None = None, max_
         tokenizer.padding_side = side
     with atomic_path(dest) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dest
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
