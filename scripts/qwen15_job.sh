@@ -7,6 +7,9 @@
 # RTN init alone (an init of Q3_K_S + imatrix's kind), never reached the bench. This run asks, GSM first:
 #   lane R:  RTN in the Q3_K grid weighted by E[x^2], news+code+traces (makes the traces) -> KD on the same mix
 #            (the seventh run's kd-q3k-rt, repeated: GSM moves +-7 problems run to run)
+#   lane S:  KD from that RTN init on news+code+traces+straces: straces = the RTN student's own answers to the same
+#            GSM calib problems (on-policy distillation, GKD): the seventh run's files matched F16 better than the
+#            stock files on F16's own GSM conversations yet solved fewer problems freely (exposure bias)
 #   lane G:  KD from that RTN init on the traces alone (the Reasoning-QAT finding: QAT data = the deployed domain)
 #   lane L:  LAQuant from that RTN init (stored Q3_K scales trained, codes frozen; 64 x 512 tokens)
 #   bench A: F16 and the stock types (IQ3_S, Q3_K_S, Q3_K_M + imatrix from the same NS x 512 news+code tokens):
@@ -51,15 +54,17 @@ mkdir -p ~/ours
 ( q rtn-q3k-t --method rtn --calib $TR --target q3_k; conv rtn-q3k-t Q3_K_S
   q kd-q3k-rt $KD --calib $TR --init ~/bench/rtn-q3k-t; conv kd-q3k-rt Q3_K_S ) &
 R=$!
-( while [ ! -f ~/bench/rtn-q3k-t/manifest.json ] && kill -0 $R 2>/dev/null; do sleep 5; done
-  q kd-q3k-rg $KD --calib traces --init ~/bench/rtn-q3k-t; conv kd-q3k-rg Q3_K_S ) &
+rtn_ready() { while [ ! -f ~/bench/rtn-q3k-t/manifest.json ] && kill -0 $R 2>/dev/null; do sleep 5; done; }
+( rtn_ready; q kd-q3k-rs $KD --calib $TR+straces --init ~/bench/rtn-q3k-t; conv kd-q3k-rs Q3_K_S ) &
+S=$!
+( rtn_ready; q kd-q3k-rg $KD --calib traces --init ~/bench/rtn-q3k-t; conv kd-q3k-rg Q3_K_S ) &
 G=$!
 ( sleep 20; traces_ready; NS=64 q laq-q3k-rt --method laquant --init rtn --calib $TR --target q3_k; conv laq-q3k-rt Q3_K_S ) &
 L=$!
-lanes() { kill -0 $R 2>/dev/null || kill -0 $G 2>/dev/null || kill -0 $L 2>/dev/null; }
+lanes() { kill -0 $R 2>/dev/null || kill -0 $S 2>/dev/null || kill -0 $G 2>/dev/null || kill -0 $L 2>/dev/null; }
 ARGS="--ref qwen15 --calib $CALIB --nsamples $NS --text champ --gsm $BENCH_GSM --long 8 --parallel 64 --cuda --force"
 BENCH="python3 -m quant2gguf bench $ARGS --vs IQ3_S,Q3_K_S,Q3_K_M -o $HOME/bench-gsm"
-NAMES="rtn-q3k-t kd-q3k-rt kd-q3k-rg laq-q3k-rt"  # in order of need: the control first
+NAMES="rtn-q3k-t kd-q3k-rs kd-q3k-rt kd-q3k-rg laq-q3k-rt"  # in order of need: the control first
 ours() { for n in $NAMES; do ls ~/ours/$n.gguf 2>/dev/null; done; }
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
@@ -69,10 +74,10 @@ f16_done() { ls ~/bench-gsm/cache/*F16.gsm.*.json ~/bench-gsm/cache/*F16.long.*.
 ( while ! f16_done && kill -0 $P1 2>/dev/null; do sleep 5; done
   mkdir -p ~/bench-ours/cache && ln -sfn ~/bench-gsm/build ~/bench-ours/build
   cp -l ~/bench-gsm/cache/*F16.* ~/bench-ours/cache/  # same file (name, size, mtime) and settings: same keys
-  done_n=-1
+  done_n=0  # files benched so far (-1 looped forever when no file ever appeared)
   while lanes || [ "$(ours | wc -w)" != "$done_n" ]; do
     have=$(ours)
-    [ -n "$have" ] && { python3 -m quant2gguf bench $ARGS --vs '' -o $HOME/bench-ours $have >>~/logs/bench2.log 2>&1
+    [ -n "$have" ] && [ "$(echo $have | wc -w)" != "$done_n" ] && { python3 -m quant2gguf bench $ARGS --vs '' -o $HOME/bench-ours $have >>~/logs/bench2.log 2>&1
       log "bench B rc=$? on $(echo $have | wc -w) files"; done_n=$(echo $have | wc -w); }
     sleep 10
   done ) &
@@ -82,9 +87,9 @@ P2=$!
   log "transcripts rc=$?: $(tail -1 ~/logs/transcripts.log)"
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code gsmchat=$HOME/gsmchat.jsonl --types IQ3_S+imat Q3_K_S+imat \
-    --ckpts ~/bench/rtn-q3k-t ~/bench/kd-q3k-rt ~/bench/kd-q3k-rg ~/bench/laq-q3k-rt --wait 1500 >~/logs/compare.log 2>&1
+    --ckpts ~/bench/rtn-q3k-t ~/bench/kd-q3k-rs ~/bench/kd-q3k-rt ~/bench/kd-q3k-rg ~/bench/laq-q3k-rt --wait 900 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
-wait $R $G $L
+wait $R $S $G $L
 for n in $NAMES; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 wait $P1 $P2
