@@ -312,6 +312,27 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
     return man
 
 
+def _carry_init_tensors(mdl, init: str | Path, quantized: dict) -> None:
+    """The student starts from the init checkpoint's own non-quantized tensors where they differ from
+    the FP model's: AWQ and QuantLRM fold 1/s into the norms (or producing linears) before the scaled
+    weights, so the FP norms with the init's codes would be another model (and would be saved as one)."""
+    from safetensors.torch import load_file
+    own = mdl.state_dict()
+    sd = load_file(Path(init) / "model.safetensors")
+    skip = {f"{n}.weight" for n in quantized}
+    moved = {k: v for k, v in sd.items() if k in own and k not in skip and not torch.equal(own[k].to(v.dtype), v)}
+    if moved:
+        mdl.load_state_dict(moved, strict=False)
+
+
+def _folded(mdl, teacher, quantized: dict) -> bool:
+    """Whether the student's non-quantized tensors differ from the teacher's (a scale fold happened)."""
+    t = teacher.state_dict()
+    skip = {f"{n}.weight" for n in quantized}
+    return any(k not in skip and k in t and not torch.equal(v.to(t[k].device, t[k].dtype), t[k])
+               for k, v in mdl.state_dict().items())
+
+
 def _generated_source(names: list[str], files: dict[str, str]) -> tuple[str, str]:
     """(source, split) of calibration parts with each generated one (traces, straces) replaced by its
     file: a generated file alone is used whole, in a mix every part gives its calib split."""
@@ -406,6 +427,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         _, quantized = checkpoint.load_quantized(init)
         init_desc = {"checkpoint": str(init), "method": init_man.get("method"),
                      "calibration": init_man.get("calibration")}
+        _carry_init_tensors(mdl, init, quantized)
     straces = None
     if generated and STRACES in parts(calib):  # the init student answers the same prompts (on-policy data)
         from .traces import init_fingerprint
@@ -420,7 +442,10 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         source, split = _generated_source(parts(calib), files)
         train, held = train_heldout_batches(tok, source, o["steps"] * o["batch"], o["heldout"], seqlen, seed=seed,
                                             split=split)
-    fp_weights = {n: teacher.get_submodule(n).weight.data for n in quantized}
+    if _folded(mdl, teacher, quantized):  # AWQ/QuantLRM scaled these weights: the teacher's are not their FP
+        fp_weights = {n: q.dequantize().float() for n, q in quantized.items()}  # latents start mid-cell
+    else:
+        fp_weights = {n: teacher.get_submodule(n).weight.data for n in quantized}
     mdl.to(dev)
     teacher.to(dev, dtype=teacher_dtype)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

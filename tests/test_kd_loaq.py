@@ -163,6 +163,29 @@ def test_kd_lowers_heldout_kl_and_converts_bit_exactly(gptq_ckpt, tiny_qwen, tmp
     assert torch.equal(model.get_submodule(name).weight.data, quantized[name].dequantize())
 
 
+def test_kd_from_an_awq_checkpoint_starts_at_that_checkpoint(tiny_qwen, tmp_path):
+    """AWQ folds 1/s into the norms before its scaled weights: kd's student starts from the checkpoint's
+    own norms (the FP norms with the AWQ codes are another model, and used to be saved as the result),
+    so its held-out KL at step 0 is the AWQ checkpoint's, and the folded norms reach the kd checkpoint."""
+    from safetensors.torch import load_file
+
+    from quant2gguf.data import train_heldout_batches
+    awq = quantize_model(tiny_qwen, tmp_path / "awq", method="awq", group_size=64, nsamples=8, seqlen=64,
+                         device="cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    fp, sd = teacher.state_dict(), load_file(awq / "model.safetensors")
+    folded = [k for k in sd if k in fp and not torch.equal(sd[k].float(), fp[k].float())]
+    assert any("norm" in k for k in folded), folded  # else this test proves nothing
+    ck = _kd(tiny_qwen, awq, tmp_path / "kd", steps=10, lr_q=1e-4)
+    out = load_file(ck / "model.safetensors")
+    assert all(torch.equal(out[k], sd[k]) for k in folded)
+    st = json.loads((ck / "manifest.json").read_text())["kd"]
+    student, tok, _, _ = checkpoint.load_model(awq)
+    _, held = train_heldout_batches(tok, "news", 10 * 4, 4, 64, seed=0)
+    kl = kd.heldout_kl(student.eval(), teacher.eval(), held, torch.device("cpu"), 4, 1024)
+    assert kl == pytest.approx(st["kd_heldout_kl_init"], rel=1e-3, abs=1e-6)
+
+
 def test_kd_guard_returns_the_init_when_training_only_hurts(gptq_ckpt, tiny_qwen, tmp_path):
     ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd", steps=10, lr_w=0.5, lr_q=0.5)
     st = json.loads((ck / "manifest.json").read_text())["kd"]
