@@ -107,3 +107,18 @@ def seed_from_test_id(request) -> int:
     torch.manual_seed(s)
     print(f"seed {s}")
     return s
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """The tiny qwen2 model with a ChatML template (the tiny tokenizer has none): traces' chat regime."""
+    from transformers import AutoTokenizer
+    path = make_tiny_model("qwen2", tmp_path_factory.mktemp("chat-tiny"))
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHATML
+    tok.save_pretrained(path)
+    return path

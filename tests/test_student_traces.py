@@ -13,19 +13,7 @@ from quant2gguf import checkpoint, data, pipeline, traces
 from quant2gguf.cli import app
 from quant2gguf.pipeline import quantize_model
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 N, NEW = 6, 24
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    from conftest import make_tiny_model
-    path = make_tiny_model("qwen2", tmp_path_factory.mktemp("straces-tiny"))
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = CHATML
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

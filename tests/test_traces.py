@@ -9,20 +9,6 @@ from transformers import AutoTokenizer
 from quant2gguf import data, traces
 from quant2gguf.pipeline import quantize_model
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    """The tiny qwen2 model with a ChatML template (the tiny tokenizer has none)."""
-    from conftest import make_tiny_model
-    path = make_tiny_model("qwen2", tmp_path_factory.mktemp("traces-tiny"))
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = CHATML
-    tok.save_pretrained(path)
-    return path
-
 
 @pytest.fixture
 def few_traces(tmp_path, monkeypatch):
