@@ -10,7 +10,8 @@
 #   lane S:  KD from that RTN init on news+code+traces+straces: straces = the RTN student's own answers to the same
 #            GSM calib problems (on-policy distillation, GKD): the seventh run's files matched F16 better than the
 #            stock files on F16's own GSM conversations yet solved fewer problems freely (exposure bias)
-#   lane G:  KD from that RTN init on the traces alone (the Reasoning-QAT finding: QAT data = the deployed domain)
+#   lane G:  RTN (E[x^2] of the traces alone) -> KD on the traces alone (kd refuses data outside its init's
+#            calibration domain) (the Reasoning-QAT finding: QAT data = the deployed domain)
 #   lane L:  LAQuant from that RTN init (stored Q3_K scales trained, codes frozen; 64 x 512 tokens)
 #   bench A: F16 and the stock types (IQ3_S, Q3_K_S, Q3_K_M + imatrix from the same NS x 512 news+code tokens):
 #            CHAMP KLD, GSM pass@1 on BENCH_GSM held-out problems, 8 long CHAMP decodes
@@ -57,7 +58,8 @@ R=$!
 rtn_ready() { while [ ! -f ~/bench/rtn-q3k-t/manifest.json ] && kill -0 $R 2>/dev/null; do sleep 5; done; }
 ( rtn_ready; q kd-q3k-rs $KD --calib $TR+straces --init ~/bench/rtn-q3k-t; conv kd-q3k-rs Q3_K_S ) &
 S=$!
-( rtn_ready; q kd-q3k-rg $KD --calib traces --init ~/bench/rtn-q3k-t; conv kd-q3k-rg Q3_K_S ) &
+( sleep 20; traces_ready; q rtn-q3k-g --method rtn --calib traces --target q3_k  # kd keeps its init's domain
+  q kd-q3k-rg $KD --calib traces --init ~/bench/rtn-q3k-g; conv kd-q3k-rg Q3_K_S ) &
 G=$!
 ( sleep 20; traces_ready; NS=64 q laq-q3k-rt --method laquant --init rtn --calib $TR --target q3_k; conv laq-q3k-rt Q3_K_S ) &
 L=$!
@@ -90,7 +92,7 @@ P2=$!
     --ckpts ~/bench/rtn-q3k-t ~/bench/kd-q3k-rs ~/bench/kd-q3k-rt ~/bench/kd-q3k-rg ~/bench/laq-q3k-rt --wait 900 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 wait $R $S $G $L
-for n in $NAMES; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+for n in $NAMES rtn-q3k-g; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 wait $P1 $P2
 cp -n ~/bench-ours/cache/* ~/bench-gsm/cache/ 2>/dev/null  # B's results join A's (same keys)
