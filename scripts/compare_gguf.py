@@ -9,7 +9,7 @@ plain TYPE of ours, Q3_G64/Q3_G128, is llama-quantize's C RTN reference). Our ro
 with --embd-type for token_embd/output (the rule in docs/GGUF.md). Every file: whole-file MiB and
 bpw over all parameters, llama-perplexity PPL and KLD against the F16 file (mean, p99, same top-1)
 on the held-out eval split of each --texts source (ctx 512, all chunks), tg128 with -ngl 99.
-Checkpoints that do not exist yet are waited for (--wait seconds), so this can run beside the
+Checkpoints that do not exist yet are waited for (--wait seconds in all), so this can run beside the
 quantization jobs and start with the stock files. Writes JSON, a markdown table and a size-KLD plot.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/compare/results.json")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--tokenizer-pre", default=None, help="for tokenizers llama.cpp's converter cannot hash (tiny test models: gpt-2)")
-    ap.add_argument("--wait", type=int, default=900, help="seconds to wait for a checkpoint to appear")
+    ap.add_argument("--wait", type=int, default=900, help="seconds (from when the checkpoints are first looked for) to wait for them to appear")
     a = ap.parse_args()
     sources = dict(t.split("=", 1) if "=" in t else (t, t) for t in a.texts)
     a.texts = list(sources)  # labels: columns, logits files and plot names
@@ -140,8 +140,8 @@ def main() -> None:
                                   threads=os.cpu_count() or 2, cuda=a.cuda)
         rows.append(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params))
         save()
+    t0 = time.time()  # one deadline for all: a lane that died must not hold the rest (and the job) per checkpoint
     for ck in map(Path, a.ckpts):
-        t0 = time.time()
         while not checkpoint.is_checkpoint(ck) and time.time() - t0 < a.wait:
             time.sleep(10)
         if not checkpoint.is_checkpoint(ck):
