@@ -31,8 +31,9 @@ prep)
   (cd "$R" && setsid nohup python3 -m quant2gguf llama build --cuda -j 12 >~/logs/llama-build.log 2>&1 </dev/null &)
   echo "CUDA build started"
   # issue 11's mat-vec microbenchmark (< 2 min) while the GPU is idle: staging and the build use CPUs only
-  mkdir -p ~/results/cuda && (cd "$R" && setsid nohup bash scripts/device_cuda_mmvq.sh ~/results/cuda/cuda_mmvq.jsonl \
-    >~/logs/cuda-mmvq.log 2>&1 </dev/null &)
+  # (run from a copy in ~/mmvq: the working tree is re-laid by the stage calls while it compiles)
+  mkdir -p ~/results/cuda ~/mmvq/scripts && cp "$R"/scripts/device_cuda_mmvq.sh "$R"/scripts/cuda_q3g_mmvq_bench.cu ~/mmvq/scripts/
+  (setsid nohup bash ~/mmvq/scripts/device_cuda_mmvq.sh ~/results/cuda/cuda_mmvq.jsonl >~/logs/cuda-mmvq.log 2>&1 </dev/null &)
   ls ~/stage
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
