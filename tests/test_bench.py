@@ -398,3 +398,24 @@ def test_gsm_transcripts_are_f16s_conversations(benched, tiny, tmp_path):
         assert text == (f"<|user|>{data.GSM_DEPLOY_PROMPT.format(q=questions[a['key']])}</s>"
                         f"<|assistant|>{a['text']}</s>")
     assert data.file_texts(dest, "all") == rows  # read back by the data layer as they were written
+
+
+@slow
+def test_gsm_summary_reads_what_the_report_says(benched, tmp_path):
+    """scripts/gsm_summary.py (for a bench cut short: it reads the cache alone) gives each file the GSM
+    counts and the McNemar split against F16 that the finished report gives."""
+    import subprocess
+    import sys
+    rep, out = benched
+    dest = tmp_path / "gsm.json"
+    r = subprocess.run([sys.executable, "scripts/gsm_summary.py", str(out), "-o", str(dest), "--vs", "Q4_0"],
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    rows = {x["file"]: x for x in json.loads(dest.read_text())["rows"]}
+    want = {("ours " + f["label"] if f["kind"] == "file" else f["label"]): f for f in rep["files"] if f.get("gsm")}
+    assert set(rows) == set(want) and len(want) >= 2
+    for lab, f in want.items():
+        assert (rows[lab]["correct"], rows[lab]["n"]) == (f["gsm"]["correct"], f["gsm"]["n"])
+        if lab != "F16":
+            assert {k: rows[lab]["vs_f16"][k] for k in ("lost", "gained", "p")} == \
+                {k: f["gsm"]["vs_f16"][k] for k in ("lost", "gained", "p")}
