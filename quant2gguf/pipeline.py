@@ -277,10 +277,7 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
         raise FileNotFoundError(f"--init {init}: neither a method ({', '.join(METHODS)}) nor an existing checkpoint")
     man = checkpoint.read_manifest(init)
     if man.get("target"):  # a stock llama.cpp type (quantize --target): its bits and blocks are the target's
-        if lr_w > 0:
-            raise ValueError(f"--lr-w {lr_w}: --init {init} is in the stock type {man['target']}, trained with its "
-                             f"codes frozen (scales only); pass --lr-w 0")
-        import inspect
+        import inspect  # lr_w > 0: its codes move at most one step (kd.StockFQLinear's learned rounding)
         dflt = inspect.signature(quantize_model).parameters
         for flag, asked, key in (("--bits", bits, "bits"), ("--group-size", group_size, "group_size")):
             if asked not in (man[key], dflt[key].default):  # only an explicit contradiction

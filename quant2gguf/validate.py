@@ -47,9 +47,10 @@ def check_target(method: str, bits: int, group_size: int, given: dict) -> None:
             raise ValueError(f"{flag} {value}: not applicable with --target {target} (the stock type fixes its "
                              f"bits and blocks); drop {flag}")
     if method == "laquant":  # in a stock grid it trains the stored scales of a rtn/gptq init, codes frozen
-        if given.get("lr_w") is not None:
-            raise ValueError(f"--lr-w: laquant --target {target} keeps its init's codes and trains the type's "
-                             f"scales only (--lr-q); drop --lr-w")
+        lr_w = given.get("lr_w")  # unless --lr-w: then each code may move one step too (learned rounding)
+        if lr_w is not None and not lr_w >= 0:
+            raise ValueError(f"--lr-w {lr_w}: must be >= 0 (laquant --target {target}: the rate of the learned "
+                             f"rounding offsets, in grid steps; leave it out to keep the init's codes)")
         if given.get("init") not in (None, "rtn", "gptq", "loaq"):
             raise ValueError(f"--init {given['init']}: laquant --target {target} starts from rtn | gptq | loaq on that grid")
 

@@ -344,6 +344,40 @@ def test_stock_fqlinear_forward_is_the_exported_blocks(qtype):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.p.values())
 
 
+@pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0"])
+def test_stock_fqlinear_learned_rounding_moves_codes_one_step_and_exports_what_it_computes(qtype):
+    """train_codes (AutoRound's V): a zero offset v per weight starts at the init bit for bit; after moving v
+    (many entries past +-0.5, some past +-1) and the parts, the repacked blocks dequantize to the forward's
+    weights bit for bit, codes move by exactly one step where |v| > 0.5 (unless at the range's edge) and not
+    at all where |v| < 0.5; v gets gradients and project_ keeps it in [-1, 1]. Without train_codes: no v."""
+    from quant2gguf import stock_quant
+    g = torch.Generator().manual_seed(5)
+    q = stock_quant.quantize_rtn(torch.randn(24, 512, generator=g) * 0.05, qtype)
+    frozen = kd.StockFQLinear(torch.nn.Linear(512, 24, bias=False), q)
+    assert not hasattr(frozen, "v") and {n for n, _ in frozen.named_parameters()} == {f"p.{k}" for k in frozen.p}
+    m = kd.StockFQLinear(torch.nn.Linear(512, 24, bias=False), q, train_codes=True)
+    assert m.v.dtype == torch.float32 and not m.v.any() and torch.equal(m.export().blocks, q.blocks)
+    assert np.array_equal(_bits(m.weight_q()), _bits(q.dequantize()))
+    with torch.no_grad():
+        m.v.copy_(torch.randn(m.v.shape, generator=g) * 0.8)
+        for k, p in m.p.items():
+            p.add_(torch.randn(p.shape, generator=g) * (0.7 if k in m.ints else 1e-3))
+    e = m.export()
+    assert isinstance(e, stock_quant.StockWeight) and e.qtype == qtype
+    assert np.array_equal(_bits(m.weight_q()), _bits(e.dequantize()))
+    v, c0, c1 = m.v.detach(), q.codes.long(), e.codes.long()
+    qmax = 2 ** m.cls.bits - 1
+    assert torch.equal(c1[v.abs() < 0.5], c0[v.abs() < 0.5])
+    assert (c1 - c0).abs().max() == 1
+    up, down = (v > 0.5) & (c0 < qmax), (v < -0.5) & (c0 > 0)  # one step, in v's direction
+    assert up.any() and down.any() and torch.equal(c1[up], c0[up] + 1) and torch.equal(c1[down], c0[down] - 1)
+    assert (v.abs() > 1).any()
+    m.weight_q().square().sum().backward()
+    assert m.v.grad is not None and m.v.grad[v.abs() <= 1].abs().sum() > 0
+    m.project_()
+    assert m.v.abs().max() <= 1 and torch.equal(m.export().codes, e.codes)  # projecting moves no code
+
+
 @pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0"])
 def test_stock_latent_unit_moves_weights_the_same_grid_steps_in_every_type(qtype):
     """A unit change of any latent (every element of one part at once) moves each weight at most REACH
@@ -432,9 +466,50 @@ def test_kd_in_the_stock_grid(stock_ckpt, tiny_qwen256, tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(want.shape), want)
 
 
-def test_kd_stock_init_refuses_latent_weights_and_other_groups(stock_ckpt, tiny_qwen256, tmp_path):
+@pytest.fixture(scope="module", params=["q3_k", "q4_0", "q3_k_m"])
+def rtn_stock_ckpt(request, tiny_qwen256, tmp_path_factory):
+    return request.param, quantize_model(tiny_qwen256, tmp_path_factory.mktemp("kd-rtn") / request.param,
+                                         method="rtn", target=request.param, nsamples=8, seqlen=64, device="cpu")
+
+
+def test_kd_in_the_stock_grid_with_learned_rounding(rtn_stock_ckpt, tiny_qwen256, tmp_path, monkeypatch):
+    """--lr-w > 0 from an RTN init in a stock grid (AutoRound's setting): the rounding offsets, started where
+    each FP weight sits in its cell, train next to the parts; codes move, none by more than one step; the
+    held-out KL ends below the same distillation with the codes frozen; every export during training is the
+    student's forward bit for bit, and the checkpoint's stock blocks load to the trained weights."""
+    target, init = rtn_stock_ckpt
+    checked = []
+    real = kd.StockFQLinear.export
+
+    def export_checked(self):
+        e = real(self)
+        assert self.train_codes and self.v.abs().max() <= 1  # projected after every step
+        checked.append(np.array_equal(_bits(self.weight_q()), _bits(e.dequantize())))
+        return e
+    kw = dict(method="kd", init=str(init), seqlen=64, device="cpu", steps=30, batch=4, eval_every=5, heldout=4)
+    frozen = json.loads((quantize_model(tiny_qwen256, tmp_path / "kd0", **kw) / "manifest.json").read_text())["kd"]
+    monkeypatch.setattr(kd.StockFQLinear, "export", export_checked)
+    ck = quantize_model(tiny_qwen256, tmp_path / "kd", lr_w=0.01, **kw)
+    man = json.loads((ck / "manifest.json").read_text())
+    st = man["kd"]
+    assert st["kd_heldout_kl_best"] < frozen["kd_heldout_kl_best"] < st["kd_heldout_kl_init"], (st, frozen)
+    assert man["options"]["lr_w"] == 0.01 and man["target"] == target.upper()
+    assert checked and all(checked)
+    _, got = checkpoint.load_quantized(ck)
+    _, ref = checkpoint.load_quantized(init)
+    from quant2gguf.stock_quant import StockWeight
+    assert all(isinstance(got[k], StockWeight) and got[k].qtype == ref[k].qtype for k in ref)
+    diff = {k: (got[k].codes.long() - ref[k].codes.long()).abs() for k in ref}
+    assert all(d.max() <= 1 for d in diff.values())
+    assert sum(int((d > 0).sum()) for d in diff.values()) > 0, "no code moved"
+    model, _, _, _ = checkpoint.load_model(ck)
+    for k in ref:
+        assert np.array_equal(_bits(model.get_submodule(k).weight.data), _bits(got[k].dequantize())), k
+
+
+def test_kd_stock_init_refuses_a_negative_rate_and_other_groups(stock_ckpt, tiny_qwen256, tmp_path):
     _, init = stock_ckpt
-    _fails(["quantize", tiny_qwen256, "-o", tmp_path / "out", "--method", "kd", "--init", init, "--lr-w", "1e-3"],
-           tmp_path, "pass --lr-w 0")
+    _fails(["quantize", tiny_qwen256, "-o", tmp_path / "out", "--method", "kd", "--init", init, "--lr-w", "-1e-3"],
+           tmp_path, "--lr-w >= 0")
     _fails(["quantize", tiny_qwen256, "-o", tmp_path / "out", "--method", "kd", "--init", init, "-g", "64"],
            tmp_path, "drop --group-size")

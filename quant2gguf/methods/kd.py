@@ -11,7 +11,8 @@ GPU). Memory: bf16 autocast, activation checkpointing per decoder layer, and the
 from final hidden states in token chunks (the [tokens x vocab] logits never exist whole: each
 chunk's backward runs into the detached hidden state, whose gradient then flows once through the
 model). A stock-type init (quantize --target) trains what its format stores with the codes frozen
-(StockFQLinear) and exports the same stock type. A held-out slice of the calibration data is
+(StockFQLinear) and exports the same stock type; with lr_w > 0 also a learned rounding offset per
+weight (AutoRound's V, arXiv 2309.05516) that moves each code at most one grid step. A held-out slice of the calibration data is
 scored every `eval_every` steps; the best state is kept and the init is returned when training
 never beats it. A non-finite loss stops the run and keeps the last good state.
 """
@@ -139,16 +140,27 @@ class StockFQLinear(nn.Module):
     crossed their rounding edges that much sooner: on a tiny qwen2 the Q3_K_M mix's held-out KL rose
     0.0065 -> 0.0080 in 10 steps at the default rate, pure Q4_K / Q5_K / Q6_K 1.5x-2.4x, where
     Q3_K fell. The weight is stock_types' torch formula on the projected parts, the fp32 arithmetic
-    ggml does, so export()'s repacked blocks dequantize to forward's weights bit for bit."""
+    ggml does, so export()'s repacked blocks dequantize to forward's weights bit for bit.
+
+    train_codes (kd's lr_w > 0, laquant --target --lr-w): AutoRound's learned rounding (arXiv
+    2309.05516) too, a per-weight fp32 offset v in grid steps (starting where the FP weight sits in its
+    code's cell when `fp` is given, else 0; either way the init's codes), forward codes
+    round(clamp(codes + clamp(v, -1, 1), 0, 2**bits - 1)) through the same STE: a code moves at most
+    one step from its init's, and export() packs the moved codes. Off, there is no v (codes frozen)."""
 
     REACH = 4  # Q3_K's reach(): its latents keep plain relative units
 
-    def __init__(self, lin: nn.Linear, q: StockWeight):
+    V_BOUND = 1.0  # with train_codes: |v| is clamped to it, so a code moves at most one grid step
+
+    def __init__(self, lin: nn.Linear, q: StockWeight, train_codes: bool = False, fp: torch.Tensor | None = None):
         super().__init__()
         self.qtype, self.cls = q.qtype, stock_type(q.qtype)
         self.ints = self.cls.ints
+        self.train_codes = train_codes
         dev = lin.weight.device
         self.register_buffer("codes", q.codes.to(dev))
+        if train_codes:  # AutoRound's learned rounding: an offset in grid steps added before the round
+            self.v = nn.Parameter(torch.zeros(self.codes.shape, dtype=torch.float32, device=dev))
         self.p = nn.ParameterDict()
         f = self.REACH / self.cls.reach()
         for k, v in self.cls.unpack(q.blocks.cpu().numpy()).items():
@@ -159,6 +171,23 @@ class StockFQLinear(nn.Module):
             self.register_buffer(f"u_{k}", u)
             self.p[k] = nn.Parameter(t / u)
         self.bias = lin.bias
+        if train_codes and fp is not None:
+            self._start_at(fp.to(dev))
+
+    @torch.no_grad()
+    def _start_at(self, fp: torch.Tensor) -> None:
+        """v starts where the FP weight sits in its code's cell (x - code, x the FP weight in grid units
+        under the init's parts: every stock dequant is affine in q), held inside +-0.49 so the init's
+        codes are kept: weights near a rounding edge flip first, as AutoRound's round(W/s + V) does. At
+        v = 0 for all, Adam moved every offset alike and codes flipped en masse or not at all."""
+        n, k = self.codes.shape
+        z = torch.zeros(n * k // self.cls.block_size, self.cls.block_size, device=self.codes.device)
+        parts = self.parts()
+        b = self.cls.dequantize_parts_torch(**parts, q=z).view(n, k)
+        a = self.cls.dequantize_parts_torch(**parts, q=z + 1).view(n, k) - b
+        c = self.codes.float()
+        x = torch.where(a != 0, (fp.float() - b) / torch.where(a != 0, a, 1.0), c)
+        self.v.copy_((x - c).clamp(-0.49, 0.49))
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The stored parts (but q) as fp32 values, differentiable through the STEs."""
@@ -171,20 +200,38 @@ class StockFQLinear(nn.Module):
     def qparams(self) -> list[nn.Parameter]:
         return list(self.p.values())
 
+    def qcodes(self) -> torch.Tensor:
+        """The codes forward uses (fp32, integer values): the init's, or with train_codes
+        round(clamp(codes + clamp(v, -1, 1), 0, 2**bits - 1)), differentiable in v through the STE."""
+        c = self.codes.float()
+        if not self.train_codes:
+            return c
+        b = self.V_BOUND
+        return _int_ste(c + self.v.clamp(-b, b), 0, 2 ** self.cls.bits - 1)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Keep v in [-1, 1] after an optimizer step (projected gradient: past the bound the clamp in
+        forward would give v no gradient and a code pushed one step could never come back)."""
+        if self.train_codes:
+            self.v.clamp_(-self.V_BOUND, self.V_BOUND)
+
     def weight_q(self) -> torch.Tensor:
         n, k = self.codes.shape
-        q = self.codes.view(-1, self.cls.block_size).float()
+        q = self.qcodes().view(-1, self.cls.block_size)
         return self.cls.dequantize_parts_torch(**self.parts(), q=q).view(n, k)
 
     forward = FQLinear.forward
 
     @torch.no_grad()
     def export(self) -> StockWeight:
-        """The StockWeight of the projected parts: same qtype and codes, repacked blocks (CPU)."""
+        """The StockWeight of the projected parts and codes (the init's, or the moved ones with
+        train_codes): same qtype, repacked blocks (CPU)."""
         parts = {k: (v.to(torch.int16) if k in self.ints else v.to(torch.float16)).cpu().numpy()
                  for k, v in self.parts().items()}
         n = self.codes.shape[0]
-        q = self.codes.cpu().numpy().reshape(-1, self.cls.block_size)
+        codes = self.qcodes().to(torch.uint8) if self.train_codes else self.codes
+        q = codes.cpu().numpy().reshape(-1, self.cls.block_size)
         return from_blocks(self.qtype, torch.from_numpy(self.cls.pack(**parts, q=q)).reshape(n, -1))
 
 
@@ -217,7 +264,8 @@ def _latent_init(deq, fp, q: QuantizedWeight, d, m, span: float = 0.25) -> torch
 def attach(model, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor],
            triton: bool | None = None, train_codes: bool = True) -> dict[str, FQLinear | StockFQLinear]:
     """Swap every quantized linear of `model` for an FQLinear (a StockFQLinear for a stock-type
-    weight, whose codes stay frozen); freeze everything else."""
+    weight, its codes frozen or, with train_codes, moved at most one step by a learned offset v);
+    freeze everything else."""
     for p in model.parameters():
         p.requires_grad_(False)
     mods = {}
@@ -225,9 +273,7 @@ def attach(model, quantized: dict[str, QuantizedWeight], fp_weights: dict[str, t
         parent, attr = name.rsplit(".", 1)
         lin = model.get_submodule(name)
         if isinstance(q, StockWeight):
-            if train_codes:
-                raise ValueError(f"{name} is a stock {q.qtype} weight: its codes stay frozen; use --lr-w 0")
-            mods[name] = StockFQLinear(lin, q)
+            mods[name] = StockFQLinear(lin, q, train_codes, fp_weights.get(name))
         else:
             mods[name] = FQLinear(lin, q, fp_weights.get(name), triton, train_codes)
         setattr(model.get_submodule(parent), attr, mods[name])
@@ -284,7 +330,8 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
             progress: Callable[[int, float, float | None], None] | None = None
             ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Train the student's quantized linears to match the teacher's next-token distributions.
-    lr_w, lr_q are in grid cells per step (FQLinear), lr_w 0 freezing the codes (E2E-QP); AdamW,
+    lr_w, lr_q are in grid cells per step (FQLinear), lr_w 0 freezing the codes (E2E-QP); in a stock
+    grid lr_w > 0 trains StockFQLinear's rounding offsets v (grid steps), lr_q its parts; AdamW,
     linear warmup then cosine.
     Returns (the best quantized weights, stats). Both models must be on `device`. With
     `max_minutes`, the step count is cut after 5 timed steps to fit (cosine schedule rescaled)."""
@@ -312,7 +359,8 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
     init_kl = best_kl = score()
     best = dict(quantized)
     best_step, history, stopped = 0, [{"step": 0, "heldout_kl": init_kl}], None
-    params_w = [m.latent for m in mods.values()] if lr_w > 0 else []
+    params_w = [m.v if isinstance(m, StockFQLinear) else m.latent for m in mods.values()] if lr_w > 0 else []
+    stock = [m for m in mods.values() if isinstance(m, StockFQLinear)]
     params_q = [p for m in mods.values() for p in m.qparams()]
     groups = ([{"params": params_w, "lr": lr_w}] if params_w else []) + [{"params": params_q, "lr": lr_q}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -341,6 +389,8 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
             break
         hs.backward(leaf.grad / n_tok)
         opt.step()
+        for m in stock:
+            m.project_()
         sched.step()
         kl = None
         if step % eval_every == 0 or step == steps:

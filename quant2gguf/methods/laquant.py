@@ -16,7 +16,9 @@ if it lowers the loss on the calibration set against the initialisation (reporte
 In a stock llama.cpp type (cfg.target, init rtn or gptq on that grid) the codes stay the init's and
 what the format stores besides them is trained, as distillation does (kd.StockFQLinear: fp16 super
 scales, integer sub-scales/mins through straight-through rounding); lr_q is then relative (a step in
-units of each value's initial magnitude, default 1e-3) and lr_w does not apply.
+units of each value's initial magnitude, default 1e-3). lr_w given there trains a learned rounding
+offset per weight too (AutoRound's V, in grid steps, |v| <= 1: each code moves at most one step);
+not given, the codes stay frozen.
 """
 from __future__ import annotations
 
@@ -96,7 +98,10 @@ def run_layer_grad(layer, x, kwargs):
 STOCK_LR_Q = 1e-3  # relative, in a stock grid (kd.StockFQLinear's units)
 
 
-def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w: float = 1e-5,
+LR_W = 1e-5  # absolute, the latent weights' rate off a stock grid
+
+
+def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w: float | None = None,
                    lr_q: float | None = None, lam: float = 1.0, mu: float = 1.0, batch_size: int = 1
                    ) -> dict[str, QuantizedWeight]:
     from . import METHODS
@@ -106,8 +111,13 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
     start = METHODS[init](ctx)  # sets the layer's weights to the initial dequantized values
     if c.target:
         from .kd import StockFQLinear
-        fq = {n: StockFQLinear(ctx.linear(n), start[n]).to(ctx.device) for n in names}
+        train_codes = lr_w is not None and lr_w > 0  # not given: codes frozen
+        fq = {n: StockFQLinear(ctx.linear(n), start[n], train_codes, ctx.prequant.get(n, fp[n])).to(ctx.device)
+              for n in names}
         groups = [{"params": [p for m in fq.values() for p in m.qparams()], "lr": STOCK_LR_Q if lr_q is None else lr_q}]
+        if train_codes:
+            groups.append({"params": [m.v for m in fq.values()], "lr": lr_w})
+        project = [m.project_ for m in fq.values()]
 
         def weights():
             return {f"{n}.weight": fq[n].weight_q() for n in names}
@@ -121,7 +131,8 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
         scales = {n: torch.nn.Parameter(start[n].scales.float().to(ctx.device)) for n in names}
         offsets = {n: torch.nn.Parameter(start[n].offsets.float().to(ctx.device)) for n in names}
         pidx = {n: None if start[n].pidx is None else start[n].pidx.to(ctx.device) for n in names}
-        groups = [{"params": list(latent.values()), "lr": lr_w},
+        project = []
+        groups = [{"params": list(latent.values()), "lr": LR_W if lr_w is None else lr_w},
                   {"params": list(scales.values()) + list(offsets.values()), "lr": 1e-4 if lr_q is None else lr_q}]
 
         def weights():
@@ -154,6 +165,8 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                for f in project:
+                    f()
                 sched.step()
         with torch.no_grad():
             after = total_loss(weights())
