@@ -10,15 +10,16 @@
 #   lane S:  KD from that RTN init on news+code+traces+straces: straces = the RTN student's own answers to the same
 #            GSM calib problems (on-policy distillation, GKD): the seventh run's files matched F16 better than the
 #            stock files on F16's own GSM conversations yet solved fewer problems freely (exposure bias)
-#   lane G:  RTN (E[x^2] of the traces alone) -> KD on the traces alone (kd refuses data outside its init's
-#            calibration domain) (the Reasoning-QAT finding: QAT data = the deployed domain)
-#   lane L:  LAQuant from that RTN init (stored Q3_K scales trained, codes frozen; 64 x 512 tokens)
+#   lane W:  KD from that RTN init on news+code+traces with learned rounding (--lr-w 0.001: AutoRound's V, each
+#            code one grid step at most; on a tiny qwen2 from RTN, held-out KL 0.038 frozen -> 0.026)
+#   lane L:  LAQuant from RTN with learned rounding (--lr-w 0.003; stored Q3_K scales and the rounding trained;
+#            64 x 512 tokens; tiny qwen2: layer-0 loss 0.544 frozen -> 0.269)
 #   bench A: F16 and the stock types (IQ3_S, Q3_K_S, Q3_K_M + imatrix from the same NS x 512 news+code tokens):
 #            CHAMP KLD, GSM pass@1 on BENCH_GSM held-out problems, 8 long CHAMP decodes
 #   bench B: beside A, once F16's answers are cached: our files as they appear (rtn-q3k-t first: the control),
 #            F16's cached answers copied in (same file, same keys), so ours are judged on F16's very answers
 #   at the end B's cache joins A's and one report holds everything, the fixture's Q4_K_M included, speeds alone
-#   compare_gguf beside it: news / CHAMP / code KLD and KLD on F16's own GSM conversations for our four files
+#   compare_gguf beside it: news / CHAMP / code KLD and KLD on F16's own GSM conversations for our five files
 #            and IQ3_S / Q3_K_S
 # Results: ~/results. Env: CALIB (documents; traces are added), KD_MIN, NS, BENCH_GSM.
 set -u
@@ -58,15 +59,15 @@ R=$!
 rtn_ready() { while [ ! -f ~/bench/rtn-q3k-t/manifest.json ] && kill -0 $R 2>/dev/null; do sleep 5; done; }
 ( rtn_ready; q kd-q3k-rs $KD --calib $TR+straces --init ~/bench/rtn-q3k-t; conv kd-q3k-rs Q3_K_S ) &
 S=$!
-( sleep 20; traces_ready; q rtn-q3k-g --method rtn --calib traces --target q3_k  # kd keeps its init's domain
-  q kd-q3k-rg $KD --calib traces --init ~/bench/rtn-q3k-g; conv kd-q3k-rg Q3_K_S ) &
-G=$!
-( sleep 20; traces_ready; NS=64 q laq-q3k-rt --method laquant --init rtn --calib $TR --target q3_k; conv laq-q3k-rt Q3_K_S ) &
+( rtn_ready; q kd-q3k-rw $KD --lr-w 0.001 --calib $TR --init ~/bench/rtn-q3k-t; conv kd-q3k-rw Q3_K_S ) &
+W=$!
+( sleep 20; traces_ready; NS=64 q laq-q3k-rw --method laquant --init rtn --calib $TR --target q3_k --lr-w 0.003
+  conv laq-q3k-rw Q3_K_S ) &
 L=$!
-lanes() { kill -0 $R 2>/dev/null || kill -0 $S 2>/dev/null || kill -0 $G 2>/dev/null || kill -0 $L 2>/dev/null; }
+lanes() { kill -0 $R 2>/dev/null || kill -0 $S 2>/dev/null || kill -0 $W 2>/dev/null || kill -0 $L 2>/dev/null; }
 ARGS="--ref qwen15 --calib $CALIB --nsamples $NS --text champ --gsm $BENCH_GSM --long 8 --parallel 64 --cuda --force"
 BENCH="python3 -m quant2gguf bench $ARGS --vs IQ3_S,Q3_K_S,Q3_K_M -o $HOME/bench-gsm"
-NAMES="rtn-q3k-t kd-q3k-rs kd-q3k-rt kd-q3k-rg laq-q3k-rt"  # in order of need: the control first
+NAMES="rtn-q3k-t kd-q3k-rs kd-q3k-rw kd-q3k-rt laq-q3k-rw"  # in order of need: the control first
 ours() { for n in $NAMES; do ls ~/ours/$n.gguf 2>/dev/null; done; }
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
@@ -89,10 +90,10 @@ P2=$!
   log "transcripts rc=$?: $(tail -1 ~/logs/transcripts.log)"
   python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code gsmchat=$HOME/gsmchat.jsonl --types IQ3_S+imat Q3_K_S+imat \
-    --ckpts ~/bench/rtn-q3k-t ~/bench/kd-q3k-rs ~/bench/kd-q3k-rt ~/bench/kd-q3k-rg ~/bench/laq-q3k-rt --wait 900 >~/logs/compare.log 2>&1
+    --ckpts ~/bench/rtn-q3k-t ~/bench/kd-q3k-rs ~/bench/kd-q3k-rw ~/bench/kd-q3k-rt ~/bench/laq-q3k-rw --wait 900 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
-wait $R $S $G $L
-for n in $NAMES rtn-q3k-g; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+wait $R $S $W $L
+for n in $NAMES; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 wait $P1 $P2
 cp -n ~/bench-ours/cache/* ~/bench-gsm/cache/ 2>/dev/null  # B's results join A's (same keys)
