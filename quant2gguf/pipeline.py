@@ -71,14 +71,11 @@ def _traces_source(calib: str, model, tok, folder, dev) -> tuple[str, str]:
     """(source, split) to draw calibration windows from: `traces` (alone or as a part of a mix) replaced
     by the file of the model's own GSM answers, generated once per model and cached (traces.traces_file).
     Traces alone are used whole; in a mix every part gives its calib split."""
-    from .data import TRACES, mixture, parts
+    from .data import TRACES, parts
     if TRACES not in parts(calib):
         return calib, "calib"
     from .traces import traces_file
-    path = str(traces_file(model, tok, folder, device=dev))
-    if not mixture(calib):
-        return path, "all"
-    return "+".join(path if p == TRACES else p for p in parts(calib)), "calib"
+    return _generated_source(parts(calib), {TRACES: str(traces_file(model, tok, folder, device=dev))})
 
 
 def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bits: int = 3,
@@ -230,7 +227,7 @@ def check_straces(calib: str, method: str, stream: bool = False) -> None:
     """`straces` (the kd init student's own GSM answers) is distillation data made from the init: one-line
     errors, before any model loads, for every use that cannot have it."""
     from .data import STRACES
-    names = calib.split("+")
+    names = calib.split("+")  # not data.parts: self+straces gets its own message, not the mixture's
     if STRACES not in names:
         return
     if method != "kd":
@@ -256,7 +253,7 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
     manifest (None when the init is a method to run first)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .data import STRACES
+    from .data import STRACES, parts
     from .fixtures import resolve_model
     check_straces(calib, "kd")
     if max_minutes is not None and max_minutes <= 0:
@@ -301,7 +298,7 @@ def check_kd_options(model: str | Path, init: str, bits: int, group_size: int, c
     src = man.get("calibration", {}).get("source")
     # the teacher's own samples are every domain's; the student's own answers (straces) may be added to the
     # init's source, or used alone (they are the init's own trajectories)
-    base = "+".join(p for p in calib.split("+") if p != STRACES)
+    base = "+".join(p for p in parts(calib) if p != STRACES)
     if src and calib != SELF and base and src not in (calib, base):
         hint = f"{src}+{STRACES}" if base != calib else src
         raise ValueError(f"--calib {calib} differs from the init's calibration ({src}); distillation trains on "

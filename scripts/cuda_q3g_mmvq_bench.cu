@@ -386,6 +386,19 @@ static __device__ __forceinline__ void blocks_dot(const uint32_t (&w)[R][13], ch
     }
 }
 
+// the candidates' epilogue: a warp's R rows x NC columns reduced across lanes, lane 0 stores rows < nvalid
+template <int NC, int R>
+static __device__ __forceinline__ void store_rows(float (&acc)[NC][R], float * __restrict__ dst, int nrows, int row0,
+                                                  int nvalid) {
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float s = warp_sum(acc[c][r]);
+            if (threadIdx.x == 0 && r < nvalid) dst[(size_t) c * nrows + row0 + r] = s;
+        }
+}
+
 // ---------- (b1) "wrow": persistent CTAs, activations in smem; a warp takes R rows, lane = Q3 block along K,
 // each lane loads whole 52-B blocks (13 independent LDG.32 per row, R*13 in flight) ----------
 template <int NC, int R, int NW>
@@ -413,13 +426,7 @@ __launch_bounds__(NW * 32) __global__ void k_wrow(const blk_q3 * __restrict__ x,
             }
             blocks_dot<NC, R>(w, sm, nkb, kb, acc);
         }
-#pragma unroll
-        for (int c = 0; c < NC; ++c)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const float s = warp_sum(acc[c][r]);
-                if (lane == 0 && r0 + r < nrows) dst[(size_t) c * nrows + r0 + r] = s;
-            }
+        store_rows<NC, R>(acc, dst, nrows, r0, nrows - r0);
     }
 }
 
@@ -479,13 +486,7 @@ __launch_bounds__(NW * 32) __global__ void k_tile(const blk_q3 * __restrict__ x,
                 }
                 blocks_dot<NC, R>(w, sm, nkb, kb, acc);
             }
-#pragma unroll
-            for (int c = 0; c < NC; ++c)
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    const float s = warp_sum(acc[c][r]);
-                    if (threadIdx.x == 0 && r0 + r < rows) dst[(size_t) c * nrows + t * TR + r0 + r] = s;
-                }
+            store_rows<NC, R>(acc, dst, nrows, t * TR + r0, rows - r0);
         }
         __syncthreads();  // this buffer is refilled by the next iteration's issue
     }
