@@ -34,6 +34,9 @@ prep)
   # (run from a copy in ~/mmvq: the working tree is re-laid by the stage calls while it compiles)
   mkdir -p ~/results/cuda ~/mmvq/scripts && cp "$R"/scripts/device_cuda_mmvq.sh "$R"/scripts/cuda_q3g_mmvq_bench.cu ~/mmvq/scripts/
   (setsid nohup bash ~/mmvq/scripts/device_cuda_mmvq.sh ~/results/cuda/cuda_mmvq.jsonl >~/logs/cuda-mmvq.log 2>&1 </dev/null &)
+  # then, once the build is done: test-backend-ops for our types and the batch 2..8 kernel on/off (perf mode)
+  cp "$R"/scripts/device_cuda_tbo.sh ~/mmvq/scripts/
+  (setsid nohup bash ~/mmvq/scripts/device_cuda_tbo.sh "$QUANT2GGUF_CACHE" ~/results/cuda >~/logs/cuda-tbo.log 2>&1 </dev/null &)
   ls ~/stage
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;

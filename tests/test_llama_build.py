@@ -25,6 +25,23 @@ def test_series_applies_cleanly_to_fresh_pinned_tree(tmp_path):
         llama.apply_patches(tree, check=True)
 
 
+def test_cuda_q3g_kernels_on_the_host(tmp_path):
+    """The CUDA patch's block dots (q3g.cuh: vec_dot and the batch 2..8 wrow kernel's) against an fp64
+    dot of the dequantized rows, and a CPU emulation of mul_mat_vec_q3g_wrow cut out of the patched
+    mmvq.cu (a thread per CUDA thread: strides, broadcast, row tails, used slots), with no GPU or nvcc."""
+    import os
+    import subprocess
+    if not shutil.which("g++"):
+        pytest.skip("g++ is missing")
+    tree = llama.extract_source(tmp_path / "llama.cpp")
+    llama.apply_patches(tree)
+    script = llama.patch_dir().parent / "scripts" / "cuda_patch_compile_check.sh"
+    r = subprocess.run(["bash", str(script), str(tree)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "SKIP_NVCC": "1", "OUT_DIR": str(tmp_path / "out")})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "OK   q3g-host-check" in r.stdout and "OK   q3g-wrow-emu" in r.stdout, r.stdout[-3000:]
+
+
 def test_patch_hash_changes_with_any_patch(tmp_path, monkeypatch):
     d = tmp_path / "patches"
     shutil.copytree(llama.patch_dir(), d)

@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Compile check (no GPU needed) of the CUDA files that ggml_patches/0005-ggml-cuda-q3g.patch touches, for sm_80 and
+# sm_90, with the flags ggml's CMake uses for ggml-cuda (-use_fast_math -extended-lambda, GGML_CUDA_USE_GRAPHS,
+# GGML_SCHED_MAX_COPIES=4, -O3). Also builds and runs the host check of q3g.cuh and a CPU emulation of the batch 2..8
+# kernel (mul_mat_vec_q3g_wrow) cut out of the patched mmvq.cu. SKIP_NVCC=1 runs only those two (seconds).
+#   usage: scripts/cuda_patch_compile_check.sh PATCHED_LLAMA_SRC [FILES...]
+#   (FILES default: the .cu files 0005 touches + one MMQ instance (includes q3g.cuh via vecdotq.cuh), relative to ggml/src/ggml-cuda)
+# toolkit: $CUDA_HOME, else the PyPI toolkit in $CUDA_VENV (default /tmp/cudavenv3), else /usr/local/cuda; the PyPI one:
+#   python3 -m venv /tmp/cudavenv3 && /tmp/cudavenv3/bin/pip install nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cublas
+# (the cu12 wheels nvidia-cuda-nvcc-cu12 12.4/12.9 ship only ptxas, no nvcc driver; the CUDA 13 wheels have it).
+set -euo pipefail
+SRC=${1:?usage: $0 PATCHED_LLAMA_SRC [FILES...]}
+shift || true
+FILES=("$@")
+[ ${#FILES[@]} -gt 0 ] || FILES=(mmvq.cu convert.cu getrows.cu ggml-cuda.cu template-instances/mmq-instance-q4_0.cu)
+CUDA_VENV=${CUDA_VENV:-/tmp/cudavenv3}
+VENV_CU=$(ls -d "$CUDA_VENV"/lib/python3*/site-packages/nvidia/cu1[0-9] 2>/dev/null | tail -1 || true)
+if [ -n "${CUDA_HOME:-}" ]; then CUDA_ROOT=$CUDA_HOME
+elif [ -n "$VENV_CU" ] && [ -x "$VENV_CU/bin/nvcc" ]; then CUDA_ROOT=$VENV_CU
+elif [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_ROOT=/usr/local/cuda
+else echo "no nvcc: set CUDA_HOME or install the PyPI toolkit (see header)"; exit 2
+fi
+# ggml-cuda includes cublas_v2.h: a toolkit without it is not enough
+[ -f "$CUDA_ROOT/include/cublas_v2.h" ] || { echo "no cublas_v2.h under $CUDA_ROOT/include (pip install nvidia-cublas into the venv)"; exit 2; }
+NVCC=$CUDA_ROOT/bin/nvcc
+export PATH="$CUDA_ROOT/bin:$PATH"
+OUT=${OUT_DIR:-$(mktemp -d)}
+mkdir -p "$OUT"
+G=$SRC/ggml
+DEFS=(-DGGML_CUDA_USE_GRAPHS -DGGML_SCHED_MAX_COPIES=4 -DGGML_USE_CUDA -D_GNU_SOURCE -D_XOPEN_SOURCE=600 -DNDEBUG)
+INCS=(-I"$G/include" -I"$G/src" -I"$G/src/ggml-cuda" -I"$CUDA_ROOT/include")
+echo "nvcc: $NVCC ($("$NVCC" --version | tail -1))"
+rc=0
+[ "${SKIP_NVCC:-0}" = 1 ] && FILES=()
+for f in "${FILES[@]}"; do
+    b=$(basename "${f%.cu}")
+    for arch in 80 90; do
+        cmd=("$NVCC" -std=c++17 -O3 -use_fast_math -extended-lambda --generate-code=arch=compute_$arch,code=[compute_$arch,sm_$arch]
+             "${DEFS[@]}" "${INCS[@]}" -Xptxas -v,-warn-spills -c "$G/src/ggml-cuda/$f" -o "$OUT/$b.sm$arch.o")
+        echo "+ ${cmd[*]}"
+        if "${cmd[@]}" > "$OUT/$b.sm$arch.log" 2>&1; then echo "OK   $f sm_$arch"; else echo "FAIL $f sm_$arch"; rc=1; fi
+        # everything but ptxas' per-kernel info lines (so: warnings, errors, spills)
+        grep -v -e '^$' -e '^ptxas info' -e '^ *[0-9]* bytes stack frame, 0 bytes spill stores, 0 bytes spill loads$' \
+            "$OUT/$b.sm$arch.log" | head -40 || true
+        # per kernel of ours at batch 2..8 (mul_mat_vec_q3g_wrow<type, ncols_dst, R>): registers and stack frame
+        awk '/Compiling entry function/ { want = ($0 ~ /q3g_wrow/); if (want) { match($0, /ggml_type[0-9]+ELi[0-9]+ELi[0-9]+/); k = substr($0, RSTART, RLENGTH) } }
+             want && /bytes stack frame/ { st = $1 }
+             want && /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); print k, "regs", substr($0, RSTART + 5, RLENGTH - 5), "stack", st }' \
+            "$OUT/$b.sm$arch.log" > "$OUT/$b.sm$arch.q3g_wrow.txt"
+        if [ -s "$OUT/$b.sm$arch.q3g_wrow.txt" ]; then
+            echo "     q3g_wrow kernels: $(wc -l < "$OUT/$b.sm$arch.q3g_wrow.txt"), max regs $(awk '{print $3}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1), max stack frame $(awk '{print $5}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1) B (ggml_type96..99 = Q3_G128, G64, G128P, G64P; ELi<ncols_dst>ELi<R>): $OUT/$b.sm$arch.q3g_wrow.txt"
+        fi
+    done
+done
+# host check of q3g.cuh (vec_dot and the wrow block dot against an fp64 reference)
+if g++ -std=c++17 -O1 -Wno-unknown-pragmas "$G/src/ggml-cuda/q3g-host-check.cpp" -o "$OUT/q3g-host-check" && "$OUT/q3g-host-check"; then
+    echo "OK   q3g-host-check"; else echo "FAIL q3g-host-check"; rc=1; fi
+# CPU emulation of the batch 2..8 kernel itself (indexing, staging, strides, broadcast, row tails, P slots): the kernel
+# text between "#define Q3G_WROW_NWARPS" and its launcher is cut out of mmvq.cu and run with std::thread per CUDA thread
+awk '/^#define Q3G_WROW_NWARPS 8/{on=1} /^\/\/ Returns false \(nothing launched\)/{on=0} on' "$G/src/ggml-cuda/mmvq.cu" > "$OUT/kernel.inc"
+cat > "$OUT/q3g-wrow-emu.cpp" <<'EMU_EOF'
+// CPU emulation of the real mul_mat_vec_q3g_wrow kernel text (kernel.inc: extracted from the patched mmvq.cu),
+// one std::thread per CUDA thread, std::barrier for __syncthreads and the warp reduction; checks every dst element
+// (and that nothing else is written) against an fp64 dot, with padded strides, broadcast, row tails, used P slots.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+#include <memory>
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __restrict__
+#define __shared__
+#define __launch_bounds__(x)
+#define GGML_CUDA_RESTRICT
+#define WARP_SIZE 32
+struct half { uint16_t b; };
+struct half2 { half x, y; };
+struct float2 { float x, y; };
+struct int4 { int x, y, z, w; };
+struct uint3 { unsigned x, y, z; };
+static int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
+static float h2f(uint16_t h) {
+    uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, f = h & 1023; float v;
+    if (e == 0) v = std::ldexp((float) f, -24); else if (e == 31) v = f ? NAN : INFINITY; else v = std::ldexp((float)(f | 1024), (int) e - 25);
+    return s ? -v : v;
+}
+static uint16_t f2h(float v) {
+    uint16_t sign = std::signbit(v) ? 0x8000 : 0; double a = std::fabs((double) v);
+    if (a < std::ldexp(1.0, -14)) return sign | (uint16_t) std::nearbyint(a * std::ldexp(1.0, 24));
+    int e; double fr = std::frexp(a, &e); double mant = std::nearbyint(fr * 2048.0);
+    if (mant == 2048.0) { mant = 1024.0; ++e; }
+    return sign | (uint16_t) (((e + 14) << 10) | ((int) mant - 1024));
+}
+static float __half2float(half h) { return h2f(h.b); }
+static float2 __half22float2(half2 h) { return {h2f(h.x.b), h2f(h.y.b)}; }
+static float __low2float(half2 h) { return h2f(h.x.b); }
+static float __high2float(half2 h) { return h2f(h.y.b); }
+static float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+typedef half ggml_half; typedef half2 ggml_half2;
+static int get_int_b2(const void * x, const int & i) { uint16_t a, b; memcpy(&a, (const char*)x + 4*i, 2); memcpy(&b, (const char*)x + 4*i + 2, 2); return a | (b << 16); }
+static int get_int_b4(const void * x, const int & i) { if (((uintptr_t) x) % 4) { fprintf(stderr, "misaligned b4\n"); std::abort(); } int v; memcpy(&v, (const char*)x + 4*i, 4); return v; }
+static int __ldg(const int * p) { return *p; }
+static half2 __ldg(const half2 * p) { return *p; }
+static int ggml_cuda_dp4a(int a, int b, int c) { for (int k = 0; k < 4; ++k) c += (int8_t)(a >> 8*k) * (int8_t)(b >> 8*k); return c; }
+#define QK8_1 32
+typedef struct { union { struct { ggml_half d; ggml_half s; }; ggml_half2 ds; }; int8_t qs[QK8_1]; } block_q8_1;
+#define QK3_G128 128
+#define QK3_G64 64
+#define Q3G_SLOTS 2
+typedef struct { ggml_half d, m; uint8_t qs[32]; uint8_t qh[16]; } block_q3_g128;
+typedef struct { ggml_half d, m; uint8_t qs[16]; uint8_t qh[8]; } block_q3_g64;
+typedef struct { ggml_half d, m; ggml_half pv[2]; uint8_t qs[32]; uint8_t qh[16]; uint8_t pi[2]; } block_q3_g128p;
+typedef struct { ggml_half d, m; ggml_half pv[2]; uint8_t qs[16]; uint8_t qh[8]; uint8_t pi[2]; } block_q3_g64p;
+#include "q3g.cuh"
+enum ggml_type { GGML_TYPE_Q3_G128 = 96, GGML_TYPE_Q3_G64 = 97, GGML_TYPE_Q3_G128P = 98, GGML_TYPE_Q3_G64P = 99 };
+template <ggml_type t> struct ggml_cuda_type_traits;
+template <> struct ggml_cuda_type_traits<GGML_TYPE_Q3_G128>  { static constexpr int qk = 128; };
+template <> struct ggml_cuda_type_traits<GGML_TYPE_Q3_G64>   { static constexpr int qk = 64; };
+template <> struct ggml_cuda_type_traits<GGML_TYPE_Q3_G128P> { static constexpr int qk = 128; };
+template <> struct ggml_cuda_type_traits<GGML_TYPE_Q3_G64P>  { static constexpr int qk = 64; };
+// thread state
+thread_local uint3 threadIdx, blockIdx;
+uint3 gridDim;
+static uint32_t fastdiv(uint32_t n, uint3 v) { return n / v.x; }
+static void ggml_cuda_pdl_sync() {}
+std::unique_ptr<std::barrier<>> cta_bar;
+std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+float warp_slots[8][32];
+static void __syncthreads() { cta_bar->arrive_and_wait(); }
+template <int W> static float warp_reduce_sum(float v) {
+    const int w = threadIdx.y, l = threadIdx.x;
+    warp_slots[w][l] = v;
+    warp_bar[w]->arrive_and_wait();
+    float s = 0; for (int i = 0; i < 32; ++i) s += warp_slots[w][i];
+    warp_bar[w]->arrive_and_wait();
+    return s;
+}
+alignas(16) int4 q3g_wrow_act[1 << 16];
+using std::min;
+#include "kernel.inc"
+
+template <ggml_type type, typename block_t, int NC, int R>
+static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, int nch_dst, int ns_x, int ns_dst, bool slots) {
+    constexpr int G = ggml_cuda_type_traits<type>::qk, NQ = G/32;
+    constexpr bool P = q3g_wrow_type<type>::P;
+    const int nkb = K/G;
+    const int stride_row_x = nkb + 1, stride_channel_x = stride_row_x*nrows + 2, stride_sample_x = stride_channel_x*nch_x + 3;
+    const int stride_col_y = nkb*NQ + 3, stride_channel_y = stride_col_y*NC + 1, stride_sample_y = stride_channel_y*nch_dst + 2;
+    const int stride_col_dst = nrows + 5, stride_channel_dst = stride_col_dst*NC + 7, stride_sample_dst = stride_channel_dst*nch_dst + 1;
+    std::uniform_int_distribution<int> code(0, 7), q8(-127, 127), idx(0, G-1), coin(0, 2);
+    std::uniform_real_distribution<float> u(-1, 1);
+    std::vector<block_t> x((size_t) stride_sample_x*ns_x + 4);
+    std::vector<float> w(x.size()*G, NAN);
+    for (size_t b = 0; b < x.size(); ++b) {
+        block_t & bl = x[b];
+        bl.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); bl.m.b = f2h(0.2f*u(rng));
+        memset(bl.qs, 0, sizeof bl.qs); memset(bl.qh, 0, sizeof bl.qh);
+        for (int i = 0; i < G; ++i) {
+            int q = code(rng);
+            bl.qs[i % (G/4)] |= (q & 3) << (2*(i / (G/4)));
+            bl.qh[i % (G/8)] |= ((q >> 2) & 1) << (i / (G/8));
+            w[b*G + i] = h2f(bl.d.b)*q + h2f(bl.m.b);
+        }
+        if constexpr (P) {
+            int i0 = idx(rng), i1; do { i1 = idx(rng); } while (i1 == i0);
+            int pis[2] = {i0, i1};
+            for (int s = 0; s < 2; ++s) {
+                if (!slots || coin(rng) == 0) pis[s] = 255;
+                bl.pi[s] = (uint8_t) pis[s]; bl.pv[s].b = f2h(2.0f*u(rng));
+                if (pis[s] < G) w[b*G + pis[s]] = h2f(bl.pv[s].b);
+            }
+        }
+    }
+    std::vector<block_q8_1> y((size_t) stride_sample_y*ns_dst + 4);
+    for (auto & yb : y) {
+        yb.ds.x.b = f2h(0.001f + 0.02f*std::fabs(u(rng)));
+        int sq = 0; for (int j = 0; j < 32; ++j) { yb.qs[j] = (int8_t) q8(rng); sq += yb.qs[j]; }
+        yb.ds.y.b = f2h(h2f(yb.ds.x.b)*sq*(1.0f + 0.001f*u(rng)));
+    }
+    std::vector<float> dst((size_t) stride_sample_dst*ns_dst + 8, -12345.0f);
+    const int nbytes = NC*q3g_wrow_col_bytes<G>(nkb);
+    if (nbytes > (int) sizeof q3g_wrow_act) { fprintf(stderr, "smem too small\n"); std::abort(); }
+    const uint3 cr = {(unsigned) (nch_dst/nch_x), 0, 0}, sr = {(unsigned) (ns_dst/ns_x), 0, 0};
+    gridDim = {(unsigned) gridx, (unsigned) nch_dst, (unsigned) ns_dst};
+    for (int bz = 0; bz < ns_dst; ++bz) for (int by = 0; by < nch_dst; ++by) for (int bx = 0; bx < gridx; ++bx) {
+        memset(q3g_wrow_act, 0xAB, nbytes);
+        cta_bar = std::make_unique<std::barrier<>>(256);
+        warp_bar.clear(); for (int i = 0; i < 8; ++i) warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+        std::vector<std::thread> th;
+        for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
+            th.emplace_back([&, tx, ty, bx, by, bz] {
+                threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
+                mul_mat_vec_q3g_wrow<type, NC, R>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
+                    cr, stride_channel_x, stride_channel_y, stride_channel_dst, sr, stride_sample_x, stride_sample_y, stride_sample_dst);
+            });
+        for (auto & t : th) t.join();
+    }
+    double worst = 0; size_t nwritten = 0, expected = 0;
+    std::vector<char> touched(dst.size(), 0);
+    for (int sd = 0; sd < ns_dst; ++sd) for (int cd = 0; cd < nch_dst; ++cd) for (int c = 0; c < NC; ++c) for (int row = 0; row < nrows; ++row) {
+        const int sx = sd / (ns_dst/ns_x), cx = cd / (nch_dst/nch_x);
+        const size_t xo = (size_t) sx*stride_sample_x + (size_t) cx*stride_channel_x + (size_t) row*stride_row_x;
+        const size_t yo = (size_t) sd*stride_sample_y + (size_t) cd*stride_channel_y + (size_t) c*stride_col_y;
+        double want = 0, wabs = 0;
+        for (int kb = 0; kb < nkb; ++kb) for (int k = 0; k < NQ; ++k) {
+            const block_q8_1 & yb = y[yo + kb*NQ + k];
+            const double dy = h2f(yb.ds.x.b); int sq = 0;
+            for (int j = 0; j < 32; ++j) { const double t = (double) w[(xo + kb)*G + 32*k + j]*dy*yb.qs[j]; want += t; wabs += std::fabs(t); sq += yb.qs[j]; }
+            want += (double) h2f(x[xo + kb].m.b) * ((double) h2f(yb.ds.y.b) - dy*sq);
+        }
+        const size_t di = (size_t) sd*stride_sample_dst + (size_t) cd*stride_channel_dst + (size_t) c*stride_col_dst + row;
+        touched[di] = 1; ++expected;
+        worst = std::max(worst, std::fabs(dst[di] - want)/wabs);
+    }
+    for (size_t i = 0; i < dst.size(); ++i) { if (!touched[i] && dst[i] != -12345.0f) { fprintf(stderr, "stray write at %zu\n", i); return 1.0; } }
+    (void) nwritten;
+    return worst;
+}
+int main() {
+    std::mt19937 rng(5);
+    double worst = 0;
+    auto rep = [&](const char * name, double e) { printf("%-44s rel err %.2e\n", name, e); worst = std::max(worst, e); };
+    // K with nkb > 32 (the lane loop wraps) and < 32; odd row counts (tail); grid.x smaller than the row groups (persistent loop);
+    // channel and sample broadcast; padded strides everywhere
+    rep("G128  nc2 R1 K=5120 rows 37 grid 1 bc",  run<GGML_TYPE_Q3_G128,  block_q3_g128,  2, 1>(rng, 5120, 37, 1, 2, 4, 1, 2, false));
+    rep("G128  nc3 R2 K=4352 rows 37 grid 2 bc",  run<GGML_TYPE_Q3_G128,  block_q3_g128,  3, 2>(rng, 4352, 37, 2, 2, 4, 1, 2, false));
+    rep("G128  nc8 R2 K=256  rows 16 grid 1",     run<GGML_TYPE_Q3_G128,  block_q3_g128,  8, 2>(rng, 256, 16, 1, 1, 1, 1, 1, false));
+    rep("G64   nc2 R1 K=2112 rows 33 grid 1 bc",  run<GGML_TYPE_Q3_G64,   block_q3_g64,   2, 1>(rng, 2112, 33, 1, 1, 3, 2, 2, false));
+    rep("G64   nc7 R2 K=4160 rows 19 grid 1",     run<GGML_TYPE_Q3_G64,   block_q3_g64,   7, 2>(rng, 4160, 19, 1, 1, 1, 1, 1, false));
+    rep("G128P nc5 R2 K=4224 rows 21 grid 1 slots", run<GGML_TYPE_Q3_G128P, block_q3_g128p, 5, 2>(rng, 4224, 21, 1, 2, 2, 1, 1, true));
+    rep("G128P nc2 R1 K=384  rows 9 grid 1 slots",  run<GGML_TYPE_Q3_G128P, block_q3_g128p, 2, 1>(rng, 384, 9, 1, 1, 1, 1, 1, true));
+    rep("G64P  nc4 R2 K=2176 rows 17 grid 2 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 4, 2>(rng, 2176, 17, 2, 1, 2, 1, 3, true));
+    rep("G64P  nc8 R2 K=64   rows 3 grid 1 slots",  run<GGML_TYPE_Q3_G64P,  block_q3_g64p,  8, 2>(rng, 64, 3, 1, 1, 1, 1, 1, true));
+    printf("worst %.3e -> %s\n", worst, worst < 1e-5 ? "PASS" : "FAIL");
+    return worst < 1e-5 ? 0 : 1;
+}
+EMU_EOF
+if [ -s "$OUT/kernel.inc" ] && g++ -std=c++20 -O1 -pthread -Wno-unknown-pragmas -I"$G/src/ggml-cuda" "$OUT/q3g-wrow-emu.cpp" -o "$OUT/q3g-wrow-emu" \
+        && "$OUT/q3g-wrow-emu"; then
+    echo "OK   q3g-wrow-emu"; else echo "FAIL q3g-wrow-emu"; rc=1; fi
+echo "objects and logs in $OUT"
+exit $rc
