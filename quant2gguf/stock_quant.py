@@ -277,8 +277,9 @@ def quantize_rtn(w: torch.Tensor, qtype: str, imp: torch.Tensor | None = None, s
 
 @torch.no_grad()
 def fit(w: torch.Tensor, qtype: str, imp: torch.Tensor | None = None, search: bool = True) -> Fit:
-    """Parameters of `qtype` for w (N, K) minimising sum imp_k (w - y)^2 under RTN codes; imp (K,)
-    per input column (GPTQ: the Hessian diagonal), default uniform. search=False: stock_types'
+    """Parameters of `qtype` for w (N, K) minimising sum e_nk (w - y)^2 under RTN codes, e the weights
+    llama.cpp's importance-matrix quantizer gives (element_weights: imp_k * sqrt(sigma2 + w_nk^2)); imp
+    (K,) per input column (E[x^2]; GPTQ: the Hessian diagonal), default uniform. search=False: stock_types'
     plain quantize_rtn parameters (max-abs / min-max, no search)."""
     cls = stock_type(qtype)
     n, k = w.shape
@@ -291,12 +292,36 @@ def fit(w: torch.Tensor, qtype: str, imp: torch.Tensor | None = None, search: bo
         wt = torch.ones(k, device=x.device) if imp is None else imp.detach().float().to(x.device).clamp(min=0)
         wt = wt + 1e-6 * wt.mean() + 1e-30  # an all-dead sub-block still gets (uniformly weighted) parameters
         fitter = _FITTERS[cls.qtype.name]
-        chunks = [fitter(r.reshape(r.shape[0], k // cls.block_size, -1, cls.sub),
-                         wt.reshape(1, k // cls.block_size, -1, cls.sub)) for r in x.split(ROWS)]
+        shape = lambda t: t.reshape(t.shape[0], k // cls.block_size, -1, cls.sub)  # noqa: E731
+        chunks = [fitter(shape(r), shape(element_weights(r, wt, cls.qtype.name) if imp is not None else wt[None]))
+                  for r in x.split(ROWS)]
         parts = {p: np.concatenate([c[p] for c in chunks]) for p in chunks[0]}
     parts.pop("q", None)
     a, b = _grid(cls, parts, n, w.device)
     return Fit(cls.qtype.name, parts, a, b)
+
+
+# llama.cpp's imatrix quantizers (ggml-quants.c quantize_row_*_impl) weight weight j's error by
+# imp_j * sqrt(sigma2 + w_j^2): the importance alone under-protects the large weights a row leans on.
+# sigma2 = SIGMA2[type][0] * mean w^2 over a 256-block ("block") or the whole row ("row"); Q6_K
+# (its sigma2 term is commented out there) and Q8_0 (quantized without the imatrix) take imp alone.
+SIGMA2 = {"Q3_K": (2.0, "block"), "Q4_K": (2.0, "block"), "Q5_K": (2.0, "block"),
+          "Q4_0": (1.0, "row"), "Q5_0": (1.0, "row"), "Q5_1": (1.0, "row")}
+
+
+def element_weights(w: torch.Tensor, imp: torch.Tensor, qtype: str) -> torch.Tensor:
+    """(N, K) per-weight error weights of llama.cpp's importance-matrix quantizer for `qtype`: imp (K,)
+    times sqrt(sigma2 + w^2) (SIGMA2), or imp broadcast where that type takes the importance alone."""
+    n, k = w.shape
+    if qtype not in SIGMA2:
+        return imp.expand(n, k)
+    c, over = SIGMA2[qtype]
+    sq = w.square()
+    if over == "row":
+        sigma2 = c * sq.mean(-1, keepdim=True)
+    else:
+        sigma2 = (c * sq.reshape(n, k // 256, 256).mean(-1, keepdim=True)).expand(n, k // 256, 256).reshape(n, k)
+    return imp * (sigma2 + sq).sqrt_()
 
 
 def _err(x, wt, a, b, bits) -> torch.Tensor:

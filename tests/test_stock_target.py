@@ -83,6 +83,44 @@ def test_fit_weights_by_importance(qtype):
     assert werr(stock_quant.quantize_rtn(w, qtype, imp)) < 0.95 * werr(stock_quant.quantize_rtn(w, qtype))
 
 
+def llama_imatrix_quant(base, cls, w: np.ndarray, imp: np.ndarray) -> np.ndarray:
+    """llama.cpp's own quantizer with an importance matrix (ggml_quantize_chunk -> quantize_row_*_impl),
+    what llama-quantize --imatrix runs per tensor; returns the dequantized values."""
+    import ctypes
+    base.ggml_quantize_chunk.restype = ctypes.c_size_t
+    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    w, imp = np.ascontiguousarray(w, np.float32), np.ascontiguousarray(imp, np.float32)
+    out = np.zeros((w.size // cls.block_size, cls.type_size), np.uint8)
+    assert base.ggml_quantize_chunk(int(cls.qtype), ptr(w), ptr(out), 0, w.shape[0], w.shape[1], ptr(imp)) == out.size
+    return c_to_float(base, cls, out).reshape(w.shape)
+
+
+@pytest.mark.parametrize("qtype", ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1"])
+def test_importance_fit_is_llama_cpps_objective(ggml, qtype, monkeypatch):
+    """With an importance vector our fit minimises the objective of llama.cpp's imatrix quantizers
+    (element_weights: imp * sqrt(sigma2 + w^2) for most types) at least as well as ggml_quantize_chunk
+    does with that imatrix, on heavy-tailed weights. The imp-alone rule this replaced under-protects
+    the large weights: on the 2026-11-29 qwen15 run its Q3_K RTN matched Q3_K_S+imatrix's KLD but kept
+    22 fewer GSM problems of 250. It must lose here for the types that take the sqrt term."""
+    cls = stock_type(qtype)
+    rng = np.random.default_rng(50 + QTYPES.index(qtype))
+    w = rng.standard_normal((64, 1024)) * np.exp(0.5 * rng.standard_normal((1, 1024)))
+    w = np.where(rng.random(w.shape) < 0.01, 6 * w, w).astype(np.float32)  # sparse large weights
+    imp = np.exp(1.5 * rng.standard_normal(1024)).astype(np.float32)
+    wt_, imp_t = torch.from_numpy(w), torch.from_numpy(imp)
+    e = stock_quant.element_weights(wt_, imp_t, qtype).numpy()
+    obj = lambda y: float((e * (y - w) ** 2).sum())  # noqa: E731
+    ours = obj(stock_quant.quantize_rtn(wt_, qtype, imp_t).dequantize().numpy())
+    theirs = obj(llama_imatrix_quant(ggml, cls, w, imp))
+    margin = 1.02 if qtype == "Q5_1" else 1.0  # Q5_1: our offset stays <= 0, llama.cpp's min may be positive
+    assert ours <= margin * theirs, (ours, theirs)
+    if qtype in stock_quant.SIGMA2:
+        monkeypatch.setattr(stock_quant, "element_weights", lambda x, i, q: i.expand(*x.shape))
+        alone = obj(stock_quant.quantize_rtn(wt_, qtype, imp_t).dequantize().numpy())
+        assert ours < 0.99 * alone, (ours, alone)
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_fit_beats_llama_cpp_reference_and_plain_rtn(ggml, qtype):
     """Unweighted, the searched grid errs less than llama.cpp's quantize_row_*_ref and stock_types'

@@ -45,7 +45,7 @@ def input_second_moments(ctx: LayerContext) -> dict[str, torch.Tensor]:
 def quantize_layer(ctx: LayerContext, clip: bool = True) -> dict[str, QuantizedWeight]:
     c = ctx.cfg
     x = input_second_moments(ctx) if clip and ctx.q_in else {}
-    if c.target:  # the stock fit weighted by E[x^2]: what llama-quantize does with an importance matrix
+    if c.target:  # the stock fit under llama-quantize's imatrix rule (stock_quant.element_weights), imp = E[x^2]
         return {name: stock_quant.quantize_rtn(ctx.linear(name).weight.data, stock_quant.linear_type(ctx, name),
                                                imp=x.get(name), search=clip)
                 for name in ctx.arch.linears}
