@@ -159,6 +159,21 @@ def compat(
     typer.echo(json.dumps(info, indent=1))
 
 
+@app.command("import")
+def import_cmd(
+    gguf_path: Path = typer.Argument(..., metavar="FILE.gguf", help="llama-quantize output in stock types (Q3_K_S, Q4_K_M, Q4_0 ...) made from MODEL's F16 conversion"),
+    model: str = typer.Option(..., "--model", help="the HF folder or fixture name the GGUF was made from (its embeddings, norms and lm_head are taken from it)"),
+    out: Path = typer.Option(..., "-o", "--out", help="checkpoint folder to create"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing OUT"),
+):
+    """Turn a stock llama-quantize GGUF into a checkpoint (every decoder linear's blocks as stored), for
+    `quantize --method kd --init OUT` and `convert OUT`."""
+    from .gguf_import import check_import_args, import_gguf
+    _guard(check_import_args, gguf_path, model, out, force)  # every input checked before a model loads
+    info = _guard(import_gguf, gguf_path, model, out, force=force)
+    typer.echo(json.dumps(info, indent=1))
+
+
 @app.command()
 def run(
     gguf_path: Path = typer.Argument(..., metavar="MODEL.gguf"),
