@@ -59,7 +59,7 @@ R=$!
 lanes() { kill -0 $R 2>/dev/null || kill -0 $T 2>/dev/null || kill -0 $I 2>/dev/null; }
 ARGS="--ref qwen15 --calib $CALIB --nsamples $NS --text champ --gsm $BENCH_GSM --long 8 --parallel 64 --cuda --force"
 BENCH="python3 -m quant2gguf bench $ARGS --vs IQ3_S,Q3_K_S,Q3_K_M -o $HOME/bench-gsm"
-NAMES="rtn-q3k-l rtn-q3k-lt kd-q3k-i kd-q3k-lt kd-q3k-l"  # in order of need: the controls first
+NAMES="rtn-q3k-l kd-q3k-i kd-q3k-lt kd-q3k-l"  # benched, in order of need (rtn-q3k-lt: KLD only, for the budget)
 ours() { for n in $NAMES; do ls ~/ours/$n.gguf 2>/dev/null; done; }
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
@@ -90,7 +90,7 @@ P2=$!
     --ckpts ~/bench/rtn-q3k-l ~/bench/rtn-q3k-lt ~/bench/kd-q3k-i ~/bench/kd-q3k-lt ~/bench/kd-q3k-l --wait 900 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 wait $R $T $I
-for n in $NAMES; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
+for n in $NAMES rtn-q3k-lt; do cp ~/bench/$n/manifest.json ~/results/manifest-$n.json 2>/dev/null; done
 log "quantize lanes done"
 wait $P1 $P2
 cp -n ~/bench-ours/cache/* ~/bench-gsm/cache/ 2>/dev/null  # B's results join A's (same keys)
