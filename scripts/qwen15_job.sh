@@ -7,7 +7,7 @@
 # E[x^2] alone; llama.cpp's by E[x^2] * sqrt(sigma2 + w^2) (now stock_quant.element_weights). This run asks:
 #   lane R:  RTN in the Q3_K grid under llama.cpp's rule, news+code: the exact analogue of Q3_K_S + imatrix (same
 #            128 x 512 calibration tokens) -> GSM should now match it; then KD from it on news+code+traces
-#   lane T:  the same on news+code+traces (makes the traces: F16's own GSM answers), then KD on that mix
+#   lane T:  the same on news+code+traces (makes the traces: F16's own GSM answers; its RTN file: KLD only), then KD on that mix
 #            (the seventh/eighth runs' kd-q3k-rt recipe from the corrected init)
 #   lane I:  KD from llama-quantize's own Q3_K_S + imatrix file (`quant2gguf import`, made by bench A), news+code+
 #            traces: the start point is the stock file itself, so only what distillation adds is measured
