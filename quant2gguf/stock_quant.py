@@ -316,12 +316,8 @@ def element_weights(w: torch.Tensor, imp: torch.Tensor, qtype: str) -> torch.Ten
     if qtype not in SIGMA2:
         return imp.expand(n, k)
     c, over = SIGMA2[qtype]
-    sq = w.square()
-    if over == "row":
-        sigma2 = c * sq.mean(-1, keepdim=True)
-    else:
-        sigma2 = (c * sq.reshape(n, k // 256, 256).mean(-1, keepdim=True)).expand(n, k // 256, 256).reshape(n, k)
-    return imp * (sigma2 + sq).sqrt_()
+    sq = w.square().reshape(n, -1, 256 if over == "block" else k)  # a row is one block of k
+    return imp * (c * sq.mean(-1, keepdim=True) + sq).sqrt_().reshape(n, k)
 
 
 def _err(x, wt, a, b, bits) -> torch.Tensor:
