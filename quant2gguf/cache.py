@@ -61,8 +61,8 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False):
         tmp = Path(name)
     try:
         yield tmp
-        if is_dir and final.exists():
-            shutil.rmtree(final)
+        if is_dir and (final.exists() or final.is_symlink()):  # a folder cannot replace what is there: remove it
+            shutil.rmtree(final) if final.is_dir() and not final.is_symlink() else final.unlink()
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)

@@ -82,11 +82,12 @@ def _carry_added_tokens(source: Path, dest: Path) -> None:
 
 
 def save(path: str | os.PathLike, model, tokenizer, quantized: dict[str, QuantizedWeight], manifest: dict,
-         source: str | os.PathLike | None = None) -> Path:
+         source: str | os.PathLike | None = None, replace: bool = False) -> Path:
     """Save `model` (its quantized linears' weights are ignored) and `quantized` atomically; the
-    SOURCE_FILES the HF folder `source` has are copied too."""
+    SOURCE_FILES the HF folder `source` has are copied too. replace: an existing `path` goes only once
+    the new checkpoint is complete."""
     path = Path(path)
-    if path.exists():
+    if path.exists() and not replace:
         raise FileExistsError(f"{path} exists; remove it or choose another -o")
     with atomic_path(path, is_dir=True) as tmp:
         model.config.save_pretrained(tmp)

@@ -168,9 +168,8 @@ def import_cmd(
 ):
     """Turn a stock llama-quantize GGUF into a checkpoint (every decoder linear's blocks as stored), for
     `quantize --method kd --init OUT` and `convert OUT`."""
-    from .gguf_import import check_import_args, import_gguf
-    _guard(check_import_args, gguf_path, model, out, force)  # every input checked before a model loads
-    info = _guard(import_gguf, gguf_path, model, out, force=force)
+    from .gguf_import import import_gguf
+    info = _guard(import_gguf, gguf_path, model, out, force=force)  # checks every input before a model loads
     typer.echo(json.dumps(info, indent=1))
 
 

@@ -20,7 +20,6 @@ temp folder and renamed.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -231,20 +230,9 @@ def import_gguf(path: str | os.PathLike, model: str, out: str | os.PathLike, for
         "import": {"file": path.name, "path": str(path.resolve()), "file_type": ftype, "sha256": sha256(path),
                    "tensors": {hf: name for hf, (name, _, _) in p["linears"].items()},
                    **({"not_recipe": others} if others else {})},
-        "device": "cpu", "seconds": None,
+        "device": "cpu", "seconds": round(time.time() - t0, 1),
     }
-    manifest["seconds"] = round(time.time() - t0, 1)
-    if out.exists():  # force: the old output goes only once the new one is complete
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-        tmp.rmdir()
-        try:
-            checkpoint.save(tmp, mdl, tok, quantized, manifest, source=folder)
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        checkpoint.save(out, mdl, tok, quantized, manifest, source=folder)
+    checkpoint.save(out, mdl, tok, quantized, manifest, source=folder, replace=force)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
