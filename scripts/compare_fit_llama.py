@@ -13,42 +13,20 @@ usage: python scripts/compare_fit_llama.py --model qwen15 --type Q3_K --layers 0
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_stock_target import llama_imatrix_quant  # noqa: E402  (the tests' ctypes harness)
+from test_stock_types import load_ggml_base  # noqa: E402
+
 GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
-class Traits(ctypes.Structure):  # ggml.h struct ggml_type_traits (leading fields)
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
-                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool),
-                ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64))]
-
-
-def ggml_lib():
-    from quant2gguf import llama
-    base = ctypes.CDLL(str(llama.lib_dir() / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    base.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
-    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    base.ggml_quantize_chunk.restype = ctypes.c_size_t
-    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return base
-
-
-def llama_quant(base, cls, w: np.ndarray, imp: np.ndarray) -> np.ndarray:
-    w, imp = np.ascontiguousarray(w, np.float32), np.ascontiguousarray(imp, np.float32)
-    blocks = np.zeros((w.size // cls.block_size, cls.type_size), np.uint8)
-    base.ggml_quantize_chunk(int(cls.qtype), w.ctypes.data, blocks.ctypes.data, 0, w.shape[0], w.shape[1], imp.ctypes.data)
-    out = np.empty(w.size, np.float32)
-    base.ggml_get_type_traits(int(cls.qtype)).contents.to_float(blocks.ctypes.data, out.ctypes.data, out.size)
-    return out.reshape(w.shape)
 
 
 def importance(model: str, calib: str, nsamples: int) -> tuple[object, dict[str, np.ndarray]]:
@@ -79,7 +57,7 @@ def main() -> None:
     from quant2gguf import stock_quant
     from quant2gguf.stock_types import stock_type
     cls = stock_type(a.type)
-    base = ggml_lib()
+    base = load_ggml_base()
     m, imps = importance(a.model, a.calib, a.nsamples)
     rows, rule = [], stock_quant.element_weights
     from quant2gguf.arch import decoder_layers, get_arch
@@ -92,7 +70,7 @@ def main() -> None:
             imp = torch.from_numpy(imps[f"blk.{i}.{g}.weight"])
             e = rule(w, imp, a.type).numpy()
             wn = w.numpy()
-            ref = llama_quant(base, cls, wn, imp.numpy())
+            ref = llama_imatrix_quant(base, cls, wn, imp.numpy())
             new = stock_quant.quantize_rtn(w, a.type, imp).dequantize().numpy()
             stock_quant.element_weights = lambda x, p, q: p.expand(*x.shape)  # the old rule
             try:

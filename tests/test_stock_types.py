@@ -24,18 +24,22 @@ class TypeTraits(ctypes.Structure):  # ggml.h struct ggml_type_traits (leading f
                 ("from_float_ref", TO_FLOAT)]
 
 
-@pytest.fixture(scope="module")
-def ggml():
-    try:
-        d = llama.lib_dir()
-    except RuntimeError as e:
-        pytest.skip(f"libggml-base.so of the patched llama.cpp CPU build is missing ({e})")
-    base = ctypes.CDLL(str(d / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+def load_ggml_base():
+    """libggml-base of the patched CPU build through ctypes (RuntimeError when it is not built)."""
+    base = ctypes.CDLL(str(llama.lib_dir() / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
     base.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
     base.ggml_get_type_traits.argtypes = [ctypes.c_int]
     base.ggml_validate_row_data.restype = ctypes.c_bool
     base.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     return base
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    try:
+        return load_ggml_base()
+    except RuntimeError as e:
+        pytest.skip(f"libggml-base.so of the patched llama.cpp CPU build is missing ({e})")
 
 
 def ptr(a: np.ndarray) -> ctypes.c_void_p:
