@@ -457,7 +457,7 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
                                  batch=o["batch"], lr_w=o["lr_w"], lr_q=o["lr_q"], eval_every=o["eval_every"],
                                  max_minutes=o["max_minutes"], triton=None if dev.type == "cuda" else False,
                                  checkpointing=dev.type == "cuda",  # CPU: memory is plenty, time is short
-                                 progress=update)
+                                 progress=update, seed=seed)
     if "kd_stopped" in stats:
         print(f"warning: {stats['kd_stopped']}", flush=True)
     kd.detach(mdl, best)

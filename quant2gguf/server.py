@@ -107,6 +107,7 @@ def serve(gguf: str | Path, parallel: int = 4, ctx: int = 2048, threads: int = 2
     url = f"http://127.0.0.1:{port}"
     cmd = [str(exe), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
            "-c", str(ctx * parallel), "-t", str(threads), "--no-webui", *runner._gpu_args(cuda),
+           "-lv", "4",  # info from libllama too: its buffer-size lines are the VRAM column (~25 lines a request)
            *map(str, extra_args)]
     with tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False) as logf:
         log = Path(logf.name)
@@ -127,13 +128,14 @@ def serve(gguf: str | Path, parallel: int = 4, ctx: int = 2048, threads: int = 2
         yield s
     finally:
         hwm = runner.vm_hwm_mib(proc.pid)
-        s.memory = {"peak_rss_mib": round(hwm, 1) if hwm else None,
-                    "buffers_mib": device_buffers(log.read_text(errors="replace"))}
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # read after exit, when everything it buffered is flushed
+        s.memory = {"peak_rss_mib": round(hwm, 1) if hwm else None,
+                    "buffers_mib": device_buffers(log.read_text(errors="replace"))}
         if started:
             log.unlink(missing_ok=True)

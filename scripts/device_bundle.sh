@@ -9,7 +9,7 @@
 #   data/                 news text, GSM templates, laid out as cache_dir("data") (scripts/device_env.sh
 #                         copies them there), and CHAMP as champ_v0.json.xz (70 MB raw, 3.7 MB xz:
 #                         there, `xz -dk` it in the cache folder)
-#   model/NAME.partNN     50 MiB chunks of a fixture GGUF + NAME.sha256, for each --model given
+#   model/NAME.partNN     48 MiB chunks of a fixture GGUF + NAME.sha256, for each --model given
 # The fixture files come from the package's own pinned, sha256-checked fetch (reusing the cache).
 # usage: scripts/device_bundle.sh [--model smollm2|qwen05|qwen15]... [OUTDIR]
 set -euo pipefail
@@ -59,7 +59,7 @@ for m in "${models[@]}"; do
   gg=$($PY -c "import sys; from quant2gguf import fixtures; print(fixtures.gguf_file(sys.argv[1]))" "$m")
   (cd "$(dirname "$gg")" && sha256sum "$(basename "$gg")" | sed "s/ .*/  $m.gguf/") > "$tmp/$m.sha256"
   rm -f "$out/model/$m".part*
-  split -b 60M -d "$gg" "$out/model/$m.part"  # 60 MiB + the ~2 MiB tree fits one 64 MiB call
+  split -b 48M -d "$gg" "$out/model/$m.part"  # 48 MiB + the tracked tree (~5 MiB and growing) fits one 64 MiB call
   mv "$tmp/$m.sha256" "$out/model/$m.sha256"  # last: its presence means the chunks are complete
 done
 du -sh "$out"/* | sed 's/^/  /'

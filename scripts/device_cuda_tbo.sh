@@ -3,10 +3,12 @@
 # background, so it runs while the GPU is otherwise idle): test-backend-ops MUL_MAT / GET_ROWS for our types
 # (CUDA against the CPU backend) and its perf mode for MUL_MAT at 4096 x 14336, batch 1..8, with the batch 2..8
 # wrow kernel on and off (GGML_Q3G_MMVQ_WROW), F16 / Q4_0 / Q3_K / IQ3_S beside ours.
-#   usage: scripts/device_cuda_tbo.sh CACHE OUT_DIR   (CACHE: $QUANT2GGUF_CACHE, holding llama/build-*-cuda-*/bin;
-#   no repo needed: the device tool re-lays the working tree on every call while this waits)
+#   usage: scripts/device_cuda_tbo.sh CACHE OUT_DIR [IDLE_FILE]   (CACHE: $QUANT2GGUF_CACHE, holding
+#   llama/build-*-cuda-*/bin; no repo needed: the device tool re-lays the working tree on every call while this waits)
+#   IDLE_FILE: the perf part waits until it exists (the qwen15 job touches it once its GPU work is done: the ninth
+#   run's perf numbers, taken beside training, were noise)
 set -u
-C=$1 O=$2
+C=$1 O=$2 IDLE=${3:-}
 mkdir -p "$O"
 sleep 30  # let the build start
 while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
@@ -14,8 +16,13 @@ B=$(ls -d "$C"/llama/build-*-cuda-*/bin 2>/dev/null | head -1)
 [ -x "$B/test-backend-ops" ] || { echo "no CUDA build with test-backend-ops under $C/llama" >>"$O/tbo.log"; exit 1; }
 T=$B/test-backend-ops
 for op in MUL_MAT GET_ROWS; do
-  "$T" test -o $op -b CUDA0 -p q3_g >"$O/tbo-test-$op.log" 2>&1; echo "test $op rc=$? $(grep -c ' OK' "$O/tbo-test-$op.log") OK $(grep -c FAIL "$O/tbo-test-$op.log") FAIL" >>"$O/tbo.log"
+  "$T" test -o $op -b CUDA0 -p q3_g >"$O/tbo-test-$op.log" 2>&1; rc=$?; plain=$(sed 's/\x1b\[[0-9;]*m//g' "$O/tbo-test-$op.log")  # the counts ignore colour codes
+  echo "test $op rc=$rc $(grep -c '): OK' <<<"$plain") OK $(grep -c '): FAIL' <<<"$plain") FAIL" >>"$O/tbo.log"
 done
+if [ -n "$IDLE" ]; then
+  while [ ! -e "$IDLE" ]; do sleep 5; done
+  echo "perf starts: $(date +%T), GPU $(nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader)" >>"$O/tbo.log"
+fi
 for w in 1 0; do
   GGML_Q3G_MMVQ_WROW=$w "$T" perf -o MUL_MAT -b CUDA0 -p 'type_a=(q3_g128|q3_g128p|f16|q4_0|q3_K|iq3_s),.*n=[1-8],' \
     >"$O/tbo-perf-wrow$w.log" 2>&1; echo "perf wrow=$w rc=$?" >>"$O/tbo.log"

@@ -13,8 +13,9 @@
 # Files are made by scripts/device_bundle.sh. With SNAP=DIR (a carried, git-ignored copy of the repo:
 #   rm -rf .device/snap && mkdir -p .device/snap && git archive HEAD | tar -x -C .device/snap
 # ), prep and start install and run that committed copy instead of a tree others are editing.
-# Issue the 18 `stage` calls together (one message, one call each): 3 minutes in all on 2026-11-28,
-# against 35-40 s a call when each waited for the previous answer. Each call must come within 30 s
+# Issue the 23 `stage` calls (00..22, 48 MiB chunks) together (one message, one call each): ~4 s a call on
+# 2026-11-29, against 35-40 s a call when each waited for the previous answer. The carry limit counts the
+# tracked tree too: 60 MiB chunks stopped fitting once docs/results grew past ~4 MiB (2026-11-29). Each call must come within 30 s
 # of the last one's end or the machine is given back. Never `pkill -f PATTERN` where PATTERN appears
 # in the command itself: it kills the call's own shell.
 set -u
@@ -34,9 +35,10 @@ prep)
   # (run from a copy in ~/mmvq: the working tree is re-laid by the stage calls while it compiles)
   mkdir -p ~/results/cuda ~/mmvq/scripts && cp "$R"/scripts/device_cuda_mmvq.sh "$R"/scripts/cuda_q3g_mmvq_bench.cu ~/mmvq/scripts/
   (setsid nohup bash ~/mmvq/scripts/device_cuda_mmvq.sh ~/results/cuda/cuda_mmvq.jsonl >~/logs/cuda-mmvq.log 2>&1 </dev/null &)
-  # then, once the build is done: test-backend-ops for our types and the batch 2..8 kernel on/off (perf mode)
+  # then, once the build is done: test-backend-ops for our types; once the job's GPU work is done (gpu.idle), perf
+  # mode for the batch 2..8 kernel on/off
   cp "$R"/scripts/device_cuda_tbo.sh ~/mmvq/scripts/
-  (setsid nohup bash ~/mmvq/scripts/device_cuda_tbo.sh "$QUANT2GGUF_CACHE" ~/results/cuda >~/logs/cuda-tbo.log 2>&1 </dev/null &)
+  (setsid nohup bash ~/mmvq/scripts/device_cuda_tbo.sh "$QUANT2GGUF_CACHE" ~/results/cuda ~/logs/gpu.idle >~/logs/cuda-tbo.log 2>&1 </dev/null &)
   ls ~/stage
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;

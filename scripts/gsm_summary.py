@@ -24,7 +24,7 @@ def _results(dirs: list[Path]) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for d in dirs:
         for p in sorted((d / "cache").glob("*.json")):
-            stem, phase = p.name.split(".")[0], p.name.split(".")[-3]
+            stem, phase = p.name.rsplit(".", 3)[:2]  # <stem>.<phase>.<hash>.json; a stem may hold dots
             if phase in ("gsm", "long", "quality"):
                 out.setdefault(stem, {}).setdefault(phase, json.loads(p.read_text()))
     return out
@@ -32,6 +32,8 @@ def _results(dirs: list[Path]) -> dict[str, dict[str, dict]]:
 
 def _label(stem: str) -> str:
     """qwen15-IQ3_S-imat-news+code-128x512 -> IQ3_S+imat; qwen15-F16 -> F16; our files keep their names."""
+    if stem.endswith(".Q4_K_M"):  # the qwen15 fixture itself: the FP reference was dequantized from it
+        return "Q4_K_M fixture (FP reference's source grid)"
     parts = stem.split("-")
     if len(parts) > 1 and parts[1] == "F16":
         return "F16"

@@ -263,6 +263,7 @@ def test_llama_server_over_http(tiny):
     assert all(isinstance(r["text"], str) and 0 < r["tokens"] <= 12 for r in res)
     assert all(r["finish"] in ("stop", "length") for r in res)
     assert proc.poll() is not None and s.memory["peak_rss_mib"] > 1
+    assert s.memory["buffers_mib"].get("CPU", 0) > 0, s.memory  # its own allocation lines were read
 
 
 # ------------------------------------------------------------------------------ bad input --------

@@ -163,6 +163,18 @@ def test_kd_lowers_heldout_kl_and_converts_bit_exactly(gptq_ckpt, tiny_qwen, tmp
     assert torch.equal(model.get_submodule(name).weight.data, quantized[name].dequantize())
 
 
+def test_kd_seed_replicates_and_varies(gptq_ckpt, tiny_qwen, tmp_path):
+    """--seed picks kd's training windows and their order (a second draw of the same recipe, to tell the recipe
+    from the draw); the same seed is the same run, bit for bit; the held-out windows stay the same."""
+    runs = {n: _kd(tiny_qwen, gptq_ckpt, tmp_path / n, steps=6, lr_q=1e-4, seed=s)
+            for n, s in (("a", 1), ("b", 1), ("c", 2))}
+    q = {n: checkpoint.load_quantized(ck)[1] for n, ck in runs.items()}
+    st = {n: json.loads((ck / "manifest.json").read_text())["kd"] for n, ck in runs.items()}
+    assert all(torch.equal(q["a"][k].scales, q["b"][k].scales) for k in q["a"])
+    assert any(not torch.equal(q["a"][k].scales, q["c"][k].scales) for k in q["a"])
+    assert st["a"]["kd_heldout_kl_init"] == st["c"]["kd_heldout_kl_init"]  # same held-out text
+
+
 def test_kd_from_an_awq_checkpoint_starts_at_that_checkpoint(tiny_qwen, tmp_path):
     """AWQ folds 1/s into the norms before its scaled weights: kd's student starts from the checkpoint's
     own norms (the FP norms with the AWQ codes are another model, and used to be saved as the result),

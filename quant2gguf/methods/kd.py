@@ -327,7 +327,7 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
             train: torch.Tensor, heldout: torch.Tensor, device, steps: int = 200, batch: int = 4,
             lr_w: float = 0.0, lr_q: float = 2e-3, eval_every: int = 25, chunk: int = 1024,
             checkpointing: bool = True, triton: bool | None = None, max_minutes: float | None = None,
-            progress: Callable[[int, float, float | None], None] | None = None
+            progress: Callable[[int, float, float | None], None] | None = None, seed: int = 0
             ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Train the student's quantized linears to match the teacher's next-token distributions.
     lr_w, lr_q are in grid cells per step (FQLinear), lr_w 0 freezing the codes (E2E-QP); in a stock
@@ -367,7 +367,7 @@ def distill(student, teacher, quantized: dict[str, QuantizedWeight], fp_weights:
     warm = max(1, min(20, steps // 10))  # linear warmup: Adam's first steps move every weight at once
     sched_len = [max(steps, 1)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, warm, sched_len[0]))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)  # --seed also changes the windows (train_heldout_batches)
     order = torch.randperm(len(train), generator=g)
     pos = 0
     t_train, budget_note = time.time(), None
