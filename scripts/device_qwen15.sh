@@ -7,7 +7,8 @@
 #                (scripts/device_cuda_mmvq.sh, results in ~/results/cuda: they come back in logs.tgz)
 #   stage NN     carry .device/model/qwen15.partNN: copies it to ~/stage
 #   start        assemble + sha256-check the GGUF, copy the repo to ~/repo (the tree here is re-laid
-#                every call) and start scripts/qwen15_job.sh there in the background
+#                every call) and start $JOB there in the background (default scripts/qwen15_job.sh: the GSM bench
+#                job; scripts/qwen15_methods_job.sh: issue 8's method table and issue 10's Q3_K_M, KLD only)
 #   poll [S]     wait up to S seconds (default 540) for the job, print its progress; when it is done,
 #                pack ~/logs and the results into $OUT
 # Files are made by scripts/device_bundle.sh. With SNAP=DIR (a carried, git-ignored copy of the repo:
@@ -51,7 +52,7 @@ start)
   cd - >/dev/null
   rm -rf ~/repo && mkdir ~/repo && (cd "$R" && cp -r quant2gguf kernels ggml_patches scripts pyproject.toml README.md ~/repo/)
   cd ~/repo && PYTHONPATH=/tmp/site python3 -m pip install -q --no-deps --no-build-isolation -e . >~/logs/install2.log 2>&1
-  setsid nohup bash scripts/qwen15_job.sh >~/logs/job.log 2>&1 </dev/null &
+  setsid nohup bash "${JOB:-scripts/qwen15_job.sh}" >~/logs/job.log 2>&1 </dev/null &
   sleep 20; tail -5 ~/logs/job.log
   ;;
 poll)

@@ -116,7 +116,7 @@ def no_loading(monkeypatch):
     (["--method", "kd", "--dtype", "bf16"], "--dtype bf16: kd holds its student in fp32"),
     (["--slots", "2", "--method", "rtn"], "--slots 2: rtn does not choose protected weights"),
     (["--slots", "2", "--method", "awq"], "--slots 2: awq does not choose protected weights"),
-    (["--method", "laquant", "--act-order"], "--act-order: --method laquant ignores it; drop it"),
+    (["--method", "laquant", "--init", "rtn", "--act-order"], "--act-order: --method laquant ignores it; drop it"),
     (["--method", "laquant", "--no-clip", "--epochs", "1"], "--no-clip: --method laquant ignores it"),
     (["--method", "laquant", "--init", "quantlrm"], "--init quantlrm: laquant starts from rtn | gptq | awq | loaq"),
     (["--method", "gptq", "--epochs", "3", "--base", "x"], "--epochs --base: --method gptq ignores them"),
@@ -146,7 +146,8 @@ def test_method_options_follow_the_signatures():
     from quant2gguf.validate import GROUP_SIZES, method_options
     assert GROUP_SIZES == sorted({t.group_size for t in TYPES.values()})
     assert {"act_order", "clip"} <= method_options("gptq", None)
-    assert not {"act_order", "clip"} & method_options("laquant", None)
+    assert not {"act_order", "clip", "damp"} & method_options("laquant", "rtn")
+    assert {"act_order", "damp"} <= method_options("laquant", "gptq") == method_options("laquant", None)  # its init's
     assert {"base", "ft_steps", "clip"} <= method_options("quantlrm", None)
     assert "act_order" in method_options("kd", "gptq") and "act_order" not in method_options("kd", "ck/")
 

@@ -102,13 +102,18 @@ LR_W = 1e-5  # absolute, the latent weights' rate off a stock grid
 
 
 def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w: float | None = None,
-                   lr_q: float | None = None, lam: float = 1.0, mu: float = 1.0, batch_size: int = 1
-                   ) -> dict[str, QuantizedWeight]:
+                   lr_q: float | None = None, lam: float = 1.0, mu: float = 1.0, batch_size: int = 1,
+                   damp: float | None = None, act_order: bool | None = None) -> dict[str, QuantizedWeight]:
+    import inspect
+
     from . import METHODS
     c = ctx.cfg
     names = list(ctx.arch.linears)
     fp = {n: ctx.linear(n).weight.data.clone() for n in names}
-    start = METHODS[init](ctx)  # sets the layer's weights to the initial dequantized values
+    # --damp / --act-order reach a GPTQ-family init (the recipe LAQuant starts from is the one run alone)
+    init_opts = {k: v for k, v in (("damp", damp), ("act_order", act_order))
+                 if v is not None and k in inspect.signature(METHODS[init]).parameters}
+    start = METHODS[init](ctx, **init_opts)  # sets the layer's weights to the initial dequantized values
     if c.target:
         from .kd import StockFQLinear
         train_codes = lr_w is not None and lr_w > 0  # not given: codes frozen

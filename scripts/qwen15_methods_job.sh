@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Issue 8's method table on qwen15 in one run, plus issue 10's Q3_K_M question (started by
+# `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). KLD only, no GSM bench: the
+# ninth run's bench answered GSM. One table, one run, one GPU (lanes share it; quantize times are wall times beside
+# each other, peak GPU memory per process; compare_gguf measures the checkpoints in the order they should appear):
+#   our type, Q3_G128 and Q3_G64, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout:
+#     RTN | GPTQ | LoaQ | LAQuant (its own GPTQ init) | LAQuant -> KD (news+code, KD_MIN minutes)
+#   issue 10: llama-quantize's Q3_K_M + imatrix (compare_gguf's own file) -> `import` -> KD news+code (same bytes),
+#     beside IQ4_XS + imatrix (the moonshot: our Q3_K_M at or below its KLD)
+#   stock, importance matrix from the same NS x 512 news+code tokens: Q3_K_M, IQ4_XS, IQ3_XXS, Q3_K_S, IQ3_S, IQ3_M
+#   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
+#   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
+# Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
+# Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, NS.
+set -u
+export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+  TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+C=$QUANT2GGUF_CACHE
+mkdir -p "$C/gguf" "$C/data" ~/bench ~/results ~/logs
+cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
+[ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
+ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
+log() { echo "[job] $(date +%T) $*"; }
+CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-4} NS=${NS:-128}
+
+log "fixture (calib $CALIB)"
+python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
+log "fixture ready"
+
+q() {  # q NAME ARGS...: quantize into ~/bench/NAME
+  local t0=$(date +%s)
+  python3 -m quant2gguf quantize qwen15 -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device cuda >~/logs/$1.log 2>&1
+  local rc=$?
+  log "$1 rc=$rc $(( $(date +%s) - t0 )) s"
+  cp ~/bench/$1/manifest.json ~/results/manifest-$1.json 2>/dev/null
+  return $rc
+}
+KD="--method kd --steps 3000 --max-minutes $KD_MIN --batch 8 --eval-every 25 --heldout 16 --lr-q 5e-4"
+GPTQ="--method gptq --damp 0.1 --act-order"
+( q rtn-g128 --method rtn -g 128; q rtn-g64 --method rtn -g 64 ) &
+L1=$!
+( q gptq-g128 $GPTQ -g 128; q gptq-g64 $GPTQ -g 64 ) &
+L2=$!
+( sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128; q loaq-g64 --method loaq --damp 0.1 --act-order -g 64 ) &
+L3=$!
+( sleep 20; q laq-g128 --method laquant --init gptq --damp 0.1 --act-order -g 128 && q kd-laq-g128 $KD -g 128 --init ~/bench/laq-g128 ) &
+L4=$!
+( sleep 30; q laq-g64 --method laquant --init gptq --damp 0.1 --act-order -g 64 && q kd-laq-g64 $KD -g 64 --init ~/bench/laq-g64 ) &
+L5=$!
+STOCK=~/gg/qwen15-Q3_K_M+imat.gguf  # compare_gguf makes it first (--types order)
+( T0=$(date +%s); while [ ! -f $STOCK ] && [ $(( $(date +%s) - T0 )) -lt 1200 ]; do sleep 5; done; sleep 5
+  python3 -m quant2gguf import $STOCK --model qwen15 -o ~/bench/imp-q3km --force >~/logs/import.log 2>&1
+  log "import rc=$?"; q kd-q3km-i $KD --init ~/bench/imp-q3km ) &
+L6=$!
+( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
+  log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
+  python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
+    --imat-nsamples $NS --texts news champ code --embd-type auto \
+    --types Q3_K_M+imat IQ4_XS+imat IQ3_XXS+imat Q3_K_S+imat IQ3_S+imat IQ3_M+imat \
+    --ckpts ~/bench/rtn-g128 ~/bench/rtn-g64 ~/bench/gptq-g128 ~/bench/gptq-g64 ~/bench/loaq-g128 ~/bench/laq-g128 \
+            ~/bench/loaq-g64 ~/bench/laq-g64 ~/bench/kd-q3km-i ~/bench/kd-laq-g128 ~/bench/kd-laq-g64 \
+    --wait 1500 >~/logs/compare.log 2>&1
+  log "compare rc=$?" ) &
+P=$!
+wait $L1 $L2 $L3 $L4 $L5 $L6
+log "quantize lanes done"
+wait $P
+touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part starts now
+cp ~/gg/*.json ~/results/ 2>/dev/null
+log "all done"
+touch ~/logs/job.done
