@@ -3,6 +3,9 @@
 // shapes, batch 1/2/4/8. Each variant is checked against a host reference before timing.
 //   GPU:  nvcc -O3 -std=c++17 -arch=native scripts/cuda_q3g_mmvq_bench.cu -o /tmp/q3gb && /tmp/q3gb [--quick]
 //   host: g++ -O2 -std=c++17 -x c++ scripts/cuda_q3g_mmvq_bench.cu -o /tmp/q3gb_cpu && /tmp/q3gb_cpu --cpu-selftest DIR
+//   no GPU: the nvcc binary's --q4-host-emu runs the batch-1 "q4*" kernels' logic on the CPU against the reference
+// Batch-1-only candidates "q4_ldg", "q4_ldg_auto", "q4_cpa_auto", "q4il_auto_repack" (section (e)): one thread per
+// 4 weight blocks (208 B = 13 x 16-B loads), one wave of small CTAs; the last one uses a repacked weight layout.
 // Output: one JSON line per (variant, shape, batch), then one "model" line per (variant, batch).
 #include <algorithm>
 #include <cmath>
@@ -138,6 +141,50 @@ static void q8_act_ints(const blk_q8 * y4, int * aq, float * dy, float & ss) {  
     for (int b = 0; b < 4; ++b) { memcpy(aq + 8 * b, y4[b].qs, 32); dy[b] = h2f(y4[b].d); ss += h2f(y4[b].s); }
 }
 
+// ---- "q4" batch-1 candidates: one thread per quad = 4 consecutive Q3 blocks of a row (208 B = 13 x 16 B, 16-B
+// aligned since K % 512 == 0). Q = nkb/4 quads per row; a CTA takes R = max(1, NT/Q) whole rows = R*Q contiguous quads.
+HD int q4_rows_per_cta(int Q, int nt) { return nt / Q > 0 ? nt / Q : 1; }
+// "il" repack (q4il variant only): inside a CTA's range of nq quads, warp w owns quads [32w, 32w+n), n = min(32, nq-32w);
+// 16-B chunk i (0..12) of quad 32w+l is stored at chunk 13*32*w + n*i + l of the range -> LDG.128 i of the warp reads
+// n*16 contiguous bytes (fully coalesced) and each lane still ends up with its own whole quad.
+HD int q4_il_chunk(int t, int i, int nq) {
+    const int w = t >> 5, l = t & 31, n = nq - 32 * w < 32 ? nq - 32 * w : 32;
+    return 13 * 32 * w + n * i + l;
+}
+// 16-B chunk i of thread t's quad within its CTA's range (original layout: t*13 + i)
+HD int q4_chunk(bool il, int t, int i, int nq) { return il ? q4_il_chunk(t, i, nq) : t * 13 + i; }
+// host mimic of the q4 kernels' indexing: every quad (and, for the repack, every 16-B chunk) of the matrix is visited
+// exactly once, and thread t's row / quad-in-row is the row the quad belongs to
+static int q4_index_selftest(FILE * log) {
+    static const int KN[6][2] = {{2560, 4096}, {2560, 1024}, {4096, 2560}, {2560, 9728}, {9728, 2560}, {2560, 49152}};
+    int bad = 0;
+    for (int nt : {32, 64, 128, 256})
+        for (const auto & kn : KN) {
+            const int K = kn[0], N = kn[1], nkb = K / QK, Q = nkb / 4, R = q4_rows_per_cta(Q, nt);
+            const int grid = (N + R - 1) / R, nthr = (R * Q + 31) / 32 * 32;
+            if (nthr > nt) ++bad;
+            std::vector<uint8_t> quad_hits((size_t) N * Q, 0), chunk_hits((size_t) N * Q * 13, 0);
+            for (int c = 0; c < grid; ++c) {
+                const int row0 = c * R, rows = std::min(R, N - row0), nq = rows * Q;
+                for (int t = 0; t < nthr; ++t) {
+                    if (t >= nq) continue;
+                    const size_t g = (size_t) row0 * Q + t;             // flat quad read by thread t
+                    bad += (int) (g / Q) != row0 + t / Q || (int) (g % Q) != t % Q;
+                    ++quad_hits[g];
+                    for (int i = 0; i < 13; ++i) {
+                        const int o = q4_il_chunk(t, i, nq);
+                        if (o < 0 || o >= nq * 13) { ++bad; continue; }
+                        ++chunk_hits[(size_t) row0 * Q * 13 + o];
+                    }
+                }
+            }
+            for (uint8_t h : quad_hits) bad += h != 1;
+            for (uint8_t h : chunk_hits) bad += h != 1;
+        }
+    fprintf(log, "q4 index mimic (6 shapes x NT 32..256): %d errors\n", bad);
+    return bad;
+}
+
 static FILE * g_log = stdout;  // the GPU run sends the selftest text to stderr, keeping stdout JSON-only
 static int cpu_selftest(const char * dir) {
     std::mt19937 rng(7);
@@ -194,7 +241,8 @@ static int cpu_selftest(const char * dir) {
         sfix += (double) h2f(blks[qb / 4].m) * (h2f(y[qb].s) - (double) h2f(y[qb].d) * sq);
     }
     fprintf(g_log, "reference vs plain dequant dot (+fp16 s correction): rel %.2e\n", std::fabs(rowref - (plain + sfix)) / rowabs);
-    const bool ok = bad == 0 && vbad == 0 && worst < 1e-6 && std::fabs(rowgot - rowref) / rowabs < 1e-6 &&
+    const int q4bad = q4_index_selftest(g_log);
+    const bool ok = q4bad == 0 && bad == 0 && vbad == 0 && worst < 1e-6 && std::fabs(rowgot - rowref) / rowabs < 1e-6 &&
                     std::fabs(rowref - (plain + sfix)) / rowabs < 1e-9 && q8err <= 0.5 + 127.0 / 2048 + 1e-6;
     if (dir) {  // for the numpy cross-check: packed bytes, codes, d/m, our dequant
         auto dump = [&](const char * name, const void * p, size_t n) {
@@ -493,6 +541,153 @@ __launch_bounds__(NW * 32) __global__ void k_tile(const blk_q3 * __restrict__ x,
     cp_wait<0>();
 }
 
+// ---------- (e) "q4" batch-1 candidates (this session): one thread per quad (4 Q3 blocks = 208 B = 13 x 16 B) ----------
+// One wave of small CTAs (R whole rows each, R*Q <= NT threads) instead of a persistent grid: at these sizes (1-10 MB per
+// matrix, ~1 DRAM latency x bandwidth of bytes) the kernel is latency bound, so every thread issues all 13 of its 16-B
+// weight loads FIRST (208 B in flight per thread, the whole matrix in flight for all but the output shape), then stages
+// the activations in shared memory while those loads fly, then does the math from registers. Same per-block math as
+// blocks_dot (q3_vbyte -> dp4a per quarter, i2f_scaled, fmaf with d*dy, then fmaf(m, sum s)); partial sums per quad are
+// reduced per row through shared memory. Batch 1 only.
+// Activations, per Q3 block kb = 4q + j: aq[(8j + g)*Q + q] = int4 (Q8_1 words 4g..4g+3 of the block, quarter g/2),
+// dy[j*Q + q] = float4 of the 4 Q8_1 scales d, sb[j*Q + q] = float4 of the 4 Q8_1 s (summed in q4_dot in the order of
+// act_fill). Lanes of a warp read quads q = t % Q at consecutive 16-B slots (conflict-free LDS.128, broadcast across rows).
+struct Q4Act { const int4 * aq; const float4 * dy; const float4 * sb; };
+static __host__ __device__ size_t q4_act_bytes(int nkb) { return (size_t) nkb * (128 + 16 + 16); }
+static HD Q4Act q4_act_view(const char * sm, int nkb) {
+    return Q4Act{(const int4 *) sm, (const float4 *) (sm + (size_t) nkb * 128), (const float4 *) (sm + (size_t) nkb * 144)};
+}
+// one thread per Q8_1 block: its 9 words (36-B blocks are only 4-B aligned) loaded before any store, so the fill costs
+// one L2 round trip (per-Q3-block threads with 36 loads each got compiled into ~5 dependent load->store rounds); no sync
+static HD uint32_t q4_ldg32(const unsigned int * p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(p);
+#else
+    return *p;
+#endif
+}
+// (host and device: --q4-host-emu runs the q4 kernels' fill, addressing and math on the CPU)
+static HD void q4_act_fill(char * sm, const blk_q8 * __restrict__ y, int nkb, int tid, int nthr) {
+    const int Q = nkb >> 2;
+    int4 * aq = (int4 *) sm;
+    float * dy = (float *) (sm + (size_t) nkb * 128);
+    float * sb = (float *) (sm + (size_t) nkb * 144);
+    for (int i = tid; i < 4 * nkb; i += nthr) {
+        const int kb = i >> 2, b = i & 3, q = kb >> 2, j = kb & 3;
+        const unsigned int * p = (const unsigned int *) (y + i);
+        uint32_t v[9];
+#pragma unroll
+        for (int e = 0; e < 9; ++e) v[e] = q4_ldg32(p + e);
+        aq[(8 * j + 2 * b) * Q + q] = make_int4((int) v[1], (int) v[2], (int) v[3], (int) v[4]);
+        aq[(8 * j + 2 * b + 1) * Q + q] = make_int4((int) v[5], (int) v[6], (int) v[7], (int) v[8]);
+        dy[4 * (j * Q + q) + b] = h2f((uint16_t) (v[0] & 0xFFFF));
+        sb[4 * (j * Q + q) + b] = h2f((uint16_t) (v[0] >> 16));
+    }
+}
+// the quad (13 x uint4 in registers) against the staged activations of quad q
+static HD float q4_dot(const uint4 (&c)[13], const Q4Act & a, int Q, int q) {
+    uint32_t w[52];
+#pragma unroll
+    for (int i = 0; i < 13; ++i) { w[4 * i] = c[i].x; w[4 * i + 1] = c[i].y; w[4 * i + 2] = c[i].z; w[4 * i + 3] = c[i].w; }
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const uint32_t * wb = w + 13 * j;  // block j of the quad starts at byte 52j = word 13j
+        const float d = h2f(wb[0] & 0xFFFF);
+        const float4 dy = a.dy[j * Q + q];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            int si = 0;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int4 av = a.aq[(8 * j + 2 * b + h) * Q + q];
+                si = dp4a((int) q3_vbyte(wb, b, 4 * h + 0), av.x, si);
+                si = dp4a((int) q3_vbyte(wb, b, 4 * h + 1), av.y, si);
+                si = dp4a((int) q3_vbyte(wb, b, 4 * h + 2), av.z, si);
+                si = dp4a((int) q3_vbyte(wb, b, 4 * h + 3), av.w, si);
+            }
+            const float dyb = b == 0 ? dy.x : b == 1 ? dy.y : b == 2 ? dy.z : dy.w;
+            acc = fmaf(i2f_scaled(si, q3_shift(b)), d * dyb, acc);
+        }
+        const float4 sb = a.sb[j * Q + q];
+        acc = fmaf(h2f(wb[0] >> 16), ((sb.x + sb.y) + sb.z) + sb.w, acc);
+    }
+    return acc;
+}
+// per-row sum of the Q quad partials: red[q*R + r] (R = the CTA's row capacity), thread r < rows sums its row
+static __device__ __forceinline__ void q4_reduce_store(float v, float * red, float * __restrict__ dst, int tid, int nq, int Q,
+                                                       int R, int row0, int rows) {
+    if (tid < nq) red[(tid % Q) * R + tid / Q] = v;
+    __syncthreads();
+    if (tid < rows) {
+        float s0 = 0.0f, s1 = 0.0f;
+        int q = 0;
+        for (; q + 1 < Q; q += 2) { s0 += red[q * R + tid]; s1 += red[(q + 1) * R + tid]; }
+        if (q < Q) s0 += red[q * R + tid];
+        dst[row0 + tid] = s0 + s1;
+    }
+}
+// 16-B weight load: read-only path, L1-allocating (q4_ldg: the two halves of a 32-B sector come from two instructions)
+static __device__ __forceinline__ uint4 q4_ld(const uint4 * p) { return __ldg(p); }
+
+// (e1) q4_ldg: original layout; lane t reads its quad directly: 13 LDG.128 at a 208-B lane stride (each sector is read
+// by 2 of the 13 instructions, the L1 merges them); IL = true (q4il_ldg): the repacked layout of q4_il_chunk, the same
+// 13 LDG.128 but each one fully coalesced (needs the one-time host/device repack below, and a layout conversion in ggml)
+template <bool IL>
+__launch_bounds__(256, 3) __global__ void k_q4_ldg(const uint4 * __restrict__ x, const blk_q8 * __restrict__ y, float * __restrict__ dst,
+                                               int nkb, int nrows, int R) {
+    extern __shared__ __align__(16) char sm[];
+    const int Q = nkb >> 2, tid = threadIdx.x;
+    const int row0 = blockIdx.x * R, rows = min(R, nrows - row0), nq = rows * Q;
+    const uint4 * xc = x + (size_t) row0 * Q * 13;  // this CTA's contiguous quad range
+    uint4 c[13];
+    if (tid < nq) {
+#pragma unroll
+        for (int i = 0; i < 13; ++i) c[i] = q4_ld(xc + q4_chunk(IL, tid, i, nq));
+    } else {
+#pragma unroll
+        for (int i = 0; i < 13; ++i) c[i] = make_uint4(0, 0, 0, 0);
+    }
+    q4_act_fill(sm, y, nkb, tid, blockDim.x);  // overlaps the weight loads
+    __syncthreads();
+    float v = 0.0f;
+    if (tid < nq) v = q4_dot(c, q4_act_view(sm, nkb), Q, tid % Q);
+    q4_reduce_store(v, (float *) (sm + q4_act_bytes(nkb)), dst, tid, nq, Q, R, row0, rows);
+}
+
+// (e2) q4_cpa: original layout; the CTA's contiguous R*Q*208 B are copied into shared memory by fully coalesced 16-B
+// cp.async (every lane, consecutive chunks: the copy-kernel pattern), activations staged meanwhile, then each thread
+// reads its quad with 13 LDS.128 at a 13-chunk lane stride (odd -> conflict-free). One tile per CTA, no double buffer.
+__launch_bounds__(256) __global__ void k_q4_cpa(const uint4 * __restrict__ x, const blk_q8 * __restrict__ y, float * __restrict__ dst,
+                                               int nkb, int nrows, int R) {
+    extern __shared__ __align__(16) char sm[];
+    const int Q = nkb >> 2, tid = threadIdx.x;
+    const int row0 = blockIdx.x * R, rows = min(R, nrows - row0), nq = rows * Q;
+    const uint4 * xc = x + (size_t) row0 * Q * 13;
+    uint4 * ws = (uint4 *) sm;
+    char * act = sm + (size_t) R * Q * 208;
+#pragma unroll 4
+    for (int i = tid; i < nq * 13; i += blockDim.x) cp_async16(ws + i, xc + i);
+    cp_commit();
+    q4_act_fill(act, y, nkb, tid, blockDim.x);
+    cp_wait<0>();
+    __syncthreads();
+    float v = 0.0f;
+    if (tid < nq) {
+        uint4 c[13];
+#pragma unroll
+        for (int i = 0; i < 13; ++i) c[i] = ws[tid * 13 + i];
+        v = q4_dot(c, q4_act_view(act, nkb), Q, tid % Q);
+    }
+    q4_reduce_store(v, (float *) (act + q4_act_bytes(nkb)), dst, tid, nq, Q, R, row0, rows);
+}
+
+// one-time repack for q4il_ldg (not timed): dst gets src (original layout) permuted per CTA range by q4_il_chunk
+__global__ void k_q4_il_repack(const uint4 * __restrict__ src, uint4 * __restrict__ dst, int Q, int R, int nrows) {
+    const int row0 = blockIdx.x * R, rows = min(R, nrows - row0), nq = rows * Q;
+    const size_t base = (size_t) row0 * Q * 13;
+    for (int idx = threadIdx.x; idx < nq * 13; idx += blockDim.x) dst[base + q4_il_chunk(idx / 13, idx % 13, nq)] = src[base + idx];
+}
+
 // ---------- (c) F16 mat-vec reference: warp per row, 16-B loads of 8 halves, fp32 activations ----------
 template <int NC, int NW>
 __launch_bounds__(NW * 32) __global__ void k_f16(const half * __restrict__ x, const float * __restrict__ y, float * __restrict__ dst, int K, int nrows) {
@@ -607,7 +802,112 @@ template <int NC> static void L_f16(cudaStream_t s, const void * w, const void *
     k_f16<NC, NW><<<(N + NW - 1) / NW, dim3(32, NW), 0, s>>>((const half *) w, (const float *) y, dst, K, N);
 }
 
-struct Variant { const char * name; bool f16; launch_fn fn[4]; };  // fn per batch 1,2,4,8
+// batch-1 launchers of the q4 kernels: one CTA per R rows (R*Q <= NT threads), one thread per quad, grid = ceil(N/R).
+// NT = 256 (q4_ldg), or "auto": NT halved (256 -> 32) while the grid has fewer than 2 CTAs per SM, so the small
+// matrices (k/v: 1 MB) are spread over all SMs instead of 21 CTAs
+static int q4_pick_R(int Q, int N, bool autont) {
+    int nt = 256;
+    if (autont) while (nt > 32 && (N + q4_rows_per_cta(Q, nt) - 1) / q4_rows_per_cta(Q, nt) < 2 * g_nsm) nt /= 2;
+    return q4_rows_per_cta(Q, nt);
+}
+template <bool AUTO, bool IL> static void L_q4_ldg(cudaStream_t s, const void * w, const void * y, float * d, int K, int N) {
+    const int nkb = K / QK, Q = nkb / 4, R = q4_pick_R(Q, N, AUTO);
+    const size_t smem = q4_act_bytes(nkb) + (size_t) R * Q * 4;
+    k_q4_ldg<IL><<<(N + R - 1) / R, (R * Q + 31) / 32 * 32, smem, s>>>((const uint4 *) w, (const blk_q8 *) y, d, nkb, N, R);
+}
+static void L_q4_cpa(cudaStream_t s, const void * w, const void * y, float * d, int K, int N) {
+    const int nkb = K / QK, Q = nkb / 4, R = q4_pick_R(Q, N, true);
+    const size_t smem = (size_t) R * Q * 208 + q4_act_bytes(nkb) + (size_t) R * Q * 4;
+    static size_t smem_set = 0;
+    if (smem > smem_set) {  // first call per larger size is the (uncaptured) check launch
+        CK(cudaFuncSetAttribute(k_q4_cpa, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
+        smem_set = smem;
+    }
+    k_q4_cpa<<<(N + R - 1) / R, (R * Q + 31) / 32 * 32, smem, s>>>((const uint4 *) w, (const blk_q8 *) y, d, nkb, N, R);
+}
+// q4il_auto_repack: copy 0 of the pool (what the host check reads) is repacked in place before the variant runs
+// (original saved in the scratch buffer) and restored after; the timing loop's other copies keep the original bytes,
+// which only changes the values, not the access pattern being timed. R must match the launcher's (auto) choice.
+static void P_q4il(cudaStream_t s, char * pool, char * scratch, size_t mbytes, int K, int N, bool undo) {
+    if (undo) { CK(cudaMemcpyAsync(pool, scratch, mbytes, cudaMemcpyDeviceToDevice, s)); CK(cudaStreamSynchronize(s)); return; }
+    const int Q = K / QK / 4, R = q4_pick_R(Q, N, true);
+    CK(cudaMemcpyAsync(scratch, pool, mbytes, cudaMemcpyDeviceToDevice, s));
+    k_q4_il_repack<<<(N + R - 1) / R, 256, 0, s>>>((const uint4 *) scratch, (uint4 *) pool, Q, R, N);
+    CK(cudaGetLastError());
+    CK(cudaStreamSynchronize(s));
+}
+// --q4-host-emu (no GPU needed: runs before any CUDA call): the q4 kernels' per-CTA work on the CPU with the same
+// host/device functions (q4_act_fill, q4_chunk, q4_dot) and the same R choice (132 SMs), the il repack done as
+// k_q4_il_repack does, the row sums as q4_reduce_store; every row of every shape checked against q3_ref_row
+static int q4_host_emu() {
+    if (!g_nsm) g_nsm = 132;
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    int nfail = 0;
+    for (const Shape & sh : SHAPES) {
+        const int K = sh.K, N = sh.N, nkb = K / QK, Q = nkb / 4;
+        std::vector<uint32_t> wmat((size_t) N * nkb * 13);
+        for (size_t b = 0; b < (size_t) N * nkb; ++b) {
+            const float d = 0.002f + 0.03f * (rng() & 0xFFFF) / 65535.0f, m = -0.1f + 0.2f * (rng() & 0xFFFF) / 65535.0f;
+            wmat[13 * b] = (uint32_t) f2h(d) | ((uint32_t) f2h(m) << 16);
+            for (int k = 1; k < 13; ++k) wmat[13 * b + k] = (uint32_t) rng();
+        }
+        std::vector<float> x(K);
+        for (auto & v : x) v = nd(rng);
+        std::vector<blk_q8> yq(K / QK8);
+        q8_1_quantize(x.data(), yq.data(), K);
+        std::vector<double> ref(N), rabs(N);
+        for (int r = 0; r < N; ++r) q3_ref_row((const blk_q3 *) wmat.data() + (size_t) r * nkb, yq.data(), K, ref[r], rabs[r]);
+        const uint4 * orig = (const uint4 *) wmat.data();
+        for (int mode = 0; mode < 3; ++mode) {  // q4_ldg (NT 256), q4_ldg_auto / q4_cpa_auto, q4il_auto_repack
+            const bool autont = mode > 0, il = mode == 2;
+            const int R = q4_pick_R(Q, N, autont), grid = (N + R - 1) / R, nthr = (R * Q + 31) / 32 * 32;
+            std::vector<uint4> img(orig, orig + (size_t) N * Q * 13);
+            if (il)
+                for (int c = 0; c < grid; ++c) {
+                    const int row0 = c * R, nq = std::min(R, N - row0) * Q;
+                    const size_t base = (size_t) row0 * Q * 13;
+                    for (int idx = 0; idx < nq * 13; ++idx) img[base + q4_il_chunk(idx / 13, idx % 13, nq)] = orig[base + idx];
+                }
+            std::vector<float> out(N, NAN);
+            std::vector<uint4> smem((q4_act_bytes(nkb) + (size_t) R * Q * 4 + 15) / 16);
+            char * sm = (char *) smem.data();
+            float * red = (float *) (sm + q4_act_bytes(nkb));
+            for (int c = 0; c < grid; ++c) {
+                const int row0 = c * R, rows = std::min(R, N - row0), nq = rows * Q;
+                const uint4 * xc = img.data() + (size_t) row0 * Q * 13;
+                memset(sm, 0xFF, smem.size() * 16);  // NaN: a slot the fill misses poisons the result
+                for (int tid = 0; tid < nthr; ++tid) q4_act_fill(sm, yq.data(), nkb, tid, nthr);
+                for (int tid = 0; tid < nq; ++tid) {
+                    uint4 cc[13];
+                    for (int i = 0; i < 13; ++i) cc[i] = xc[q4_chunk(il, tid, i, nq)];
+                    red[(tid % Q) * R + tid / Q] = q4_dot(cc, q4_act_view(sm, nkb), Q, tid % Q);
+                }
+                for (int tid = 0; tid < rows; ++tid) {
+                    float s0 = 0.0f, s1 = 0.0f;
+                    int q = 0;
+                    for (; q + 1 < Q; q += 2) { s0 += red[q * R + tid]; s1 += red[(q + 1) * R + tid]; }
+                    if (q < Q) s0 += red[q * R + tid];
+                    out[row0 + tid] = s0 + s1;
+                }
+            }
+            double maxerr = 0;
+            for (int r = 0; r < N; ++r) {
+                const double e = std::fabs(out[r] - ref[r]) / std::max(rabs[r], 1e-30);
+                maxerr = std::isnan(e) ? 1e30 : std::max(maxerr, e);
+            }
+            const bool ok = maxerr < 1e-4;
+            nfail += !ok;
+            printf("q4 host emu %-7s K=%d N=%d mode=%s R=%d grid=%d threads=%d: max_rel_err %.2e %s\n", sh.name, K, N,
+                   mode == 0 ? "nt256" : mode == 1 ? "auto" : "auto_il", R, grid, nthr, maxerr, ok ? "ok" : "FAIL");
+        }
+    }
+    printf("q4 host emu %s\n", nfail ? "FAIL" : "PASS");
+    return nfail ? 1 : 0;
+}
+typedef void (*prep_fn)(cudaStream_t, char * pool, char * scratch, size_t mbytes, int K, int N, bool undo);
+
+struct Variant { const char * name; bool f16; launch_fn fn[4]; prep_fn prep; };  // fn per batch 1,2,4,8 (null: not run)
 #define V4(T) {T<1>, T<2>, T<4>, T<8>}
 template <int NC> static void L_wrow_r1(cudaStream_t s, const void * w, const void * y, float * d, int K, int N) { L_wrow<NC, 1, 8>(s, w, y, d, K, N); }
 template <int NC> static void L_wrow_r2(cudaStream_t s, const void * w, const void * y, float * d, int K, int N) { L_wrow<NC, 2, 8>(s, w, y, d, K, N); }
@@ -626,6 +926,10 @@ static const Variant VARIANTS[] = {
     {"tile32k", false, V4(L_tile32)},
     {"tile16k_r2", false, V4(L_tile16r2)},
     {"tile8k_w4", false, V4(L_tile8w4)},
+    {"q4_ldg", false, {L_q4_ldg<false, false>, nullptr, nullptr, nullptr}},
+    {"q4_ldg_auto", false, {L_q4_ldg<true, false>, nullptr, nullptr, nullptr}},
+    {"q4_cpa_auto", false, {L_q4_cpa, nullptr, nullptr, nullptr}},
+    {"q4il_auto_repack", false, {L_q4_ldg<true, true>, nullptr, nullptr, nullptr}, P_q4il},
     {"f16", true, V4(L_f16)},
 };
 static const int BATCHES[4] = {1, 2, 4, 8};
@@ -664,10 +968,11 @@ int main(int argc, char ** argv) {
     const char * only = nullptr;
     for (int i = 1; i < argc; ++i) {
         if (!strcmp(argv[i], "--cpu-selftest")) return cpu_selftest(i + 1 < argc ? argv[i + 1] : nullptr);
+        else if (!strcmp(argv[i], "--q4-host-emu")) return q4_host_emu();
         else if (!strcmp(argv[i], "--quick")) { quick = true; g_iters = 50; g_reps = 3; }
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
         else if (!strcmp(argv[i], "--iters") && i + 1 < argc) g_iters = atoi(argv[++i]);
-        else { fprintf(stderr, "usage: %s [--quick] [--iters N] [--only variant] | --cpu-selftest [DIR]\n", argv[0]); return 2; }
+        else { fprintf(stderr, "usage: %s [--quick] [--iters N] [--only variant] | --cpu-selftest [DIR] | --q4-host-emu\n", argv[0]); return 2; }
     }
     g_log = stderr;
     if (cpu_selftest(nullptr) != 0) return 1;
@@ -750,7 +1055,9 @@ int main(int argc, char ** argv) {
                 const Variant & v = VARIANTS[vi];
                 if (v.f16 != f16) continue;
                 if (only && strcmp(only, v.name) && !v.f16) continue;
+                if (v.prep) v.prep(s, pool, pool2, mbytes, K, N, false);
                 for (int bi = 0; bi < 4; ++bi) {
+                    if (!v.fn[bi]) continue;
                     const int nc = BATCHES[bi];
                     const void * yarg = f16 ? (const void *) d_xf : (const void *) d_yq;
                     CK(cudaMemsetAsync(d_dst, 0xFF, 8 * (size_t) N * 4, s));  // NaN: unwritten rows fail the check
@@ -775,6 +1082,7 @@ int main(int argc, char ** argv) {
                            v.name, sh.name, K, N, nc, us, gbps, gbps / copy_gbps, gbps / read_gbps, maxerr, ok ? "true" : "false");
                     fflush(stdout);
                 }
+                if (v.prep) v.prep(s, pool, pool2, mbytes, K, N, true);
             }
         }
         CK(cudaFree(d_xf)); CK(cudaFree(d_yq)); CK(cudaFree(d_dst));

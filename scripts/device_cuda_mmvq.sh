@@ -2,7 +2,7 @@
 # Q3_G128 mat-vec microbenchmark on the GPU machine (issue 11), from the repo root, < 2 min:
 # compile scripts/cuda_q3g_mmvq_bench.cu (nvcc -arch=native, fallback sm_90), run it, keep the JSON lines.
 #   scripts/device_cuda_mmvq.sh [RESULT.jsonl]     (default $OUT/cuda_mmvq.jsonl; env.txt, build.log, run.log beside it)
-#   BENCH_ARGS="--quick" or "--only tile16k" pass through to the binary. A crash of the full run falls back to
+#   BENCH_ARGS="--quick" or "--only tile16k" pass through to the binary (q4_* variants: batch 1 only). A crash of the full run falls back to
 #   one process per variant (model lines are then missing: sum the shape lines).
 set -u
 cd "$(dirname "$0")/.."
@@ -35,7 +35,8 @@ RC=$?
 if [ "$RC" != 0 ] && [ "$RC" != 3 ] && [ -z "${BENCH_ARGS:-}" ]; then
   echo "== full run rc=$RC; per-variant reruns" | tee -a "$DIR/run.log"
   mv "$RES" "$RES.partial"
-  for v in f16 cur wrow_r1 wrow_r2 wrow_r4 tile16k tile32k tile16k_r2 tile8k_w4; do
+  for v in f16 cur wrow_r1 wrow_r2 wrow_r4 tile16k tile32k tile16k_r2 tile8k_w4 \
+           q4_ldg q4_ldg_auto q4_cpa_auto q4il_auto_repack; do
     LEFT=$(( 170 - ($(date +%s) - T0) )); [ "$LEFT" -lt 10 ] && break
     timeout "$LEFT" "$BIN" --only "$v" --iters 100 2>>"$DIR/run.log" | grep -v '"model"' | \
       { if [ "$v" = f16 ]; then cat; else grep -v '"variant":"f16"'; fi; } >>"$RES"

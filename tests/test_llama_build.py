@@ -42,6 +42,22 @@ def test_cuda_q3g_kernels_on_the_host(tmp_path):
     assert "OK   q3g-host-check" in r.stdout and "OK   q3g-wrow-emu" in r.stdout, r.stdout[-3000:]
 
 
+def test_mmvq_microbenchmark_selftest_on_the_host(tmp_path):
+    """The CUDA mat-vec microbenchmark (scripts/cuda_q3g_mmvq_bench.cu, run on the GPU machine) built as plain C++:
+    its reference dot against a plain dequantized dot, and the batch-1 q4 variants' addressing (every quad and every
+    repacked 16-byte chunk visited exactly once, every shape, 32..256 threads a CTA). The kernels' outputs are
+    host-checked on the GPU itself; the nvcc build's --q4-host-emu also runs their math on a CPU (no nvcc here)."""
+    import subprocess
+    if not shutil.which("g++"):
+        pytest.skip("g++ is missing")
+    src = llama.patch_dir().parent / "scripts" / "cuda_q3g_mmvq_bench.cu"
+    exe = tmp_path / "mmvq"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-x", "c++", str(src), "-o", str(exe)], check=True, timeout=300)
+    r = subprocess.run([str(exe), "--cpu-selftest"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "cpu selftest PASS" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "q4 index mimic (6 shapes x NT 32..256): 0 errors" in r.stdout, r.stdout[-2000:]
+
+
 def test_patch_hash_changes_with_any_patch(tmp_path, monkeypatch):
     d = tmp_path / "patches"
     shutil.copytree(llama.patch_dir(), d)
