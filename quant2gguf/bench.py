@@ -257,7 +257,7 @@ def bench(files: list, ref: str, vs: list[str] | tuple = ("Q4_0",), out: str | P
     entries = [{"label": "F16", "kind": "f16", "path": f16}]
     entries += [{"label": f"{t}+imat", "kind": "stock", "path": build / f"{name}-{t}-imat-{calib_tag}.gguf",
                  "plan": plans[t]} for t in vs]
-    entries += [{"label": lab, "kind": "file", "path": p} for lab, p in zip(_labels(paths), paths)]
+    entries += [{"label": lab, "kind": "file", "path": p} for lab, p in zip(_labels(paths, ref), paths)]
     serve_kw = {"parallel": parallel, "threads": threads, "cuda": cuda, "port": port, "extra_args": list(server_args)}
     asks = [k for k in ("gsm", "long") if problems[k]]
     if any(_unanswered(out, e["path"], k, problems, settings) for e in entries for k in asks):
@@ -301,9 +301,15 @@ def _unanswered(out: Path, path: Path, kind: str, problems: dict, st: dict) -> b
     return not set(params["keys"]) <= have
 
 
-def _labels(paths: list[Path]) -> list[str]:
+def _labels(paths: list[Path], ref: str = "") -> list[str]:
+    """File stems (parent/stem where two share one); the fixture GGUF that `ref`'s FP weights were dequantized
+    from is said to be that: its KLD against F16 measures only F16's rounding, not a quantizer."""
+    from .fixtures import SPLIT_MODELS
+    src = SPLIT_MODELS.get(str(ref))
     stems = [p.stem for p in paths]
-    return [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    out = [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    return [f"{lab} (fixture: the FP reference's source grid)"
+            if src and p.name == src.file and p.stat().st_size == src.size else lab for lab, p in zip(out, paths)]
 
 
 def _bench_one(e: dict, f16: Path, base: Path, text_file: Path, problems: dict, st: dict, serve_kw: dict,

@@ -110,6 +110,19 @@ def test_old_cached_build_gets_llama_server_on_demand(tmp_path):
     assert "llama-server" in llama.TARGETS
 
 
+def test_the_fixture_gguf_is_labelled_as_the_references_source(tmp_path, monkeypatch):
+    """qwen15's FP reference is its Q4_K_M fixture dequantized: that file in a bench is named as such (its
+    KLD vs F16 is F16's own rounding), a file that only shares its name is not."""
+    from quant2gguf import fixtures
+    monkeypatch.setitem(fixtures.SPLIT_MODELS, "fake", fixtures.SplitGGUF("M.Q4_K_M.gguf", [], "", 10, ""))
+    (tmp_path / "a").mkdir()
+    fix, other, ours = tmp_path / "M.Q4_K_M.gguf", tmp_path / "a" / "M.Q4_K_M.gguf", tmp_path / "ours.gguf"
+    fix.write_bytes(b"x" * 10), other.write_bytes(b"x" * 11), ours.write_bytes(b"x")
+    labels = B._labels([fix, other, ours], "fake")
+    assert labels[0] == f"{tmp_path.name}/M.Q4_K_M (fixture: the FP reference's source grid)"
+    assert labels[1:] == ["a/M.Q4_K_M", "ours"] and B._labels([fix], "qwen05") == ["M.Q4_K_M"]
+
+
 def test_server_log_device_buffers():
     """VRAM with --cuda comes from llama-server's own allocation lines (no GPU here: its log format)."""
     log = ("load_tensors:        CUDA0 model buffer size =   850.50 MiB\n"
