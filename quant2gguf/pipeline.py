@@ -124,6 +124,9 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
                 "ft_steps": ft_steps, "ft_calib": ft_calib,
                 "options": {k: v for k, v in sorted(options.items())  # only what the method reads
                             if v is not None and method != "kd" and k in _params(METHODS[method])}}
+    if method != "kd" and not target:  # (a stock target falls back per tensor as llama-quantize does)
+        from .validate import check_dims
+        check_dims(model, group_size)
     state = None if method == "kd" else open_state(out, {**settings, "target": target}, resume)
     if method == "kd":
         return distill_model(model, out, bits=bits, group_size=group_size, calib=calib, nsamples=nsamples,

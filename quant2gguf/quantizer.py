@@ -163,11 +163,8 @@ def _codes_set(self, c) -> None:
 QuantizedWeight.codes = property(_codes_get, _codes_set, doc="uint8 (N, K) codes (unpacked on access if held packed)")
 
 
-def check_weight(name: str, w: torch.Tensor, group_size: int) -> None:
-    """Raise ValueError with the tensor's name if it cannot be group-quantized as asked."""
-    if w.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
-    k = w.shape[1]
+def check_group(name: str, k: int, group_size: int) -> None:
+    """Raise ValueError naming the tensor if its input dim k cannot be cut into groups of group_size."""
     if k % group_size:
         from .gguf_types import TYPES  # the group sizes our GGUF types hold (imported late: it imports us)
         sizes = sorted({t.group_size for t in TYPES.values()})
@@ -175,6 +172,13 @@ def check_weight(name: str, w: torch.Tensor, group_size: int) -> None:
         hint = (f"use --group-size {' or '.join(map(str, ok))}" if ok
                 else f"no group size our types hold ({'/'.join(map(str, sizes))}) divides it")
         raise ValueError(f"{name}: input dim {k} is not divisible by group size {group_size} ({hint})")
+
+
+def check_weight(name: str, w: torch.Tensor, group_size: int) -> None:
+    """Raise ValueError with the tensor's name if it cannot be group-quantized as asked."""
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    check_group(name, w.shape[1], group_size)
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"{name}: {bad} NaN/Inf weights; fix or re-export the model before quantizing")

@@ -88,3 +88,21 @@ def check_quantize_options(method: str, bits: int, group_size: int, given: dict 
     if ignored:
         what = "them" if len(ignored) > 1 else "it"
         raise ValueError(f"{' '.join(ignored)}: --method {method} ignores {what}; drop {what}")
+
+
+def check_dims(model, group_size: int) -> None:
+    """Every decoder linear's input dim against group_size, from MODEL's config alone (the model is built on
+    the meta device: no weight is read), so a group size the model cannot take fails before it loads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import decoder_layers, get_arch, get_module
+    from .fixtures import resolve_model
+    from .quantizer import check_group
+    config = AutoConfig.from_pretrained(resolve_model(str(model)))
+    arch = get_arch(config.model_type)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    for i, layer in enumerate(decoder_layers(skeleton, arch)):
+        for name in arch.linears:
+            check_group(f"{arch.layers}.{i}.{name}", get_module(layer, name).in_features, group_size)

@@ -11,7 +11,8 @@
 #   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
 # Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
-# Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, NS.
+# Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, NS; for a dry run on a CPU machine
+# MODEL=smollm2 DEV=cpu HOME=/tmp/dry (any fixture; its llama.cpp build must exist: the CUDA one when DEV=cuda).
 set -u
 export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -19,17 +20,18 @@ C=$QUANT2GGUF_CACHE
 mkdir -p "$C/gguf" "$C/data" ~/bench ~/results ~/logs
 cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
 [ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
-ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
+[ -f ~/stage/qwen15.gguf ] && ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 log() { echo "[job] $(date +%T) $*"; }
-CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-4} NS=${NS:-128}
+CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-4} NS=${NS:-128} MODEL=${MODEL:-qwen15} DEV=${DEV:-cuda}
+GPU=$([ "$DEV" = cuda ] && echo --cuda)
 
 log "fixture (calib $CALIB)"
-python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
+python3 -m quant2gguf fixtures fetch $MODEL >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
 log "fixture ready"
 
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME
   local t0=$(date +%s)
-  python3 -m quant2gguf quantize qwen15 -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device cuda >~/logs/$1.log 2>&1
+  python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device $DEV >~/logs/$1.log 2>&1
   local rc=$?
   log "$1 rc=$rc $(( $(date +%s) - t0 )) s"
   cp ~/bench/$1/manifest.json ~/results/manifest-$1.json 2>/dev/null
@@ -47,14 +49,14 @@ L3=$!
 L4=$!
 ( sleep 30; q laq-g64 --method laquant --init gptq --damp 0.1 --act-order -g 64 && q kd-laq-g64 $KD -g 64 --init ~/bench/laq-g64 ) &
 L5=$!
-STOCK=~/gg/qwen15-Q3_K_M+imat.gguf  # compare_gguf makes it first (--types order)
+STOCK=~/gg/$MODEL-Q3_K_M+imat.gguf  # compare_gguf makes it first (--types order)
 ( T0=$(date +%s); while [ ! -f $STOCK ] && [ $(( $(date +%s) - T0 )) -lt 1200 ]; do sleep 5; done; sleep 5
-  python3 -m quant2gguf import $STOCK --model qwen15 -o ~/bench/imp-q3km --force >~/logs/import.log 2>&1
+  python3 -m quant2gguf import $STOCK --model $MODEL -o ~/bench/imp-q3km --force >~/logs/import.log 2>&1
   log "import rc=$?"; q kd-q3km-i $KD --init ~/bench/imp-q3km ) &
 L6=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
-  python3 scripts/compare_gguf.py --model qwen15 --cuda --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
+  python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --embd-type auto \
     --types Q3_K_M+imat IQ4_XS+imat IQ3_XXS+imat Q3_K_S+imat IQ3_S+imat IQ3_M+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/rtn-g64 ~/bench/gptq-g128 ~/bench/gptq-g64 ~/bench/loaq-g128 ~/bench/laq-g128 \

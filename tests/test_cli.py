@@ -131,6 +131,15 @@ def test_bad_options_refused_before_loading(args, pattern, tiny_llama_dir, tmp_p
     assert not no_loading
 
 
+def test_group_size_the_model_cannot_take_is_refused_before_loading(tmp_path, no_loading):
+    """SmolLM2's 576 columns do not split into groups of 128: said from the config, before any weight is read."""
+    from conftest import make_tiny_model
+    src = make_tiny_model("llama", tmp_path / "m192", hidden=192)
+    r = _run("quantize", src, "-o", tmp_path / "ck", "--device", "cpu", "-g", "128")
+    _assert_clean_failure(r, tmp_path, "input dim 192 is not divisible by group size 128 (use --group-size 64)")
+    assert not no_loading
+
+
 def test_api_refuses_what_the_types_cannot_hold(tiny_llama_dir, tmp_path, no_loading):
     from quant2gguf.pipeline import quantize_model
     with pytest.raises(ValueError, match="groups of 64 or 128"):
