@@ -17,19 +17,8 @@
 #            four stock types
 # Results: ~/results. Env: CALIB (documents; traces are added), KD_MIN, NS, BENCH_GSM.
 set -u
-export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
-  TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-C=$QUANT2GGUF_CACHE
-mkdir -p "$C/gguf" "$C/data" ~/bench ~/results ~/logs
-cp -rn ~/stage/data/* "$C/data/" 2>/dev/null
-[ -f "$C/data/champ_v0.json.xz" ] && [ ! -f "$C/data/champ_v0.json" ] && xz -dk "$C/data/champ_v0.json.xz"
-ln -sf ~/stage/qwen15.gguf "$C/gguf/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
-log() { echo "[job] $(date +%T) $*"; }
-CALIB=${CALIB:-news+code} KD_MIN=${KD_MIN:-4} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-250}
-
-log "fixture (calib $CALIB)"
-python3 -m quant2gguf fixtures fetch qwen15 >~/logs/fetch.log 2>&1 || { log "fetch failed"; tail ~/logs/fetch.log; touch ~/logs/job.done; exit 1; }
-log "fixture ready"
+source "$(dirname "$0")/device_job_env.sh"  # env, caches, staged data, log(), the fixture
+KD_MIN=${KD_MIN:-4} NS=${NS:-128} BENCH_GSM=${BENCH_GSM:-250}
 
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME
   local t0=$(date +%s)
