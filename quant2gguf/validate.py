@@ -21,9 +21,11 @@ def method_options(method: str, init: str | None) -> set[str]:
     from .pipeline import KD_DEFAULTS, _params
     if method == "kd":
         return set(KD_DEFAULTS) | (_params(METHODS[init]) if init in METHODS else set())
-    if method == "laquant":  # --damp / --act-order are its GPTQ-family init's (laquant.quantize_layer passes them)
-        init_opts = {"damp", "act_order"} & (_params(METHODS[init or "gptq"]) if (init or "gptq") in METHODS else set())
-        return (_params(METHODS[method]) - {"damp", "act_order"}) | init_opts | PIPELINE_OPTIONS.get(method, set())
+    if method == "laquant":  # --damp / --act-order are its init's, when the init reads them (laquant passes them)
+        from .methods.laquant import INIT_OPTIONS
+        init = init or "gptq"
+        init_opts = set(INIT_OPTIONS) & (_params(METHODS[init]) if init in METHODS else set())
+        return (_params(METHODS[method]) - set(INIT_OPTIONS)) | init_opts | PIPELINE_OPTIONS.get(method, set())
     return _params(METHODS[method]) | PIPELINE_OPTIONS.get(method, set())
 
 

@@ -30,10 +30,13 @@ def _results(dirs: list[Path]) -> dict[str, dict[str, dict]]:
     return out
 
 
-def _label(stem: str) -> str:
-    """qwen15-IQ3_S-imat-news+code-128x512 -> IQ3_S+imat; qwen15-F16 -> F16; our files keep their names."""
-    if stem.endswith(".Q4_K_M"):  # the qwen15 fixture itself: the FP reference was dequantized from it
-        return "Q4_K_M fixture (FP reference's source grid)"
+def _label(stem: str, model: str | None = None) -> str:
+    """qwen15-IQ3_S-imat-news+code-128x512 -> IQ3_S+imat; qwen15-F16 -> F16; our files keep their names; the
+    fixture GGUF of --model (the FP reference was dequantized from it) is said to be that, as bench says it."""
+    from quant2gguf.fixtures import SPLIT_MODELS
+    src = SPLIT_MODELS.get(str(model))
+    if src and stem == Path(src.file).stem:
+        return f"{stem.rsplit('.', 1)[-1]} fixture (FP reference's source grid)"
     parts = stem.split("-")
     if len(parts) > 1 and parts[1] == "F16":
         return "F16"
@@ -53,10 +56,10 @@ def _kept(ref: dict, rows: list[dict]) -> float | None:
     return round(statistics.median(shares), 3) if shares else None
 
 
-def summarize(dirs: list[Path], vs: str = "IQ3_S") -> list[dict]:
+def summarize(dirs: list[Path], vs: str = "IQ3_S", model: str | None = None) -> list[dict]:
     from quant2gguf.bench import paired, wilson
     res = _results(dirs)
-    by_label = {_label(s): r for s, r in res.items()}
+    by_label = {_label(s, model): r for s, r in res.items()}
     f16 = by_label.get("F16", {}).get("gsm")
     ref = next((r.get("gsm") for lab, r in by_label.items() if lab.startswith(vs)), None)
     f16_text = {x["key"]: x.get("text") for x in f16["rows"]} if f16 else {}
@@ -92,7 +95,7 @@ def main() -> None:
     missing = [str(d) for d in a.dirs if not (d / "cache").is_dir()]
     if missing:
         raise SystemExit(f"no bench cache in {', '.join(missing)}: pass the folders bench -o wrote")
-    rows = summarize(a.dirs, a.vs)
+    rows = summarize(a.dirs, a.vs, a.model)
     if not rows:
         raise SystemExit(f"no GSM results in {', '.join(map(str, a.dirs))}")
     out = {"model": a.model, "date": datetime.date.today().isoformat(), "card": a.card, "command": a.command,
