@@ -23,7 +23,8 @@ from pathlib import Path
 from .cache import atomic_path, cache_dir, pip_download
 
 TARGETS = ["llama", "llama-completion", "llama-perplexity", "llama-bench", "llama-quantize",
-           "llama-imatrix", "llama-server", "test-backend-ops", "test-quantize-fns"]
+           "llama-imatrix", "llama-server", "test-backend-ops", "test-quantize-fns",
+           "llama-batched-bench"]  # batch 2..8 decode (issue 11)
 MARKER = ".quant2gguf-built"  # written last: a build dir without it is (re)built
 CUDA_ARCH = "native"  # CMAKE_CUDA_ARCHITECTURES default: the cards of the building machine
 # cmake's keywords, or compute capabilities like 89, 90a, 90-real, comma-separated

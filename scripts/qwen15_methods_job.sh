@@ -16,7 +16,7 @@
 # MODEL=smollm2 DEV=cpu HOME=/tmp/dry (any fixture; its llama.cpp build must exist: the CUDA one when DEV=cuda).
 set -u
 source "$(dirname "$0")/device_job_env.sh"  # env, caches, staged data, log(), the fixture
-KD_MIN=${KD_MIN:-4} NS=${NS:-128} DEV=${DEV:-cuda}
+KD_MIN=${KD_MIN:-4} NS=${NS:-128} DEV=${DEV:-cuda} T_START=$(date +%s)
 GPU=$([ "$DEV" = cuda ] && echo --cuda)
 
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME
@@ -55,6 +55,25 @@ P=$!
 wait $L1 $L3 $L4 $L5 $L6
 log "quantize lanes done"
 wait $P
+# Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
+# tg128 / prefill pp512 (llama-bench) and batch 1/2/4/8 decode (llama-batched-bench, ours with the batch 2..8 kernel
+# on and off), F16 and stock files beside ours, nothing else on the GPU.
+if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1260} ]; then
+  B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
+  $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1
+  S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/laq-g64.gguf"
+  $B/llama-bench -ngl 99 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
+    >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
+  for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf w0:$HOME/gg/rtn-g128.gguf; do
+    w=1; case $f in w0:*) w=0 f=${f#w0:};; esac
+    GGML_Q3G_MMVQ_WROW=$w $B/llama-batched-bench -m $f -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
+      --output-format jsonl 2>>~/logs/batched-bench.log | grep '^{"n_kv_max' | sed "s|^{|{\"file\": \"$(basename $f)\", \"wrow\": $w, |" \
+      >>~/results/batched-bench-$MODEL.jsonl
+  done
+  log "batched-bench done"
+else
+  log "speed stage skipped (budget)"
+fi
 touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part starts now
 cp ~/gg/*.json ~/results/ 2>/dev/null
 log "all done"
