@@ -2,22 +2,27 @@
 
 usage: python scripts/compare_gguf.py --model qwen15 --ckpts CK1 CK2 ... --types IQ3_S+imat Q3_K_M+imat Q3_G64
         [--texts news champ code] [--calib news] [--embd-type auto] [--workdir DIR] [--out results.json] [--cuda] [--wait 900]
+        [--jobs 4] [--no-tg128]
 
 Stock rows: llama-quantize of the model's F16 GGUF (TYPE+imat: with an importance matrix from
 --imat-nsamples x 512 tokens of the --calib source's calib split, quant2gguf.compat.make_imatrix; a
 plain TYPE of ours, Q3_G64/Q3_G128, is llama-quantize's C RTN reference). Our rows: `convert`
 with --embd-type for token_embd/output (the rule in docs/GGUF.md). Every file: whole-file MiB and
 bpw over all parameters, llama-perplexity PPL and KLD against the F16 file (mean, p99, same top-1)
-on the held-out eval split of each --texts source (ctx 512, all chunks), tg128 with -ngl 99.
-Checkpoints that do not exist yet are waited for (--wait seconds in all), so this can run beside the
-quantization jobs and start with the stock files. Writes JSON, a markdown table and a size-KLD plot.
+on the held-out eval split of each --texts source (ctx 512, all chunks), tg128 with -ngl 99 (only with
+--jobs 1 and no --no-tg128: a speed taken beside other work is noise). Checkpoints that do not exist yet are
+waited for (--wait seconds in all), so this can run beside the quantization jobs and start with the stock files;
+--jobs N makes and measures N files at once (the tenth qwen15 run lost its last five rows to a serial queue).
+Writes JSON, a markdown table and a size-KLD plot after every row.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from quant2gguf import checkpoint, llama, runner
@@ -49,6 +54,9 @@ def _measure(name, path, texts, bases, wd, a, params) -> dict:
         else:
             r = runner.perplexity(path, None, ctx=512, kld_base=bases[src], cuda=a.cuda, threads=a.threads)
         row[src] = {k: r.get(k) for k in ("ppl", "kld", "kld_p99", "same_top_p_pct", "n_chunks")}
+    if not a.tg128:
+        _say(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'path'})}")
+        return row
     try:
         b = runner.bench(path, threads=a.threads, n_gen=128, reps=2, cuda=a.cuda)
         row["tg128"] = b.get("tg_tok_s")
@@ -81,6 +89,7 @@ def _plot(rows, text, path) -> None:
     size_kld_panel(ax, rows, text)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -99,7 +108,12 @@ def main() -> None:
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--tokenizer-pre", default=None, help="for tokenizers llama.cpp's converter cannot hash (tiny test models: gpt-2)")
     ap.add_argument("--wait", type=int, default=900, help="seconds (from when the checkpoints are first looked for) to wait for them to appear")
+    ap.add_argument("--jobs", type=int, default=1, help="files made and measured at once (after F16); >1 leaves tg128 out")
+    ap.add_argument("--no-tg128", dest="tg128", action="store_false", help="no decode speed column")
     a = ap.parse_args()
+    if a.jobs < 1:
+        ap.error(f"--jobs {a.jobs}: give 1 or more")
+    a.tg128 = a.tg128 and a.jobs == 1
     sources = dict(t.split("=", 1) if "=" in t else (t, t) for t in a.texts)
     a.texts = list(sources)  # labels: columns, logits files and plot names
     wd, out = Path(a.workdir), Path(a.out)
@@ -129,24 +143,26 @@ def main() -> None:
     params = sum(int(t.n_elements) for t in gguf.GGUFReader(f16).tensors)
     rows[0]["bpw"] = 8 * f16.stat().st_size / params
     save()
-    for t in a.types:
+    lock = threading.Lock()
+
+    def add(row):
+        with lock:
+            rows.append(row)
+            save()
+
+    if any(t.endswith("+imat") for t in a.types) and not imat.exists():
+        from quant2gguf.compat import make_imatrix
+        make_imatrix(a.model, imat, a.calib, a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
+
+    def stock_row(t):
         p = wd / f"{name}-{t}.gguf"
         stock, use_imat = t.removesuffix("+imat"), t.endswith("+imat")
-        if not p.exists():
-            if use_imat and not imat.exists():
-                from quant2gguf.compat import make_imatrix
-                make_imatrix(a.model, imat, a.calib, a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
+        if not p.exists():  # written under a temp name, then renamed: the import lane may wait for it
             runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
-                                  threads=os.cpu_count() or 2, cuda=a.cuda)
-        rows.append(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params))
-        save()
-    t0 = time.time()  # one deadline for all: a lane that died must not hold the rest (and the job) per checkpoint
-    for ck in map(Path, a.ckpts):
-        while not checkpoint.is_checkpoint(ck) and time.time() - t0 < a.wait:
-            time.sleep(10)
-        if not checkpoint.is_checkpoint(ck):
-            _say(f"{ck}: not there after {a.wait} s, skipped")
-            continue
+                                  threads=max(1, (os.cpu_count() or 2) // a.jobs), cuda=a.cuda)
+        add(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params))
+
+    def ckpt_row(ck):
         p = wd / f"{ck.name}.gguf"
         if not p.exists():
             # a stock-target checkpoint's token_embd/output as llama-quantize gives them at that type's _S
@@ -154,11 +170,26 @@ def main() -> None:
             target = checkpoint.read_manifest(ck).get("target")
             embd = f"auto:{target}{'_S' if target in ('Q3_K', 'Q4_K', 'Q5_K') else ''}" \
                 if target and a.embd_type == "auto" else a.embd_type
-            info = convert(ck, p, outtype="f16", embd_type=embd, threads=os.cpu_count() or 2,
+            info = convert(ck, p, outtype="f16", embd_type=embd, threads=max(1, (os.cpu_count() or 2) // a.jobs),
                            tokenizer_pre=a.tokenizer_pre)
             _say(f"converted {ck.name}: {json.dumps(info)[:400]}")
-        rows.append(_measure(_label(ck), p, sources, bases, wd, a, params))
-        save()
+        add(_measure(_label(ck), p, sources, bases, wd, a, params))
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futs = [pool.submit(stock_row, t) for t in a.types]
+        t0 = time.time()  # one deadline for all: a lane that died must not hold the rest (and the job) per checkpoint
+        waiting = list(map(Path, a.ckpts))
+        while waiting:  # each checkpoint is submitted as soon as it is complete, in whatever order they finish
+            for ck in [c for c in waiting if checkpoint.is_checkpoint(c)]:
+                waiting.remove(ck)
+                futs.append(pool.submit(ckpt_row, ck))
+            if waiting and time.time() - t0 >= a.wait:
+                _say(f"{', '.join(map(str, waiting))}: not there after {a.wait} s, skipped")
+                break
+            if waiting:
+                time.sleep(10)
+        for f in futs:
+            f.result()  # a failed row stops the run with its error, as before
     _say("done")
 
 

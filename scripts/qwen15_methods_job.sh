@@ -2,7 +2,8 @@
 # Issue 8's method table on qwen15 in one run, plus issue 10's Q3_K_M question (started by
 # `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). KLD only, no GSM bench: the
 # ninth run's bench answered GSM. One table, one run, one GPU (lanes share it; quantize times are wall times beside
-# each other, peak GPU memory per process; compare_gguf measures the checkpoints in the order they should appear):
+# each other, peak GPU memory per process; compare_gguf makes and measures four files at once, each checkpoint as soon as
+# it is complete: the tenth run's serial queue left five checkpoints unmeasured when the device time ended):
 #   our type, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout: Q3_G128 RTN | GPTQ | LoaQ |
 #     LAQuant (its own GPTQ init) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
 #     (G64's RTN / GPTQ / LoaQ left out for the budget: eight checkpoints through compare_gguf after training)
@@ -49,7 +50,7 @@ L6=$!
     --types Q3_K_M+imat IQ4_XS+imat IQ3_XXS+imat Q3_K_S+imat IQ3_S+imat IQ3_M+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/laq-g64 \
             ~/bench/kd-q3km-i ~/bench/kd-laq-g128 ~/bench/kd-laq-g64 \
-    --wait 1500 >~/logs/compare.log 2>&1
+    --wait 1500 --jobs 4 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
 wait $L1 $L3 $L4 $L5 $L6
@@ -58,7 +59,7 @@ wait $P
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
 # tg128 / prefill pp512 (llama-bench) and batch 1/2/4/8 decode (llama-batched-bench, ours with the batch 2..8 kernel
 # on and off), F16 and stock files beside ours, nothing else on the GPU.
-if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1260} ]; then
+if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1380} ]; then
   B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
   $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1
   S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/laq-g64.gguf"
