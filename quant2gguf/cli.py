@@ -60,6 +60,7 @@ def quantize(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (default: on with --target, off in our types)"),
     clip: bool = typer.Option(True, help="search a per-group clip ratio"),
     damp: Optional[float] = typer.Option(None, help="GPTQ/LoaQ: Hessian damping as a fraction of its mean diagonal (0.01); more is more conservative off the calibration domain"),
+    alpha: Optional[float] = typer.Option(None, help="LoaQ: share of the closed-form correction towards the FP output, 0..1 (1: the paper's W~; 0: GPTQ; GPTAQ's code uses 0.25)"),
     slots: Optional[int] = typer.Option(None, help="protected fp16 weights per group: 0 or 2 (default: 2 for quantlrm)"),
     base: Optional[str] = typer.Option(None, help="QuantLRM: the model before reasoning fine-tuning (else a pseudo-fine-tune)"),
     ft_steps: int = typer.Option(16, help="QuantLRM pseudo-fine-tune steps"),
@@ -89,7 +90,7 @@ def quantize(
     _guard(check_quantize_options, method, bits, group_size, given)
     _guard(quantize_model, model, out, method=method, bits=bits, group_size=group_size, calib=calib,
            nsamples=nsamples, seqlen=seqlen, device=device, act_order=act_order, clip=clip, seed=seed,
-           damp=damp, slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
+           damp=damp, alpha=alpha, slots=slots, base=base, ft_steps=ft_steps, init=init, epochs=epochs, lam=lam, mu=mu,
            lr_w=lr_w, lr_q=lr_q, offload=offload, steps=steps, batch=batch, eval_every=eval_every,
            heldout=heldout, max_minutes=max_minutes, resume=resume, target=target, dtype=dtype, stream=stream)
     typer.echo(str(out))

@@ -81,6 +81,10 @@ def check_quantize_options(method: str, bits: int, group_size: int, given: dict 
     if slots and method not in FILLS_SLOTS:
         raise ValueError(f"--slots {slots}: {method} does not choose protected weights (they would stay "
                          f"empty); drop --slots or use --method {' | '.join(FILLS_SLOTS)}")
+    alpha = given.get("alpha")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha {alpha}: LoaQ's correction share lies in 0..1 (1: the paper's closed form, "
+                         f"0: plain GPTQ); pass one in that range")
     init = given.get("init", KD_DEFAULTS["init"] if method == "kd" else None)
     if method == "laquant" and init is not None and init not in LAQUANT_INITS:
         raise ValueError(f"--init {init}: laquant starts from {' | '.join(LAQUANT_INITS)}; pass one of them")

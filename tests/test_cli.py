@@ -82,13 +82,14 @@ def test_existing_output_refused(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("method, flag, option", [("laquant", "--epochs", ("epochs", 1)),
                                                   ("loaq", "--act-order", ("act_order", True)),
-                                                  ("gptq", "--damp", ("damp", 0.1))])
+                                                  ("gptq", "--damp", ("damp", 0.1)),
+                                                  ("loaq", "--alpha", ("alpha", 0.25))])
 def test_quantize_method_options_reach_only_their_method(method, flag, option, tiny_llama_dir, tmp_path):
     """The CLI passes every method's options (kd's --steps too): each method takes only its own
     keyword parameters, never a name that merely is one of its local variables."""
     ck = tmp_path / "ck"
     r = _run("quantize", tiny_llama_dir, "-o", ck, "--method", method, "-g", "64", "--nsamples", "4",
-             "--seqlen", "64", "--device", "cpu", flag, *({"--epochs": [1], "--damp": [0.1]}.get(flag, [])))
+             "--seqlen", "64", "--device", "cpu", flag, *({"--epochs": [1], "--damp": [0.1], "--alpha": [0.25]}.get(flag, [])))
     assert r.exit_code == 0, r.output
     man = json.loads((ck / "manifest.json").read_text())
     assert man["method"] == method and "steps" not in man["options"] and man["options"][option[0]] == option[1]
@@ -122,6 +123,8 @@ def no_loading(monkeypatch):
     (["--method", "gptq", "--epochs", "3", "--base", "x"], "--epochs --base: --method gptq ignores them"),
     (["--method", "rtn", "--act-order"], "--act-order: --method rtn ignores it"),
     (["--method", "awq", "--damp", "0.1"], "--damp: --method awq ignores it"),
+    (["--method", "gptq", "--alpha", "0.5"], "--alpha: --method gptq ignores it"),
+    (["--method", "loaq", "--alpha", "1.5"], "--alpha 1.5: LoaQ's correction share lies in 0..1"),
     (["--method", "kd", "--init", "ck0", "--no-clip"], "--no-clip: --method kd ignores it"),
     (["--method", "nope"], "unknown method 'nope'"),
 ])

@@ -45,6 +45,22 @@ def test_loaq_target_is_the_least_squares_solution():
     assert err(got) < err(w)
 
 
+def test_loaq_alpha_scales_the_correction():
+    """--alpha: 0 leaves W as GPTQ sees it, 1 is the closed form, in between a straight line (GPTAQ's 0.25)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=g)
+    xq = x + 0.2 * torch.randn(300, 16, generator=g)
+    w = torch.randn(8, 16, generator=g)
+    mom = loaq.Moments(16, "cpu")
+    mom.add(x, xq)
+    h, c = mom.value()
+    full = loaq.target_weight(w, h, c, damp=0.01)
+    assert torch.equal(loaq.target_weight(w, h, c, damp=0.01, alpha=0.0), w)
+    quarter = loaq.target_weight(w, h, c, damp=0.01, alpha=0.25)
+    assert torch.allclose(quarter - w, 0.25 * (full - w), atol=1e-5)
+    assert (full - w).norm() > 0.02 * w.norm()  # a real correction (~6 % here), so the check above is not vacuous
+
+
 def test_loaq_moments_accumulate_in_fp32():
     g = torch.Generator().manual_seed(1)
     x, xq = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)

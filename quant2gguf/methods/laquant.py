@@ -101,12 +101,13 @@ STOCK_LR_Q = 1e-3  # relative, in a stock grid (kd.StockFQLinear's units)
 LR_W = 1e-5  # absolute, the latent weights' rate off a stock grid
 
 
-INIT_OPTIONS = ("damp", "act_order")  # options LAQuant hands to its init when the init reads them (GPTQ, LoaQ)
+INIT_OPTIONS = ("damp", "act_order", "alpha")  # options LAQuant hands to its init when the init reads them (GPTQ, LoaQ)
 
 
 def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w: float | None = None,
                    lr_q: float | None = None, lam: float = 1.0, mu: float = 1.0, batch_size: int = 1,
-                   damp: float | None = None, act_order: bool | None = None) -> dict[str, QuantizedWeight]:
+                   damp: float | None = None, act_order: bool | None = None,
+                   alpha: float | None = None) -> dict[str, QuantizedWeight]:
     import inspect
 
     from . import METHODS
@@ -114,7 +115,7 @@ def quantize_layer(ctx: LayerContext, init: str = "gptq", epochs: int = 2, lr_w:
     names = list(ctx.arch.linears)
     fp = {n: ctx.linear(n).weight.data.clone() for n in names}
     # --damp / --act-order reach a GPTQ-family init (the recipe LAQuant starts from is the one run alone)
-    given = {"damp": damp, "act_order": act_order}
+    given = {"damp": damp, "act_order": act_order, "alpha": alpha}
     init_opts = {k: given[k] for k in INIT_OPTIONS
                  if given[k] is not None and k in inspect.signature(METHODS[init]).parameters}
     start = METHODS[init](ctx, **init_opts)  # sets the layer's weights to the initial dequantized values
