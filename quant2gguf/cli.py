@@ -131,13 +131,14 @@ def convert(
     tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when its converter does not recognise the tokenizer (e.g. gpt-2)"),
     embd_type: str = typer.Option("keep", "--embd-type", help="type of token_embd and output (lm_head), set by llama-quantize: keep (outtype's) | q8_0 | q6_k | q5_k | q4_k | auto (as llama-quantize gives them at IQ3_S) | auto:TYPE (... at stock TYPE)"),
     threads: int = typer.Option(2, "--threads", "-t", help="llama-quantize threads (--embd-type)"),
+    fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="write each layer's q, k, v as one attn_qkv tensor (rows stacked, same values): one mat-vec instead of three in llama.cpp"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing OUT"),
 ):
     """Write the checkpoint as a GGUF with our 3-bit tensor types."""
     from .export import convert as do_convert
     _refuse_existing(out, force)
     info = _guard(do_convert, ckpt, out, outtype=outtype, tokenizer_pre=tokenizer_pre, embd_type=embd_type,
-                  threads=threads)
+                  threads=threads, fuse_qkv=fuse_qkv)
     typer.echo(json.dumps(info, indent=1) if isinstance(info, dict) else str(out))
 
 

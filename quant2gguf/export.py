@@ -8,8 +8,10 @@ of element indices through the converter's own `modify_tensors`, applies that pe
 codes, scales, offsets and protected slots, and writes our packed blocks. A tensor the checkpoint
 holds in a stock llama.cpp type (quantize --target) is written with that ggml type and its stored
 blocks verbatim (rows moved whole), so an unpatched llama.cpp and plain gguf-py read the file.
-The file is written to a temp name, read back and checked against the checkpoint, then renamed.
-Rules: docs/GGUF.md.
+With fuse_qkv a layer's q, k and v (same type and width) are written as one attn_qkv tensor, their rows
+stacked: the pinned llama.cpp loads a fused QKV for every architecture here and runs one mat-vec instead of
+three, the same rows and so the same outputs. The file is written to a temp name, read back and checked
+against the checkpoint, then renamed. Rules: docs/GGUF.md.
 """
 from __future__ import annotations
 
@@ -223,6 +225,49 @@ class _BlocksView:
         self.owner.tofile(f)
 
 
+def _cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """The rows of `parts` stacked in order, as one weight (packed codes and stock blocks stay packed)."""
+    a = parts[0]
+    if isinstance(a, StockWeight):
+        return a._lean(torch.cat([p.blocks for p in parts]))
+    codes = [p.stored_codes for p in parts]
+    if all(isinstance(c, PackedCodes) for c in codes):
+        cat = PackedCodes(torch.cat([c.data for c in codes]), codes[0].bits, codes[0].k)
+    else:
+        cat = torch.cat([p.codes for p in parts])
+    return dataclasses.replace(a, codes=cat, **{f: torch.cat([getattr(p, f) for p in parts]) for f in ROW_FIELDS
+                                                if f != "codes" and getattr(a, f, None) is not None})
+
+
+class FusedBlocks(LazyBlocks):
+    """Several weights of one type and width written as one tensor, rows stacked in order (fuse_qkv);
+    `loads` as LazyBlocks' `load`, one per part, each read and packed when the writer writes."""
+
+    def __init__(self, loads, shapes: list[tuple[int, int]], qtype: int, row_bytes: int):
+        super().__init__(None, (sum(n for n, _ in shapes), shapes[0][1]), qtype, row_bytes)
+        self.loads, self.shapes = loads, [tuple(s) for s in shapes]
+
+    def tofile(self, f) -> None:
+        parts = []
+        for load, shape in zip(self.loads, self.shapes):
+            q = load()
+            if tuple(q.shape) != shape or qtype_for(q) != self.qtype:
+                raise ValueError(f"quantized tensor changed while converting: {q.shape} type {qtype_for(q)}, "
+                                 f"expected {shape} type {self.qtype}")
+            parts.append(q)
+        packed = np.concatenate([_blocks(q, self.qtype) for q in parts])
+        if packed.nbytes != self.nbytes:
+            raise ValueError(f"packed {packed.nbytes} bytes, expected {self.nbytes}; report this as a bug")
+        rows, start, picks = torch.from_numpy(sample_rows(self.shape[0])), 0, []
+        for q, (n, _) in zip(parts, self.shapes):  # the sampled rows of the stack, from the part holding each
+            mine = rows[(rows >= start) & (rows < start + n)] - start
+            if len(mine):
+                picks.append(_take_rows(q, mine))
+            start += n
+        self.sample = _cat_rows(picks)
+        packed.tofile(f)
+
+
 def _row_bytes(q: QuantizedWeight, qtype: int) -> int:
     from . import gguf_types
     return int(q.blocks.shape[1]) if isinstance(q, StockWeight) else gguf_types.qtype(qtype).row_bytes(q.shape[1])
@@ -256,8 +301,11 @@ def _byte_level_bpe(folder: Path) -> bool:
     return (tj.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(tj.get("pre_tokenizer"))
 
 
+QKV = re.compile(r"blk\.(\d+)\.attn_([qkv])\.weight")  # what fuse_qkv stacks, as blk.N.attn_qkv.weight
+
+
 def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer_pre: str | None,
-                    extra_kv: dict[str, object]):
+                    extra_kv: dict[str, object], fuse_qkv: bool = False):
     """A subclass of the architecture's converter class that writes quantized linears as our types.
     `quantized`: a dict, or checkpoint.QuantizedTensors (read one weight at a time, shapes from header)."""
 
@@ -266,7 +314,7 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
 
         def index_tensors(self, remote_hf_model_id=None):
             tensors = super().index_tensors(remote_hf_model_id)
-            self.q_by_name, self.written = {}, {}
+            self.q_by_name, self.written, self.qkv = {}, {}, {}
             for hf in quantized:
                 # the real weight is never read: modify_tensors writes packed blocks instead
                 item = self.filter_tensors((f"{hf}.weight", lambda: torch.zeros(0)))
@@ -297,9 +345,33 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             moved = not torch.equal(rows, torch.arange(n))
             qtype = qtype_for(head)
             load = lambda: _take_rows(quantized[hf], rows) if moved else quantized[hf]  # noqa: E731
-            lazy = LazyBlocks(load, (n, k), qtype, _row_bytes(head, qtype))
-            self.gguf_writer.add_tensor(new_name, lazy.blocks, raw_dtype=gguf.GGMLQuantizationType(qtype))
-            self.written[new_name] = (lazy, qtype)
+            part = (load, (n, k), qtype, _row_bytes(head, qtype))
+            m = QKV.fullmatch(new_name) if fuse_qkv else None
+            if m is None:
+                return self._add(new_name, LazyBlocks(*part))
+            self.qkv.setdefault(m[1], {})[m[2]] = (new_name, part)
+            self._fuse(m[1])
+
+        def _add(self, name: str, lazy: LazyBlocks) -> None:
+            self.gguf_writer.add_tensor(name, lazy.blocks, raw_dtype=gguf.GGMLQuantizationType(lazy.qtype))
+            self.written[name] = (lazy, lazy.qtype)
+
+        def _fuse(self, bid: str, final: bool = False) -> None:
+            """Layer bid's q, k, v as one attn_qkv once all three are here, if one type and width hold them;
+            otherwise (or a layer left incomplete at the end) each on its own."""
+            got = self.qkv.get(bid, {})
+            if len(got) < 3 and not final:
+                return
+            parts = [got[x][1] for x in "qkv" if x in got]
+            if len(parts) == 3 and len({(p[2], p[1][1], p[3]) for p in parts}) == 1:
+                _, _, qtype, row_bytes = parts[0]
+                self._add(f"blk.{bid}.attn_qkv.weight",
+                          FusedBlocks([p[0] for p in parts], [p[1] for p in parts], qtype, row_bytes))
+            else:  # e.g. Q3_K_M's attn_v of a higher type than q and k
+                for x in "qkv":
+                    if x in got:
+                        self._add(got[x][0], LazyBlocks(*got[x][1]))
+            self.qkv.pop(bid, None)
 
         def get_vocab_base_pre(self, tokenizer):
             return tokenizer_pre or super().get_vocab_base_pre(tokenizer)
@@ -315,6 +387,8 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             return super().set_vocab()
 
         def prepare_metadata(self, vocab_only):
+            for bid in list(self.qkv):  # tensors are done: a layer without all of q, k, v writes them apart
+                self._fuse(bid, final=True)
             if self.written:  # general.file_type names the type holding most weights (tensors are done)
                 sizes: dict[int, int] = {}
                 for q, qtype in self.written.values():
@@ -381,7 +455,7 @@ def _model_class(conversion, ckpt: Path):
 # ------------------------------------------------------------------------------ convert -------
 
 def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None,
-            embd_type: str = "keep", threads: int = 2) -> dict:
+            embd_type: str = "keep", threads: int = 2, fuse_qkv: bool = False) -> dict:
     """Write checkpoint `ckpt` as GGUF `out`; returns size, tensor counts per type, the type of each
     class of tensors that are not ours, bits per weight and every tensor's type.
 
@@ -390,7 +464,7 @@ def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_p
     q4_k), "auto" (what llama-quantize gives them in a stock IQ3_S file) or "auto:TYPE" (... in a
     stock TYPE file); set by the patched llama-quantize, which copies every other tensor unchanged.
     tokenizer_pre forces llama.cpp's BPE pre-tokenizer name (e.g. "gpt-2") for tokenizers its
-    converter does not know."""
+    converter does not know. fuse_qkv: each layer's q, k, v as one attn_qkv tensor (module docstring)."""
     ckpt = Path(ckpt)
     _embd_ref(embd_type)  # refuse a bad value before any work
     man, quantized = checkpoint.load_quantized(ckpt, lazy=True)  # each weight read when written
@@ -402,7 +476,7 @@ def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_p
           "format_version": int(man["version"])}
     if man.get("target"):
         kv["target"] = man["target"]
-    return _write_gguf(ckpt, Path(out), outtype, quantized, tokenizer_pre, kv, embd_type, threads)
+    return _write_gguf(ckpt, Path(out), outtype, quantized, tokenizer_pre, kv, embd_type, threads, fuse_qkv)
 
 
 def convert_hf(folder: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None) -> dict:
@@ -414,13 +488,14 @@ def convert_hf(folder: str | Path, out: str | Path, outtype: str = "f16", tokeni
 
 
 def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, QuantizedWeight],
-                tokenizer_pre: str | None, kv: dict, embd_type: str = "keep", threads: int = 2) -> dict:
+                tokenizer_pre: str | None, kv: dict, embd_type: str = "keep", threads: int = 2,
+                fuse_qkv: bool = False) -> dict:
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if out.is_dir():
         raise ValueError(f"{out} is a folder; give the .gguf file to write")
     gguf, conversion = converter()
-    cls = _exporter_class(_model_class(conversion, folder), gguf, quantized, tokenizer_pre, kv)
+    cls = _exporter_class(_model_class(conversion, folder), gguf, quantized, tokenizer_pre, kv, fuse_qkv)
     with atomic_path(out) as tmp, torch.inference_mode():
         model = cls(folder, getattr(gguf.LlamaFileType, OUTTYPES[outtype]), tmp)
         try:

@@ -316,3 +316,63 @@ def test_v1_and_v2_checkpoints_convert_identically(arch, g, slots, tmp_path):
     assert f1 == f2
     n1, n2 = ((tmp_path / f).stat().st_size for f in ("v1.gguf", "v2.gguf"))
     assert n1 == n2
+
+
+def _mixed_checkpoint(root, arch: str, g: int, odd_v: int | None = None):
+    """make_checkpoint, with layer `odd_v`'s v_proj in another of our types (protected slots): a layer whose
+    q, k, v cannot share one tensor."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = make_tiny_model(arch, root / "hf")
+    model, tok = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)
+    quantized = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            odd = odd_v is not None and name == f"model.layers.{odd_v}.self_attn.v_proj"
+            protect = torch.zeros_like(mod.weight.data, dtype=torch.bool)
+            protect[:, 3::g] = odd
+            quantized[name] = quantize(mod.weight.data, 3, g, protect=protect if odd else None, slots=2 if odd else 0)
+    return checkpoint.save(root / "ckpt", model, tok, quantized, {"method": "rtn", "bits": 3, "group_size": g, "slots": 0})
+
+
+@pytest.mark.parametrize("arch,g,odd_v", [("llama", 64, None), ("qwen2", 128, 1)])
+def test_fused_qkv_is_the_three_tensors_stacked(arch, g, odd_v, tmp_path):
+    """--fuse-qkv: each layer's attn_qkv holds attn_q's, attn_k's and attn_v's blocks in that order, byte for byte
+    (llama's q/k rope permutation applied to each part), checked against the checkpoint like any tensor; a layer
+    whose v has another type keeps three tensors; nothing else changes."""
+    ckpt = _mixed_checkpoint(tmp_path, arch, g, odd_v)
+    plain_info = export.convert(ckpt, tmp_path / "plain.gguf", tokenizer_pre=PRE)
+    info = export.convert(ckpt, tmp_path / "fused.gguf", tokenizer_pre=PRE, fuse_qkv=True)
+    plain, fused = _tensors(plain_info["path"]), _tensors(info["path"])
+    layers = {int(export.QKV.fullmatch(n)[1]) for n in plain if export.QKV.fullmatch(n)}
+    assert layers == {0, 1}
+    for name, t in plain.items():
+        if export.QKV.fullmatch(name) and int(export.QKV.fullmatch(name)[1]) != odd_v:
+            assert name not in fused, name
+            continue
+        assert fused[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(fused[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
+    for bid in layers - {odd_v}:
+        qkv = fused[f"blk.{bid}.attn_qkv.weight"]
+        parts = [plain[f"blk.{bid}.attn_{x}.weight"] for x in "qkv"]
+        assert qkv.tensor_type == parts[0].tensor_type
+        assert int(qkv.shape[1]) == sum(int(p.shape[1]) for p in parts) and int(qkv.shape[0]) == int(parts[0].shape[0])
+        want = np.concatenate([np.asarray(p.data).view(np.uint8).reshape(int(p.shape[1]), -1) for p in parts])
+        assert np.array_equal(np.asarray(qkv.data).view(np.uint8).reshape(want.shape), want)
+    assert info["n_quantized"] == plain_info["n_quantized"] - 2 * len(layers - {odd_v})
+    assert 0 <= plain_info["size"] - info["size"] < 4096  # the same blocks; fewer tensor headers
+
+
+@pytest.mark.slow
+def test_fused_qkv_runs_in_llama_cpp_as_the_plain_file(small_ckpt, tmp_path):
+    """The pinned llama.cpp loads attn_qkv for our types and gives the plain file's perplexity (rows are the same;
+    only float summation order in the attention inputs may differ)."""
+    from quant2gguf import llama
+    llama.build()
+    words = "the quick brown fox jumps over a lazy dog while twelve plus thirty makes forty two".split()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(np.random.default_rng(0).choice(words, 3000)) + ".\n")
+    ppl = {}
+    for fuse in (False, True):
+        p = export.convert(small_ckpt, tmp_path / f"f{int(fuse)}.gguf", tokenizer_pre=PRE, fuse_qkv=fuse)["path"]
+        ppl[fuse] = runner.perplexity(p, text, ctx=128, chunks=3)["ppl"]
+    assert abs(ppl[True] / ppl[False] - 1) < 1e-4, ppl
