@@ -32,7 +32,11 @@ q() {  # q NAME ARGS...: quantize into ~/bench/NAME
 }
 KD="--method kd --steps 3000 --max-minutes $KD_MIN --batch 8 --eval-every 25 --heldout 16 --lr-q 5e-4"
 GPTQ="--method gptq --damp 0.1 --act-order"
-( q rtn-g128 --method rtn -g 128; q gptq-g128 $GPTQ -g 128 ) &
+( q rtn-g128 --method rtn -g 128
+  # issue 11: the same file with q/k/v as one attn_qkv (convert --fuse-qkv) for the speed stage
+  (python3 -m quant2gguf convert ~/bench/rtn-g128 -o ~/gg/rtn-g128-fqkv.gguf --fuse-qkv --embd-type auto --threads 4 \
+    >~/logs/conv-fqkv.log 2>&1; log "convert --fuse-qkv rc=$?") &
+  q gptq-g128 $GPTQ -g 128 ) &
 L1=$!
 ( sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128 ) &
 L3=$!
@@ -57,14 +61,14 @@ log "quantize lanes done"
 wait $P
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
 # tg128 / prefill pp512 (llama-bench) and batch 1/2/4/8 decode (llama-batched-bench, ours with the batch 2..8 kernel
-# on and off), F16 and stock files beside ours, nothing else on the GPU.
+# on and off, and with q/k/v fused into one tensor), F16 and stock files beside ours, nothing else on the GPU.
 if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1380} ]; then
   B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
   $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1
-  S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/laq-g64.gguf"
+  S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/rtn-g128-fqkv.gguf $HOME/gg/laq-g64.gguf"
   $B/llama-bench -ngl 99 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
     >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
-  for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf w0:$HOME/gg/rtn-g128.gguf; do
+  for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf ~/gg/rtn-g128-fqkv.gguf w0:$HOME/gg/rtn-g128.gguf; do
     w=1; case $f in w0:*) w=0 f=${f#w0:};; esac
     GGML_Q3G_MMVQ_WROW=$w $B/llama-batched-bench -m $f -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
       --output-format jsonl 2>>~/logs/batched-bench.log | grep '^{"n_kv_max' | sed "s|^{|{\"file\": \"$(basename $f)\", \"wrow\": $w, |" \
