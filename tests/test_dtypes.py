@@ -21,7 +21,7 @@ from quant2gguf.pipeline import quantize_model
 OPTS = dict(group_size=64, nsamples=4, seqlen=32, device="cpu")
 # LAQuant from an RTN init with the learning rates test_laquant uses, so its QAT result is kept
 # (the lookahead and KV terms then shape the exported weights, not only the accept/reject test)
-LAQ = dict(init="rtn", epochs=2, lr_w=1e-4, lr_q=1e-4)
+LAQ = dict(init="rtn", epochs=2, lr_w=2e-2, lr_q=1e-2)  # grid cells a step: a few % in the 4 steps here
 # Relative error of the logits, ||L_q - L|| / ||L||, on held-out tokens. Measured on this model:
 # 0.35-0.45 for every method (3-bit groups of 64 Gaussian weights: step ~ range / 7 ~ 0.7 sigma,
 # so ~20% noise per weight, accumulated over two layers). A model that says nothing (zero logits)
@@ -86,8 +86,8 @@ def test_bf16_model_quantizes_like_fp32_and_stays_close(method, bf16_llama, rel_
     # per-layer stats (out_rel_err; laquant's QAT losses, which go through the lookahead layer) equal too
     la, lb = (json.loads((p / "manifest.json").read_text())["layers"] for p in (a, b))
     assert la == lb
-    if method == "laquant":
-        assert all(st["qat_kept"] for st in la), la
+    if method == "laquant":  # the QAT result, not the guard's fallback, in the layer with a lookahead layer
+        assert la[0]["qat_kept"] and la[0]["qat_loss_after"] < la[0]["qat_loss_before"], la
     assert rel_err(checkpoint.load_model(a)[0]) < MAX_REL_ERR
 
 
@@ -95,7 +95,7 @@ def test_laquant_fp16_held_model(bf16_llama, rel_err, tmp_path):
     """--dtype fp16 (the model rounded to fp16 on load): LAQuant runs and the result stays close."""
     ck = quantize_model(bf16_llama, tmp_path / "fp16", dtype="fp16", **_opts("laquant"))
     man = json.loads((ck / "manifest.json").read_text())
-    assert len(man["layers"]) == 2 and all(st["qat_kept"] for st in man["layers"]), man["layers"]
+    assert len(man["layers"]) == 2 and man["layers"][0]["qat_kept"], man["layers"]  # layer 0: the lookahead's
     assert rel_err(checkpoint.load_model(ck)[0]) < MAX_REL_ERR
 
 

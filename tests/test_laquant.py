@@ -13,7 +13,8 @@ def test_qat_improves_on_rtn_init_and_exports_exactly(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     arch = get_arch(model.config.model_type)
     batches = torch.randint(0, 512, (8, 32))
-    fn = functools.partial(laquant.quantize_layer, init="rtn", epochs=5, lr_w=1e-4, lr_q=1e-4, lam=1.0, mu=1.0)
+    # rates in grid cells a step (kd.FQLinear units): 20 steps of a few % of a cell
+    fn = functools.partial(laquant.quantize_layer, init="rtn", epochs=5, lr_w=2e-2, lr_q=1e-2, lam=1.0, mu=1.0)
     q, stats = quantize_layers(model, arch, batches, fn, QuantConfig(3, 64), batch_size=2)
     for st in stats:
         assert st["qat_kept"] and st["qat_loss_after"] < 0.95 * st["qat_loss_before"], st

@@ -2,6 +2,7 @@
 once quantized give the whole-model run's checkpoint bit for bit, with at most two layers resident."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -40,6 +41,7 @@ def test_streamed_run_writes_the_whole_model_checkpoint(method, tie, tmp_path, m
     a = quantize_model(src, tmp_path / "whole", method=method, **opts)
     real, seen = METHODS[method], []
 
+    @functools.wraps(real)  # its signature: quantize_model passes a method only the options it names
     def spy(ctx, **kw):  # which layers hold weights while layer i is quantized
         seen.append((ctx.index, ctx.layer.self_attn.q_proj.weight.device.type,
                      None if ctx.next_layer is None else ctx.next_layer.self_attn.q_proj.weight.device.type))
