@@ -5,7 +5,8 @@
 # each other, peak GPU memory per process; compare_gguf makes and measures four files at once, each checkpoint as soon as
 # it is complete: the tenth run's serial queue left five checkpoints unmeasured when the device time ended):
 #   our type, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout: Q3_G128 RTN | GPTQ | LoaQ |
-#     LAQuant (its own GPTQ init) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
+#     LoaQ --alpha 0.25 (GPTAQ's share: the tenth run's LoaQ lost CHAMP 2x to GPTQ) | LAQuant (its own GPTQ init,
+#     rates now in grid cells a step) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
 #     (G64's RTN / GPTQ / LoaQ left out for the budget: eight checkpoints through compare_gguf after training)
 #   issue 10: GPTQ (damp 0.1, act-order) in the Q3_K grid -> KD news+code at lr-q 5e-4, converted with Q3_K_S's
 #     token_embd/output (same bytes as llama-quantize's Q3_K_S): the fourth run's recipe (news KLD 0.061 = 0.51x
@@ -38,7 +39,8 @@ GPTQ="--method gptq --damp 0.1 --act-order"
     >~/logs/conv-fqkv.log 2>&1; log "convert --fuse-qkv rc=$?") &
   q gptq-g128 $GPTQ -g 128 ) &
 L1=$!
-( sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128 ) &
+( sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128
+  q loaq-a025-g128 --method loaq --alpha 0.25 --damp 0.1 --act-order -g 128 ) &
 L3=$!
 ( sleep 20; q laq-g128 --method laquant --init gptq --damp 0.1 --act-order -g 128 && q kd-laq-g128 $KD -g 128 --init ~/bench/laq-g128 ) &
 L4=$!
@@ -51,7 +53,7 @@ L6=$!
   python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --embd-type auto \
     --types Q3_K_M+imat IQ4_XS+imat IQ3_XXS+imat Q3_K_S+imat IQ3_S+imat IQ3_M+imat \
-    --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/laq-g64 \
+    --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/loaq-a025-g128 ~/bench/laq-g128 ~/bench/laq-g64 \
             ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/kd-laq-g128 ~/bench/kd-laq-g64 \
     --wait 1500 --jobs 4 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
