@@ -5,6 +5,7 @@
 #   test   — test-backend-ops (CUDA vs CPU) for our types: MUL_MAT, GET_ROWS
 #   bench  — decode speed at Qwen3-4B's shape: a random-weight F16 GGUF (.device/synth_gguf.py),
 #            requantized by llama-quantize to our types and stock ones; llama-bench tg128, -ngl 99
+#            (FUSE=1: each type also from the F16 with q/k/v fused by scripts/fuse_qkv_gguf.py)
 # usage: scripts/device_llama.sh build|test|bench   (results under $OUT)
 set -u
 REPO=$PWD
@@ -51,9 +52,17 @@ bench)
   for t in ${TYPES:-Q3_G128 Q3_G128P Q4_0 Q4_1 Q3_K_S Q3_K_M IQ3_S Q2_K}; do
     [ -f "$W/$t.gguf" ] || "$B/bin/llama-quantize" "$W/f16.gguf" "$W/$t.gguf" "$t" 16 >"$OUT/quantize-$t.log" 2>&1 || echo "quantize $t failed"
   done
+  if [ "${FUSE:-0}" = 1 ]; then  # issue 11: every type again with q/k/v as one attn_qkv (one launch instead of three)
+    [ -f "$W/f16-fqkv.gguf" ] || python3 scripts/fuse_qkv_gguf.py "$W/f16.gguf" "$W/f16-fqkv.gguf" >>"$OUT/synth.log" 2>&1
+    for t in ${TYPES:-Q3_G128 Q3_G128P Q4_0 Q4_1 Q3_K_S Q3_K_M IQ3_S Q2_K}; do
+      [ -f "$W/$t-fqkv.gguf" ] || "$B/bin/llama-quantize" "$W/f16-fqkv.gguf" "$W/$t-fqkv.gguf" "$t" 16 >"$OUT/quantize-$t-fqkv.log" 2>&1 || echo "quantize $t (fused) failed"
+    done
+  fi
   files=""
   for t in F16 ${TYPES:-Q3_G128 Q3_G128P Q4_0 Q4_1 Q3_K_S Q3_K_M IQ3_S Q2_K}; do
     f="$W/$t.gguf"; [ $t = F16 ] && f="$W/f16.gguf"
+    [ -f "$f" ] && files="$files -m $f"
+    f="$W/$t-fqkv.gguf"; [ $t = F16 ] && f="$W/f16-fqkv.gguf"
     [ -f "$f" ] && files="$files -m $f"
   done
   "$B/bin/llama-bench" $files -ngl 99 -n 128 -p 0 -r "${REPS:-5}" -o json >"$OUT/llama-bench.json" 2>"$OUT/llama-bench.err"
@@ -64,7 +73,7 @@ rows = json.load(open(sys.argv[1]))
 f16 = next((r["avg_ts"] for r in rows if "F16" in r["model_type"]), None)
 print("| type | size GiB | tg128 tok/s | x F16 |\n|---|---|---|---|")
 for r in rows:
-    print(f"| {r['model_type']} | {r['model_size'] / 2**30:.2f} | {r['avg_ts']:.0f} ± {r['stddev_ts']:.0f} | "
+    print(f"| {r['model_type']}{' (fused qkv)' if 'fqkv' in r['model_filename'] else ''} | {r['model_size'] / 2**30:.2f} | {r['avg_ts']:.0f} ± {r['stddev_ts']:.0f} | "
           f"{r['avg_ts'] / f16:.2f} |" if f16 else "")
 EOF
   ;;

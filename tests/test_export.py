@@ -376,3 +376,24 @@ def test_fused_qkv_runs_in_llama_cpp_as_the_plain_file(small_ckpt, tmp_path):
         p = export.convert(small_ckpt, tmp_path / f"f{int(fuse)}.gguf", tokenizer_pre=PRE, fuse_qkv=fuse)["path"]
         ppl[fuse] = runner.perplexity(p, text, ctx=128, chunks=3)["ppl"]
     assert abs(ppl[True] / ppl[False] - 1) < 1e-4, ppl
+
+
+def test_fuse_script_writes_what_convert_fuses(tmp_path):
+    """scripts/fuse_qkv_gguf.py on the plain file gives `convert --fuse-qkv`'s tensors byte for byte (the route for
+    files made elsewhere: stock llama-quantize outputs, synthetic shapes), and refuses nothing it cannot fuse."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from fuse_qkv_gguf import fuse
+    ckpt = make_checkpoint("llama", tmp_path, 64)
+    plain = export.convert(ckpt, tmp_path / "plain.gguf", tokenizer_pre=PRE)["path"]
+    fused = export.convert(ckpt, tmp_path / "fused.gguf", tokenizer_pre=PRE, fuse_qkv=True)["path"]
+    assert fuse(Path(plain), tmp_path / "script.gguf") == 2
+    a, b = _tensors(tmp_path / "script.gguf"), _tensors(fused)
+    assert set(a) == set(b) and "blk.0.attn_qkv.weight" in a
+    for n, t in a.items():
+        assert t.tensor_type == b[n].tensor_type and list(t.shape) == list(b[n].shape), n
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)), n
+    r = {k: v.contents() for k, v in export.read_gguf(tmp_path / "script.gguf").fields.items() if not k.startswith("GGUF.")}
+    assert r["tokenizer.ggml.pre"] == PRE and r["quant2gguf.group_size"] == 64
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
