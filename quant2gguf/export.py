@@ -189,6 +189,15 @@ def _blocks(q: QuantizedWeight, qtype: int) -> np.ndarray:
     return np.ascontiguousarray(packed, dtype=np.uint8)
 
 
+def _loaded(load, shape: tuple[int, int], qtype: int) -> QuantizedWeight:
+    """load(), refused if it no longer has the shape and type the writer was told."""
+    q = load()
+    if tuple(q.shape) != tuple(shape) or qtype_for(q) != qtype:
+        raise ValueError(f"quantized tensor changed while converting: {q.shape} type {qtype_for(q)}, "
+                         f"expected {tuple(shape)} type {qtype}")
+    return q
+
+
 class LazyBlocks:
     """A quantized tensor's GGUF blocks uint8 (N, row_bytes) for GGUFWriter.add_tensor, made only when
     the writer writes them (tofile: `load` reads the weight from the checkpoint, rows in GGUF order)
@@ -204,10 +213,7 @@ class LazyBlocks:
         self.sample = None
 
     def tofile(self, f) -> None:
-        q = self.load()
-        if tuple(q.shape) != self.shape or qtype_for(q) != self.qtype:
-            raise ValueError(f"quantized tensor changed while converting: {q.shape} type {qtype_for(q)}, "
-                             f"expected {self.shape} type {self.qtype}")
+        q = _loaded(self.load, self.shape, self.qtype)
         packed = _blocks(q, self.qtype)
         if packed.nbytes != self.nbytes:
             raise ValueError(f"packed {packed.nbytes} bytes, expected {self.nbytes}; report this as a bug")
@@ -248,13 +254,7 @@ class FusedBlocks(LazyBlocks):
         self.loads, self.shapes = loads, [tuple(s) for s in shapes]
 
     def tofile(self, f) -> None:
-        parts = []
-        for load, shape in zip(self.loads, self.shapes):
-            q = load()
-            if tuple(q.shape) != shape or qtype_for(q) != self.qtype:
-                raise ValueError(f"quantized tensor changed while converting: {q.shape} type {qtype_for(q)}, "
-                                 f"expected {shape} type {self.qtype}")
-            parts.append(q)
+        parts = [_loaded(load, shape, self.qtype) for load, shape in zip(self.loads, self.shapes)]
         packed = np.concatenate([_blocks(q, self.qtype) for q in parts])
         if packed.nbytes != self.nbytes:
             raise ValueError(f"packed {packed.nbytes} bytes, expected {self.nbytes}; report this as a bug")
@@ -363,7 +363,7 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             if len(got) < 3 and not final:
                 return
             parts = [got[x][1] for x in "qkv" if x in got]
-            if len(parts) == 3 and len({(p[2], p[1][1], p[3]) for p in parts}) == 1:
+            if len(parts) == 3 and len({(p[2], p[1][1]) for p in parts}) == 1:  # one type, one width
                 _, _, qtype, row_bytes = parts[0]
                 self._add(f"blk.{bid}.attn_qkv.weight",
                           FusedBlocks([p[0] for p in parts], [p[1] for p in parts], qtype, row_bytes))

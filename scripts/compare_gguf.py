@@ -143,7 +143,7 @@ def main() -> None:
     params = sum(int(t.n_elements) for t in gguf.GGUFReader(f16).tensors)
     rows[0]["bpw"] = 8 * f16.stat().st_size / params
     save()
-    lock = threading.Lock()
+    lock, threads = threading.Lock(), max(1, (os.cpu_count() or 2) // a.jobs)  # the CPUs shared by the jobs
 
     def add(row):
         with lock:
@@ -159,7 +159,7 @@ def main() -> None:
         stock, use_imat = t.removesuffix("+imat"), t.endswith("+imat")
         if not p.exists():  # written under a temp name, then renamed: the import lane may wait for it
             runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
-                                  threads=max(1, (os.cpu_count() or 2) // a.jobs), cuda=a.cuda)
+                                  threads=threads, cuda=a.cuda)
         add(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params))
 
     def ckpt_row(ck):
@@ -170,7 +170,7 @@ def main() -> None:
             target = checkpoint.read_manifest(ck).get("target")
             embd = f"auto:{target}{'_S' if target in ('Q3_K', 'Q4_K', 'Q5_K') else ''}" \
                 if target and a.embd_type == "auto" else a.embd_type
-            info = convert(ck, p, outtype="f16", embd_type=embd, threads=max(1, (os.cpu_count() or 2) // a.jobs),
+            info = convert(ck, p, outtype="f16", embd_type=embd, threads=threads,
                            tokenizer_pre=a.tokenizer_pre)
             _say(f"converted {ck.name}: {json.dumps(info)[:400]}")
         add(_measure(_label(ck), p, sources, bases, wd, a, params))
