@@ -11,8 +11,9 @@ with --embd-type for token_embd/output (the rule in docs/GGUF.md). Every file: w
 bpw over all parameters, llama-perplexity PPL and KLD against the F16 file (mean, p99, same top-1)
 on the held-out eval split of each --texts source (ctx 512, all chunks), tg128 with -ngl 99 (only with
 --jobs 1 and no --no-tg128: a speed taken beside other work is noise). Checkpoints that do not exist yet are
-waited for (--wait seconds in all), so this can run beside the quantization jobs and start with the stock files;
---jobs N makes and measures N files at once (the tenth qwen15 run lost its last five rows to a serial queue).
+waited for (--wait seconds in all), so this can run beside the quantization jobs; a complete checkpoint goes
+before the stock files still to do, which fill the time until one is. --jobs N makes and measures N files at once
+(the tenth qwen15 run lost its last five rows to a serial queue, the eleventh all of them to stock files first).
 Writes JSON, a markdown table and a size-KLD plot after every row.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from quant2gguf import checkpoint, llama, runner
@@ -150,13 +150,15 @@ def main() -> None:
             rows.append(row)
             save()
 
-    if any(t.endswith("+imat") for t in a.types) and not imat.exists():
-        from quant2gguf.compat import make_imatrix
-        make_imatrix(a.model, imat, a.calib, a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
+    imat_lock = threading.Lock()
 
     def stock_row(t):
         p = wd / f"{name}-{t}.gguf"
         stock, use_imat = t.removesuffix("+imat"), t.endswith("+imat")
+        with imat_lock:  # made by the first stock row that needs it, not before the checkpoints' rows
+            if use_imat and not imat.exists():
+                from quant2gguf.compat import make_imatrix
+                make_imatrix(a.model, imat, a.calib, a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
         if not p.exists():  # written under a temp name, then renamed: the import lane may wait for it
             runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
                                   threads=threads, cuda=a.cuda)
@@ -175,21 +177,44 @@ def main() -> None:
             _say(f"converted {ck.name}: {json.dumps(info)[:400]}")
         add(_measure(_label(ck), p, sources, bases, wd, a, params))
 
-    with ThreadPoolExecutor(a.jobs) as pool:
-        futs = [pool.submit(stock_row, t) for t in a.types]
-        t0 = time.time()  # one deadline for all: a lane that died must not hold the rest (and the job) per checkpoint
-        waiting = list(map(Path, a.ckpts))
-        while waiting:  # each checkpoint is submitted as soon as it is complete, in whatever order they finish
-            for ck in [c for c in waiting if checkpoint.is_checkpoint(c)]:
-                waiting.remove(ck)
-                futs.append(pool.submit(ckpt_row, ck))
-            if waiting and time.time() - t0 >= a.wait:
+    # N workers; each takes a complete checkpoint first, else the next stock type, else waits for one: the
+    # eleventh qwen15 run queued the stock files first and ran out of device time before any checkpoint
+    types, waiting, errors, t0 = list(a.types), list(map(Path, a.ckpts)), [], time.time()
+
+    def next_task():
+        with lock:
+            ready = [c for c in waiting if checkpoint.is_checkpoint(c)]
+            if ready:
+                waiting.remove(ready[0])
+                return lambda: ckpt_row(ready[0])
+            if types:
+                t = types.pop(0)
+                return lambda: stock_row(t)
+            if waiting and time.time() - t0 >= a.wait:  # one deadline for all: a lane that died must not hold the job
                 _say(f"{', '.join(map(str, waiting))}: not there after {a.wait} s, skipped")
-                break
-            if waiting:
+                waiting.clear()
+            return "wait" if waiting else None
+
+    def worker():
+        while not errors:
+            task = next_task()
+            if task is None:
+                return
+            if task == "wait":
                 time.sleep(10)
-        for f in futs:
-            f.result()  # a failed row stops the run with its error, as before
+                continue
+            try:
+                task()
+            except BaseException as e:  # noqa: BLE001 - a failed row stops the run with its error
+                errors.append(e)
+
+    workers = [threading.Thread(target=worker) for _ in range(a.jobs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
     _say("done")
 
 

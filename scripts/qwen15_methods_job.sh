@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 8's method table on qwen15 in one run, plus issue 10's Q3_K_S goal (started by
 # `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). KLD only, no GSM bench: the
-# ninth run's bench answered GSM. One table, one run, one GPU (lanes share it; quantize times are wall times beside
-# each other, peak GPU memory per process; compare_gguf makes and measures four files at once, each checkpoint as soon as
-# it is complete: the tenth run's serial queue left five checkpoints unmeasured when the device time ended):
+# ninth run's bench answered GSM. One table, one run, one GPU (lanes share it through CUDA MPS; quantize times are wall
+# times beside each other, peak GPU memory per process; compare_gguf makes and measures four files at once, a complete
+# checkpoint before any stock file: the tenth run's serial queue left five checkpoints unmeasured, the eleventh's
+# stock-first queue all ten, its lanes slowed by time-slicing one GPU five ways; GPTQ now runs its column loop as one
+# Triton launch per block, kernels/gptq.py):
 #   our type, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout: Q3_G128 RTN | GPTQ | LoaQ |
 #     LoaQ --alpha 0.25 (GPTAQ's share: the tenth run's LoaQ lost CHAMP 2x to GPTQ) | LAQuant (its own GPTQ init,
 #     rates now in grid cells a step) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
@@ -19,13 +21,20 @@
 # Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, NS; for a dry run on a CPU machine
 # MODEL=smollm2 DEV=cpu HOME=/tmp/dry (any fixture; its llama.cpp build must exist: the CUDA one when DEV=cuda).
 set -u
+mkdir -p ~/results ~/logs
+# GPTQ's Triton column loop vs the torch loop at qwen15's shapes, compiled (< 1 min, while the fixture is made on the CPU)
+[ "${DEV:-cuda}" = cuda ] && (PYTHONPATH=/tmp/site python3 scripts/bench_gptq_kernel.py --out ~/results/gptq-kernel.json \
+  >~/logs/gptq-kernel.log 2>&1 &)
 source "$(dirname "$0")/device_job_env.sh"  # env, caches, staged data, log(), the fixture
 KD_MIN=${KD_MIN:-4} NS=${NS:-128} DEV=${DEV:-cuda} T_START=$(date +%s)
 GPU=$([ "$DEV" = cuda ] && echo --cuda)
+[ "$DEV" = cuda ] && mps_on
 
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME
   local t0=$(date +%s)
-  python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device $DEV >~/logs/$1.log 2>&1
+  # 3 CPU threads a lane: five lanes, the llama.cpp build and compare_gguf share 16 cores
+  OMP_NUM_THREADS=3 python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device $DEV \
+    >~/logs/$1.log 2>&1
   local rc=$?
   log "$1 rc=$rc $(( $(date +%s) - t0 )) s"
   cp ~/bench/$1/manifest.json ~/results/manifest-$1.json 2>/dev/null
@@ -52,9 +61,9 @@ L6=$!
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
   python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --embd-type auto \
-    --types Q3_K_M+imat IQ4_XS+imat IQ3_XXS+imat Q3_K_S+imat IQ3_S+imat IQ3_M+imat \
-    --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/loaq-a025-g128 ~/bench/laq-g128 ~/bench/laq-g64 \
-            ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/kd-laq-g128 ~/bench/kd-laq-g64 \
+    --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
+    --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
+            ~/bench/kd-laq-g64 ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/loaq-a025-g128 \
     --wait 1500 --jobs 4 >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
@@ -64,6 +73,7 @@ wait $P
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
 # tg128 / prefill pp512 (llama-bench) and batch 1/2/4/8 decode (llama-batched-bench, ours with the batch 2..8 kernel
 # on and off, and with q/k/v fused into one tensor), F16 and stock files beside ours, nothing else on the GPU.
+mps_off  # speeds are measured without MPS, one process on the GPU
 if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1380} ]; then
   B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
   $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1

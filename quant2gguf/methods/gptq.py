@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import stock_quant
+from ..kernels import gptq as gptq_kernel
 from ..calib import LayerContext
 from ..quantizer import QuantizedWeight, codes_for, fit_params, search_clip
 
@@ -43,11 +44,14 @@ def _group_params(w, h_diag, bits, group_size, clip):
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, blocksize: int = 128,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  clip: bool = False, return_prequant: bool = False, grid: tuple | None = None):
+                  clip: bool = False, return_prequant: bool = False, grid: tuple | None = None,
+                  kernel: bool | None = None):
     """QuantizedWeight, and with return_prequant also the error-updated weights as they were
     rounded (their fake-quant is exactly the result: the natural start for QAT). `grid`: fixed
     per-group (d, m) (N, K // group_size) fitted by the caller, e.g. a stock type's fp32 (a, b):
-    static groups, kept as given."""
+    static groups, kept as given. `kernel`: the column loop as kernels/gptq.py's Triton launch per
+    block or group (None: on CUDA; the interpreter would take minutes where the torch loop takes
+    seconds)."""
     n, k = w.shape
     W = w.float().clone()
     H = h.clone()
@@ -71,10 +75,29 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     hdiag = torch.diag(H)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     pre = torch.zeros(n, k, dtype=torch.float32, device=w.device) if return_prequant else None
+    if kernel is None:
+        kernel = w.is_cuda and _kernel_ok(w.device)
+    if kernel:
+        d32, m32 = d.float().contiguous(), m.float().contiguous()
+        gidx, cidx = (perm // group_size).to(torch.int32), perm.to(torch.int32)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        W1, Hinv1 = W[:, i1:i2].clone(memory_format=torch.contiguous_format), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
+        if kernel:
+            # segments between group starts (dynamic groups are fitted on the updated block first)
+            starts = [0] if static else [i for i in range(i2 - i1) if cols[i1 + i] % group_size == 0]
+            starts = sorted(set([0] + starts))
+            for a, b in zip(starts, starts[1:] + [i2 - i1]):
+                if not static:
+                    g, sl = cols[i1 + a] // group_size, slice(a, a + group_size)
+                    dg, mg = _group_params(W1[:, sl], hdiag[i1 + a:i1 + a + group_size], bits, group_size, clip)
+                    d[:, g], m[:, g] = dg[:, 0], mg[:, 0]
+                    d32[:, g], m32[:, g] = d[:, g].float(), m[:, g].float()
+                gptq_kernel.gptq_cols(W1, Hinv1.contiguous(), d32, m32, gidx[i1:i2].contiguous(),
+                                      cidx[i1:i2].contiguous(), codes, pre, Err1, a, b, bits)
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             col = cols[i1 + i]
             g = col // group_size
@@ -94,6 +117,33 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     qw = QuantizedWeight(codes, d, m, bits, group_size)
     return (qw, pre) if return_prequant else qw
+
+
+_KERNEL_OK: dict = {}
+
+
+def _kernel_ok(device: torch.device) -> bool:
+    """Once per device: the Triton loop compiles and rounds a small problem as the torch loop does (all
+    but FMA ties); else a warning and the torch loop, rather than a lane that dies at its first layer."""
+    key = str(device)
+    if key not in _KERNEL_OK:
+        ok, why = gptq_kernel.HAS_TRITON, "triton is not installed"
+        if ok:
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                x = torch.randn(512, 256, generator=g, device=device)
+                w, h = torch.randn(64, 256, generator=g, device=device), 2 * x.t() @ x / 512
+                a = gptq_quantize(w, h, 3, 128, act_order=True, return_prequant=True, kernel=True)[0]
+                b = gptq_quantize(w, h, 3, 128, act_order=True, return_prequant=True, kernel=False)[0]
+                agree = (a.codes == b.codes).float().mean().item()
+                ok, why = agree > 0.99, f"its codes agree with the torch loop's on {100 * agree:.1f} % only"
+            except Exception as e:  # noqa: BLE001 - any failure to compile or launch: use the torch loop
+                ok, why = False, f"{type(e).__name__}: {str(e)[:200]}"
+        if not ok:
+            import warnings
+            warnings.warn(f"GPTQ's Triton column loop is off on {key} ({why}): the torch loop runs instead")
+        _KERNEL_OK[key] = ok
+    return _KERNEL_OK[key]
 
 
 def gptq_stock(w: torch.Tensor, h: torch.Tensor, qtype: str, damp: float = 0.01, act_order: bool = False,
