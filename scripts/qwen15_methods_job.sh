@@ -10,7 +10,8 @@
 #     LoaQ --alpha 0.25 (GPTAQ's share: the tenth run's LoaQ lost CHAMP 2x to GPTQ) | LAQuant (its own GPTQ init,
 #     rates now in grid cells a step) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
 #     (G64's RTN / GPTQ / LoaQ left out for the budget: eight checkpoints through compare_gguf after training)
-#   issue 10: GPTQ (damp 0.1, act-order) in the Q3_K grid -> KD news+code at lr-q 5e-4, converted with Q3_K_S's
+#   issue 10: GPTQ (damp 0.1, act-order) in the Q3_K grid -> KD news+code at lr-q 5e-4 for KD_Q3K_MIN minutes (its
+#     init ends ~5 minutes before LAQuant's, so its KD can run longer in the same time), converted with Q3_K_S's
 #     token_embd/output (same bytes as llama-quantize's Q3_K_S): the fourth run's recipe (news KLD 0.061 = 0.51x
 #     Q3_K_S + imatrix at lr-q 1e-3, which peaked at step 25) against the goal of half. The tenth run's Q3_K_M import
 #     -> KD lane (the moonshot) stopped at held-out KL 0.048, far from IQ4_XS + imatrix's 0.026 news KLD: dropped.
@@ -18,7 +19,7 @@
 #   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
 # Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
-# Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, NS; for a dry run on a CPU machine
+# Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, KD_Q3K_MIN, NS; for a dry run on a CPU machine
 # MODEL=smollm2 DEV=cpu HOME=/tmp/dry (any fixture; its llama.cpp build must exist: the CUDA one when DEV=cuda).
 set -u
 mkdir -p ~/results ~/logs
@@ -26,7 +27,7 @@ mkdir -p ~/results ~/logs
 [ "${DEV:-cuda}" = cuda ] && (PYTHONPATH=/tmp/site python3 scripts/bench_gptq_kernel.py --out ~/results/gptq-kernel.json \
   >~/logs/gptq-kernel.log 2>&1 &)
 source "$(dirname "$0")/device_job_env.sh"  # env, caches, staged data, log(), the fixture
-KD_MIN=${KD_MIN:-4} NS=${NS:-128} DEV=${DEV:-cuda} T_START=$(date +%s)
+KD_MIN=${KD_MIN:-4} KD_Q3K_MIN=${KD_Q3K_MIN:-6} NS=${NS:-128} DEV=${DEV:-cuda} T_START=$(date +%s)
 GPU=$([ "$DEV" = cuda ] && echo --cuda)
 [ "$DEV" = cuda ] && mps_on
 
@@ -40,7 +41,7 @@ q() {  # q NAME ARGS...: quantize into ~/bench/NAME
   cp ~/bench/$1/manifest.json ~/results/manifest-$1.json 2>/dev/null
   return $rc
 }
-KD="--method kd --steps 3000 --max-minutes $KD_MIN --batch 8 --eval-every 25 --heldout 16 --lr-q 5e-4"
+KD="--method kd --steps 3000 --batch 8 --eval-every 25 --heldout 16 --lr-q 5e-4"
 GPTQ="--method gptq --damp 0.1 --act-order"
 ( q rtn-g128 --method rtn -g 128
   # issue 11: the same file with q/k/v as one attn_qkv (convert --fuse-qkv) for the speed stage
@@ -51,11 +52,11 @@ L1=$!
 ( sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128
   q loaq-a025-g128 --method loaq --alpha 0.25 --damp 0.1 --act-order -g 128 ) &
 L3=$!
-( sleep 20; q laq-g128 --method laquant --init gptq --damp 0.1 --act-order -g 128 && q kd-laq-g128 $KD -g 128 --init ~/bench/laq-g128 ) &
+( sleep 20; q laq-g128 --method laquant --init gptq --damp 0.1 --act-order -g 128 && q kd-laq-g128 $KD --max-minutes $KD_MIN -g 128 --init ~/bench/laq-g128 ) &
 L4=$!
-( sleep 30; q laq-g64 --method laquant --init gptq --damp 0.1 --act-order -g 64 && q kd-laq-g64 $KD -g 64 --init ~/bench/laq-g64 ) &
+( sleep 30; q laq-g64 --method laquant --init gptq --damp 0.1 --act-order -g 64 && q kd-laq-g64 $KD --max-minutes $KD_MIN -g 64 --init ~/bench/laq-g64 ) &
 L5=$!
-( sleep 40; q gptq-q3k $GPTQ --target q3_k && q kd-gptq-q3k $KD --init ~/bench/gptq-q3k ) &
+( sleep 40; q gptq-q3k $GPTQ --target q3_k && q kd-gptq-q3k $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3k ) &
 L6=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
