@@ -3,6 +3,7 @@
 fakequant: learnable fake-quant for QAT (fused forward/backward, bit-exact with the reference).
 qmatmul:   3-bit packing for GPU and dequant-matmul (GEMV for decode, GEMM / dequant+cuBLAS for prefill).
 qlinear:   QuantLinear and swap_linears, so evaluation runs on the packed weights.
+gptq:      GPTQ's column loop, one launch per block (methods/gptq.py uses it on CUDA).
 Every kernel runs on CUDA or on CPU under TRITON_INTERPRET=1; without either, torch fallbacks run.
 """
 from .fakequant import fake_quant
