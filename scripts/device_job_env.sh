@@ -16,6 +16,8 @@ log "fixture ready"
 # launch-bound small kernels waiting their turn). Checked with one allocation; off again (and said so) if it fails.
 mps_on() {
   command -v nvidia-cuda-mps-control >/dev/null || { log "MPS: no nvidia-cuda-mps-control, lanes time-slice the GPU"; return; }
+  # a process already on the GPU without MPS would hold the MPS server back: let it finish (60 s at most)
+  for _ in $(seq 12); do [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader)" ] && break; sleep 5; done
   nvidia-cuda-mps-control -d 2>~/logs/mps.log
   if timeout 120 python3 -c "import torch; x = torch.empty(2**28, device='cuda'); x.fill_(1); print(x[:4].sum().item())" \
       >~/logs/mps-check.log 2>&1; then log "MPS on"

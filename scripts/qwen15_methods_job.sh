@@ -20,7 +20,8 @@
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
 # Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
 # Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, KD_Q3K_MIN, NS; for a dry run on a CPU machine
-# MODEL=smollm2 DEV=cpu HOME=/tmp/dry (any fixture; its llama.cpp build must exist: the CUDA one when DEV=cuda).
+# MODEL=qwen05 DEV=cpu HOME=/tmp/dry (a fixture whose dims take group 128; its llama.cpp build must exist: the CUDA one
+# when DEV=cuda).
 set -u
 mkdir -p ~/results ~/logs
 # GPTQ's Triton column loop vs the torch loop at qwen15's shapes, compiled (< 1 min, while the fixture is made on the CPU)
