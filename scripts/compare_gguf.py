@@ -92,6 +92,50 @@ def _plot(rows, text, path) -> None:
     plt.close(fig)
 
 
+def run_queue(jobs: int, ckpts: list, types: list, ready, ckpt_row, stock_row, wait: float, poll: float = 10.0) -> None:
+    """`jobs` workers; a free one takes a complete checkpoint (ready(ck)) first, in the order given, else the next
+    stock type, else waits `poll` s for one. Checkpoints not ready `wait` s after the start are skipped (one deadline
+    for all: a lane that died must not hold the job). The first failed row stops the queue and is raised.
+    Why this order: the eleventh qwen15 run queued the stock files first and ran out of device time before any
+    checkpoint was measured."""
+    lock, types, waiting, errors, t0 = threading.Lock(), list(types), list(ckpts), [], time.time()
+
+    def next_task():
+        with lock:
+            done = [c for c in waiting if ready(c)]
+            if done:
+                waiting.remove(done[0])
+                return lambda: ckpt_row(done[0])
+            if types:
+                t = types.pop(0)
+                return lambda: stock_row(t)
+            if waiting and time.time() - t0 >= wait:
+                _say(f"{', '.join(map(str, waiting))}: not there after {wait} s, skipped")
+                waiting.clear()
+            return "wait" if waiting else None
+
+    def worker():
+        while not errors:
+            task = next_task()
+            if task is None:
+                return
+            if task == "wait":
+                time.sleep(poll)
+                continue
+            try:
+                task()
+            except BaseException as e:  # noqa: BLE001 - a failed row stops the run with its error
+                errors.append(e)
+
+    workers = [threading.Thread(target=worker) for _ in range(jobs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen15")
@@ -177,44 +221,7 @@ def main() -> None:
             _say(f"converted {ck.name}: {json.dumps(info)[:400]}")
         add(_measure(_label(ck), p, sources, bases, wd, a, params))
 
-    # N workers; each takes a complete checkpoint first, else the next stock type, else waits for one: the
-    # eleventh qwen15 run queued the stock files first and ran out of device time before any checkpoint
-    types, waiting, errors, t0 = list(a.types), list(map(Path, a.ckpts)), [], time.time()
-
-    def next_task():
-        with lock:
-            ready = [c for c in waiting if checkpoint.is_checkpoint(c)]
-            if ready:
-                waiting.remove(ready[0])
-                return lambda: ckpt_row(ready[0])
-            if types:
-                t = types.pop(0)
-                return lambda: stock_row(t)
-            if waiting and time.time() - t0 >= a.wait:  # one deadline for all: a lane that died must not hold the job
-                _say(f"{', '.join(map(str, waiting))}: not there after {a.wait} s, skipped")
-                waiting.clear()
-            return "wait" if waiting else None
-
-    def worker():
-        while not errors:
-            task = next_task()
-            if task is None:
-                return
-            if task == "wait":
-                time.sleep(10)
-                continue
-            try:
-                task()
-            except BaseException as e:  # noqa: BLE001 - a failed row stops the run with its error
-                errors.append(e)
-
-    workers = [threading.Thread(target=worker) for _ in range(a.jobs)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
+    run_queue(a.jobs, list(map(Path, a.ckpts)), a.types, checkpoint.is_checkpoint, ckpt_row, stock_row, a.wait)
     _say("done")
 
 

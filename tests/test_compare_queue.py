@@ -1,0 +1,51 @@
+"""scripts/compare_gguf.py's work queue: a complete checkpoint before any stock file still to do (the eleventh
+qwen15 run measured no checkpoint because six stock files held the slots), checkpoints that never appear skipped at
+the deadline, a failed row raised."""
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from compare_gguf import run_queue  # noqa: E402
+
+
+def _recorder(ready_after: dict[str, str] | None = None):
+    """Rows append their names in order; a checkpoint in ready_after becomes ready once that row is done."""
+    order, done, lock = [], set(), threading.Lock()
+    ready_after = ready_after or {}
+
+    def row(name):
+        with lock:
+            order.append(name)
+            done.add(name)
+
+    def ready(ck):
+        return ck not in ready_after or ready_after[ck] in done
+
+    return order, row, ready
+
+
+def test_checkpoints_go_before_stock_files():
+    order, row, ready = _recorder({"ck-late": "IQ3_S"})
+    run_queue(1, ["ck-early", "ck-late"], ["IQ3_S", "Q3_K_S", "Q3_K_M"], ready, row, row, wait=5, poll=0.01)
+    # ck-early is ready at once; ck-late once IQ3_S is done, and then it jumps the two stock files still queued
+    assert order == ["ck-early", "IQ3_S", "ck-late", "Q3_K_S", "Q3_K_M"]
+
+
+def test_missing_checkpoint_is_skipped_at_the_deadline():
+    order, row, ready = _recorder({"never": "no such row"})
+    t0 = time.time()
+    run_queue(2, ["ck", "never"], ["IQ3_S"], ready, row, row, wait=0.3, poll=0.02)
+    assert sorted(order) == ["IQ3_S", "ck"]
+    assert 0.3 <= time.time() - t0 < 5
+
+
+def test_a_failed_row_is_raised():
+    def bad(name):
+        raise RuntimeError(f"llama-perplexity failed on {name}")
+
+    with pytest.raises(RuntimeError, match="failed on ck"):
+        run_queue(2, ["ck"], [], lambda c: True, bad, bad, wait=1, poll=0.01)
