@@ -86,8 +86,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         Err1 = torch.zeros_like(W1)
         if kernel:
             # segments between group starts (dynamic groups are fitted on the updated block first)
-            starts = [0] if static else [i for i in range(i2 - i1) if cols[i1 + i] % group_size == 0]
-            starts = sorted(set([0] + starts))
+            starts = [0] if static else sorted({0, *(i for i in range(i2 - i1) if cols[i1 + i] % group_size == 0)})
             for a, b in zip(starts, starts[1:] + [i2 - i1]):
                 if not static:
                     g, sl = cols[i1 + a] // group_size, slice(a, a + group_size)
