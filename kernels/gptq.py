@@ -46,8 +46,8 @@ if HAS_TRITON:
         for i in range(c0, c1):
             g = tl.load(gidx_ptr + i)
             col = tl.load(cidx_ptr + i)
-            d = tl.load(d_ptr + rows * ng + g, mask=rmask, other=1.0)
-            m = tl.load(m_ptr + rows * ng + g, mask=rmask, other=0.0)
+            d = tl.load(d_ptr + rows * ng + g, mask=rmask, other=1.0).to(tl.float32)  # fp16 (ours) or fp32 (a
+            m = tl.load(m_ptr + rows * ng + g, mask=rmask, other=0.0).to(tl.float32)  # stock grid): exact in fp32
             w = tl.sum(tl.where(cols[None, :] == i, W, 0.0), axis=1)
             zero = d == 0.0
             s = tl.math.div_rn(w - m, tl.where(zero, 1.0, d))
@@ -68,7 +68,7 @@ def gptq_cols(W1: torch.Tensor, Hinv1: torch.Tensor, d: torch.Tensor, m: torch.T
               cidx: torch.Tensor, codes: torch.Tensor, pre: torch.Tensor | None, err: torch.Tensor,
               c0: int, c1: int, bits: int) -> None:
     """Round columns c0..c1-1 of the block W1 (n, bw) in place, as methods/gptq.py's inner loop does.
-    Hinv1 (bw, bw) the block of the upper factor; d, m (n, ng) fp32 group parameters; gidx, cidx
+    Hinv1 (bw, bw) the block of the upper factor; d, m (n, ng) group parameters as stored; gidx, cidx
     (bw,) int32: each block column's group and destination column in codes (n, k) uint8 and pre
     (n, k) fp32; err (n, bw) fp32 receives the scaled errors. All contiguous, on one device."""
     n, bw = W1.shape

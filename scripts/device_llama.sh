@@ -48,18 +48,19 @@ test)
 bench)
   W=$HOME/synth
   mkdir -p "$W"
+  TYPES=${TYPES:-Q3_G128 Q3_G128P Q4_0 Q4_1 Q3_K_S Q3_K_M IQ3_S Q2_K}
   [ -f "$W/f16.gguf" ] || python3 .device/synth_gguf.py "$HOME/stage/smollm2.gguf" "$W/f16.gguf" 2560 9728 36 32 8 >"$OUT/synth.log" 2>&1 || { cat "$OUT/synth.log"; exit 1; }
-  for t in ${TYPES:-Q3_G128 Q3_G128P Q4_0 Q4_1 Q3_K_S Q3_K_M IQ3_S Q2_K}; do
+  for t in $TYPES; do
     [ -f "$W/$t.gguf" ] || "$B/bin/llama-quantize" "$W/f16.gguf" "$W/$t.gguf" "$t" 16 >"$OUT/quantize-$t.log" 2>&1 || echo "quantize $t failed"
   done
   if [ "${FUSE:-0}" = 1 ]; then  # issue 11: every type again with q/k/v as one attn_qkv (one launch instead of three)
     [ -f "$W/f16-fqkv.gguf" ] || python3 scripts/fuse_qkv_gguf.py "$W/f16.gguf" "$W/f16-fqkv.gguf" >>"$OUT/synth.log" 2>&1
-    for t in ${TYPES:-Q3_G128 Q3_G128P Q4_0 Q4_1 Q3_K_S Q3_K_M IQ3_S Q2_K}; do
+    for t in $TYPES; do
       [ -f "$W/$t-fqkv.gguf" ] || "$B/bin/llama-quantize" "$W/f16-fqkv.gguf" "$W/$t-fqkv.gguf" "$t" 16 >"$OUT/quantize-$t-fqkv.log" 2>&1 || echo "quantize $t (fused) failed"
     done
   fi
   files=""
-  for t in F16 ${TYPES:-Q3_G128 Q3_G128P Q4_0 Q4_1 Q3_K_S Q3_K_M IQ3_S Q2_K}; do
+  for t in F16 $TYPES; do
     f="$W/$t.gguf"; [ $t = F16 ] && f="$W/f16.gguf"
     [ -f "$f" ] && files="$files -m $f"
     f="$W/$t-fqkv.gguf"; [ $t = F16 ] && f="$W/f16-fqkv.gguf"

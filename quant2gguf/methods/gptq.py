@@ -77,8 +77,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     pre = torch.zeros(n, k, dtype=torch.float32, device=w.device) if return_prequant else None
     if kernel is None:
         kernel = w.is_cuda and _kernel_ok(w.device)
-    if kernel:
-        d32, m32 = d.float().contiguous(), m.float().contiguous()
+    if kernel:  # the kernel reads d, m in place (dynamic groups write into them as they start)
+        d, m = d.contiguous(), m.contiguous()
         gidx, cidx = (perm // group_size).to(torch.int32), perm.to(torch.int32)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
@@ -92,8 +92,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
                     g, sl = cols[i1 + a] // group_size, slice(a, a + group_size)
                     dg, mg = _group_params(W1[:, sl], hdiag[i1 + a:i1 + a + group_size], bits, group_size, clip)
                     d[:, g], m[:, g] = dg[:, 0], mg[:, 0]
-                    d32[:, g], m32[:, g] = d[:, g].float(), m[:, g].float()
-                gptq_kernel.gptq_cols(W1, Hinv1.contiguous(), d32, m32, gidx[i1:i2].contiguous(),
+                gptq_kernel.gptq_cols(W1, Hinv1.contiguous(), d, m, gidx[i1:i2].contiguous(),
                                       cidx[i1:i2].contiguous(), codes, pre, Err1, a, b, bits)
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
             continue
