@@ -8,6 +8,7 @@ X_hat through the quantized layer. Activations stay on the compute device unless
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,8 +268,10 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
             if i + 1 < n:
                 stream.load(i + 1).to(store)  # the lookahead layer, where a whole-model run keeps it
         orig = next(layers[i].parameters()).dtype
+        t0 = _clock(device)
         layer = layers[i].to(device, COMPUTE)
         fp_out = run_layer(layer, fp, kwargs[i], device)
+        t1 = _clock(device)
         saved = None if state is None else Path(state) / f"layer-{i:04d}.pt"
         if saved is not None and saved.is_file():
             done, st = load_layer_state(saved, layer)
@@ -281,8 +284,12 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
             for name, qw in result.items():
                 if name not in ctx.quantized:
                     ctx.set_quantized(name, qw)
+            t2 = _clock(device)
             q_out = run_layer(layer, q, kwargs[i], device)
-            st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out), **ctx.stats}
+            # where a layer's time goes (FP forward, the method, the quantized forward): the manifest shows it
+            st = {"layer": i, "out_rel_err": _rel_err(q_out, fp_out), **ctx.stats,
+                  "seconds": {"fp_forward": round(t1 - t0, 3), "method": round(t2 - t1, 3),
+                              "q_forward": round(_clock(device) - t2, 3)}}
             done = ctx.quantized
             if saved is not None:
                 save_layer_state(saved, layer, done, st)
@@ -308,6 +315,12 @@ def quantize_layers(model, arch: Arch, batches: torch.Tensor, method: Method, cf
         if stream is not None:
             child.to("cpu")  # the model cannot move as a whole: its dropped weights are on meta
     return quantized, stats
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _to_compute(obj, dtype: torch.dtype = COMPUTE):

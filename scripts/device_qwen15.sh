@@ -30,7 +30,7 @@ prep)
   export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache
   (cd "$R" && python3 -m pip install -q --no-deps --no-build-isolation -e .) >~/logs/install.log 2>&1 || { tail ~/logs/install.log; exit 1; }
   (cd "$R" && python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('$T/.device/llama-src.tar.xz'))") || exit 1
-  (cd "$R" && setsid nohup python3 -m quant2gguf llama build --cuda -j 12 >~/logs/llama-build.log 2>&1 </dev/null &)
+  (cd "$R" && setsid nohup python3 -m quant2gguf llama build --cuda -j $(( $(nproc) * 3 / 4 )) >~/logs/llama-build.log 2>&1 </dev/null &)
   echo "CUDA build started"
   # issue 11's mat-vec microbenchmark (< 2 min) while the GPU is idle: staging and the build use CPUs only
   # (run from a copy in ~/mmvq: the working tree is re-laid by the stage calls while it compiles)

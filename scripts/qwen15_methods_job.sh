@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8's method table on qwen15 in one run, plus issue 10's Q3_K_S goal (started by
 # `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). KLD only, no GSM bench: the
-# ninth run's bench answered GSM. One table, one run, one GPU (lanes share it through CUDA MPS; quantize times are wall
-# times beside each other, peak GPU memory per process; compare_gguf makes and measures four files at once, a complete
+# ninth run's bench answered GSM. One table, one run, on one or two GPUs (lanes spread over them and share each through
+# CUDA MPS; quantize times are wall times beside each other, peak GPU memory per process; compare_gguf makes and measures four files at once, a complete
 # checkpoint before any stock file: the tenth run's serial queue left five checkpoints unmeasured, the eleventh's
 # stock-first queue all ten, its lanes slowed by time-slicing one GPU five ways; GPTQ now runs its column loop as one
 # Triton launch per block, kernels/gptq.py):
@@ -32,10 +32,14 @@ KD_MIN=${KD_MIN:-4} KD_Q3K_MIN=${KD_Q3K_MIN:-6} NS=${NS:-128} DEV=${DEV:-cuda} T
 GPU=$([ "$DEV" = cuda ] && echo --cuda)
 [ "$DEV" = cuda ] && mps_on
 
-q() {  # q NAME ARGS...: quantize into ~/bench/NAME
+# Lanes spread over the machine's GPUs (lane k on GPU k mod NGPU; compare_gguf's llama.cpp runs on the last GPU):
+# on a 2-GPU machine the two LAQuant lanes get a GPU each. CPU threads: five lanes, the llama.cpp build and
+# compare_gguf share the cores.
+NGPU=$([ "$DEV" = cuda ] && nvidia-smi -L | grep -c '^GPU' || echo 1) THR=$(( $(nproc) / 6 > 2 ? $(nproc) / 6 : 2 ))
+log "$NGPU GPU(s), $THR CPU threads a lane"
+q() {  # q NAME ARGS...: quantize into ~/bench/NAME, on GPU $LANE mod NGPU
   local t0=$(date +%s)
-  # 3 CPU threads a lane: five lanes, the llama.cpp build and compare_gguf share 16 cores
-  OMP_NUM_THREADS=3 python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device $DEV \
+  CUDA_VISIBLE_DEVICES=$(( ${LANE:-0} % NGPU )) OMP_NUM_THREADS=$THR python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device $DEV \
     >~/logs/$1.log 2>&1
   local rc=$?
   log "$1 rc=$rc $(( $(date +%s) - t0 )) s"
@@ -44,24 +48,24 @@ q() {  # q NAME ARGS...: quantize into ~/bench/NAME
 }
 KD="--method kd --steps 3000 --batch 8 --eval-every 25 --heldout 16 --lr-q 5e-4"
 GPTQ="--method gptq --damp 0.1 --act-order"
-( q rtn-g128 --method rtn -g 128
+( LANE=1; q rtn-g128 --method rtn -g 128
   # issue 11: the same file with q/k/v as one attn_qkv (convert --fuse-qkv) for the speed stage
   (python3 -m quant2gguf convert ~/bench/rtn-g128 -o ~/gg/rtn-g128-fqkv.gguf --fuse-qkv --embd-type auto --threads 4 \
     >~/logs/conv-fqkv.log 2>&1; log "convert --fuse-qkv rc=$?") &
   q gptq-g128 $GPTQ -g 128 ) &
 L1=$!
-( sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128
+( LANE=2; sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128
   q loaq-a025-g128 --method loaq --alpha 0.25 --damp 0.1 --act-order -g 128 ) &
 L3=$!
-( sleep 20; q laq-g128 --method laquant --init gptq --damp 0.1 --act-order -g 128 && q kd-laq-g128 $KD --max-minutes $KD_MIN -g 128 --init ~/bench/laq-g128 ) &
+( LANE=0; sleep 20; q laq-g128 --method laquant --init gptq --damp 0.1 --act-order -g 128 && q kd-laq-g128 $KD --max-minutes $KD_MIN -g 128 --init ~/bench/laq-g128 ) &
 L4=$!
-( sleep 30; q laq-g64 --method laquant --init gptq --damp 0.1 --act-order -g 64 && q kd-laq-g64 $KD --max-minutes $KD_MIN -g 64 --init ~/bench/laq-g64 ) &
+( LANE=1; sleep 30; q laq-g64 --method laquant --init gptq --damp 0.1 --act-order -g 64 && q kd-laq-g64 $KD --max-minutes $KD_MIN -g 64 --init ~/bench/laq-g64 ) &
 L5=$!
-( sleep 40; q gptq-q3k $GPTQ --target q3_k && q kd-gptq-q3k $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3k ) &
+( LANE=2; sleep 40; q gptq-q3k $GPTQ --target q3_k && q kd-gptq-q3k $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3k ) &
 L6=$!
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
-  python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
+  CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --embd-type auto \
     --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
@@ -75,7 +79,8 @@ wait $P
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
 # tg128 / prefill pp512 (llama-bench) and batch 1/2/4/8 decode (llama-batched-bench, ours with the batch 2..8 kernel
 # on and off, and with q/k/v fused into one tensor), F16 and stock files beside ours, nothing else on the GPU.
-mps_off  # speeds are measured without MPS, one process on the GPU
+mps_off  # speeds are measured without MPS, one process on one GPU
+export CUDA_VISIBLE_DEVICES=0
 if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1380} ]; then
   B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
   $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1

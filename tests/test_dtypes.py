@@ -84,7 +84,8 @@ def test_bf16_model_quantizes_like_fp32_and_stays_close(method, bf16_llama, rel_
     ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k].float(), tb[k].float()) for k in tb)
     # per-layer stats (out_rel_err; laquant's QAT losses, which go through the lookahead layer) equal too
-    la, lb = (json.loads((p / "manifest.json").read_text())["layers"] for p in (a, b))
+    la, lb = ([{k: v for k, v in st.items() if k != "seconds"}  # wall times differ
+               for st in json.loads((p / "manifest.json").read_text())["layers"]] for p in (a, b))
     assert la == lb
     if method == "laquant":  # the QAT result, not the guard's fallback, in the layer with a lookahead layer
         assert la[0]["qat_kept"] and la[0]["qat_loss_after"] < la[0]["qat_loss_before"], la
