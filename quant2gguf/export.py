@@ -505,13 +505,12 @@ def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, Quan
                 raise ValueError(f"{folder}: llama.cpp's converter does not recognise this BPE pre-tokenizer; pass "
                                  "tokenizer_pre (e.g. 'gpt-2' for a GPT-2 style byte-level BPE) if you know which it is") from None
             raise ValueError(f"{folder}: llama.cpp's converter cannot convert this model: {e}") from None
-        reader = read_gguf(tmp)
-        _check_quantized(reader, model.written, out)
-        if embd_type != "keep":
-            del reader  # the converter's file is replaced below
+        reader = read_gguf(tmp)  # parsed twice at most: a reader of Qwen's vocabulary takes ~13 s
+        if embd_type == "keep":
+            _check_quantized(reader, model.written, out)
+        else:  # set_embd_types checks ours in the file that replaces this one
             with atomic_path(tmp) as requant:  # the converter's file stays only if llama-quantize fails
-                set_embd_types(tmp, requant, embd_type, model.written, out, threads)
-            reader = read_gguf(tmp)
+                _, reader = set_embd_types(tmp, requant, embd_type, model.written, out, threads, before=reader)
         info = _summary(reader, model.written)
         info["size"] = tmp.stat().st_size
         info["size_mib"] = round(info["size"] / 2**20, 2)
@@ -580,8 +579,10 @@ def _check_unchanged(before, after, skip: set[str], path: Path) -> None:
                              f"{_type_name(u.tensor_type)}); report this as a bug")
 
 
-def set_embd_types(src: Path, dst: Path, embd_type: str, written: dict, path: Path, threads: int = 2) -> dict[str, str]:
-    """Copy GGUF `src` to `dst` with token_embd/output re-quantized by the patched llama-quantize.
+def set_embd_types(src: Path, dst: Path, embd_type: str, written: dict, path: Path, threads: int = 2,
+                   before=None) -> tuple[dict[str, str], object]:
+    """Copy GGUF `src` to `dst` with token_embd/output re-quantized by the patched llama-quantize;
+    returns (tensor -> type set, a reader of `dst`). `before`: a reader of `src` already open.
 
     Its ftype is our type (the file's general.file_type), every other matrix is pinned to its
     current type with --tensor-type, and llama-quantize copies a tensor whose chosen type equals its
@@ -589,7 +590,7 @@ def set_embd_types(src: Path, dst: Path, embd_type: str, written: dict, path: Pa
     checked: every other tensor byte-identical, ours also re-dequantized, embd types as asked."""
     from . import runner
     gguf = vendored_gguf()
-    before = read_gguf(src)
+    before = read_gguf(src) if before is None else before
     want = embd_targets(before, embd_type, src, threads)
     ftype = gguf.LlamaFileType(int(before.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
     with tempfile.TemporaryDirectory() as d:
@@ -608,7 +609,7 @@ def set_embd_types(src: Path, dst: Path, embd_type: str, written: dict, path: Pa
     types = {t.name: _type_name(t.tensor_type) for t in after.tensors if t.name in want}
     if types != want:
         raise ValueError(f"{path}: llama-quantize wrote {types}, asked for {want}; report this as a bug")
-    return want
+    return want, after
 
 
 def tensor_class(name: str, shape) -> str:

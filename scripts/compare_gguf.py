@@ -2,7 +2,7 @@
 
 usage: python scripts/compare_gguf.py --model qwen15 --ckpts CK1 CK2 ... --types IQ3_S+imat Q3_K_M+imat Q3_G64
         [--texts news champ code] [--calib news] [--embd-type auto] [--workdir DIR] [--out results.json] [--cuda] [--wait 900]
-        [--jobs 4] [--no-tg128]
+        [--jobs 4] [--convert-jobs 4] [--no-tg128]
 
 Stock rows: llama-quantize of the model's F16 GGUF (TYPE+imat: with an importance matrix from
 --imat-nsamples x 512 tokens of the --calib source's calib split, quant2gguf.compat.make_imatrix; a
@@ -12,8 +12,9 @@ bpw over all parameters, llama-perplexity PPL and KLD against the F16 file (mean
 on the held-out eval split of each --texts source (ctx 512, all chunks), tg128 with -ngl 99 (only with
 --jobs 1 and no --no-tg128: a speed taken beside other work is noise). Checkpoints that do not exist yet are
 waited for (--wait seconds in all), so this can run beside the quantization jobs; a complete checkpoint goes
-before the stock files still to do, which fill the time until one is. --jobs N makes and measures N files at once
-(the tenth qwen15 run lost its last five rows to a serial queue, the eleventh all of them to stock files first).
+before the stock files still to do, which fill the time until one is. --jobs N makes and measures N files at once,
+--convert-jobs M converts M checkpoints at once in workers of their own (the tenth qwen15 run lost its last five rows
+to a serial queue, the eleventh all of them to stock files first, the twelfth most to conversions in measuring slots).
 Writes JSON, a markdown table and a size-KLD plot after every row.
 """
 from __future__ import annotations
@@ -48,12 +49,14 @@ def _measure(name, path, texts, bases, wd, a, params) -> dict:
     row = {"file": name, "path": str(path), "mib": path.stat().st_size / 2**20,
            "bpw": 8 * path.stat().st_size / params if params else None}
     for src, source in texts.items():
+        t0 = time.time()
         if name == "F16":
             r = runner.perplexity(path, eval_text_file(source), ctx=512, save_logits=bases[src], cuda=a.cuda,
                                   threads=a.threads)
         else:
             r = runner.perplexity(path, None, ctx=512, kld_base=bases[src], cuda=a.cuda, threads=a.threads)
         row[src] = {k: r.get(k) for k in ("ppl", "kld", "kld_p99", "same_top_p_pct", "n_chunks")}
+        row[src]["seconds"] = round(time.time() - t0, 1)  # where a run's measuring time goes
     if not a.tg128:
         _say(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'path'})}")
         return row
@@ -92,29 +95,56 @@ def _plot(rows, text, path) -> None:
     plt.close(fig)
 
 
-def run_queue(jobs: int, ckpts: list, types: list, ready, ckpt_row, stock_row, wait: float, poll: float = 10.0) -> None:
-    """`jobs` workers; a free one takes a complete checkpoint (ready(ck)) first, in the order given, else the next
-    stock type, else waits `poll` s for one. Checkpoints not ready `wait` s after the start are skipped (one deadline
-    for all: a lane that died must not hold the job). The first failed row stops the queue and is raised.
-    Why this order: the eleventh qwen15 run queued the stock files first and ran out of device time before any
-    checkpoint was measured."""
+def run_queue(jobs: int, ckpts: list, types: list, ready, ckpt_row, stock_row, wait: float, poll: float = 10.0,
+              prepare=None, prepare_jobs: int = 1) -> None:
+    """`jobs` measuring workers; a free one takes a complete checkpoint first, in the order given, else the next
+    stock type, else waits `poll` s for one. With `prepare` (a checkpoint's conversion), `prepare_jobs` workers of
+    their own run it as soon as a checkpoint is complete, and a checkpoint is measured once prepared (in the order
+    they finish): measuring never waits for a conversion. Checkpoints not ready `wait` s after the start are
+    skipped (one deadline for all: a lane that died must not hold the job). The first failure stops the queue and
+    is raised. Why this order: the eleventh qwen15 run queued the stock files first and ran out of device time before
+    any checkpoint was measured; in the twelfth each conversion (~4.5 min) held a measuring slot."""
     lock, types, waiting, errors, t0 = threading.Lock(), list(types), list(ckpts), [], time.time()
+    prepared, busy = [], [0]  # checkpoints converted and not yet measured; conversions under way
 
-    def next_task():
+    def take_ready():  # under lock: the first complete checkpoint, or None (skips all at the deadline)
+        done = [c for c in waiting if ready(c)]
+        if done:
+            waiting.remove(done[0])
+            return done[0]
+        if waiting and time.time() - t0 >= wait:
+            _say(f"{', '.join(map(str, waiting))}: not there after {wait} s, skipped")
+            waiting.clear()
+        return None
+
+    def next_measure():
         with lock:
-            done = [c for c in waiting if ready(c)]
-            if done:
-                waiting.remove(done[0])
-                return lambda: ckpt_row(done[0])
+            ck = (prepared.pop(0) if prepared else None) if prepare else take_ready()
+            if ck is not None:
+                return lambda: ckpt_row(ck)
             if types:
                 t = types.pop(0)
                 return lambda: stock_row(t)
-            if waiting and time.time() - t0 >= wait:
-                _say(f"{', '.join(map(str, waiting))}: not there after {wait} s, skipped")
-                waiting.clear()
-            return "wait" if waiting else None
+            return "wait" if waiting or prepared or busy[0] else None
 
-    def worker():
+    def next_prepare():
+        with lock:
+            ck = take_ready()
+            if ck is None:
+                return "wait" if waiting else None
+            busy[0] += 1
+
+        def task():
+            try:
+                prepare(ck)
+                with lock:
+                    prepared.append(ck)
+            finally:
+                with lock:
+                    busy[0] -= 1
+        return task
+
+    def worker(next_task):
         while not errors:
             task = next_task()
             if task is None:
@@ -127,7 +157,9 @@ def run_queue(jobs: int, ckpts: list, types: list, ready, ckpt_row, stock_row, w
             except BaseException as e:  # noqa: BLE001 - a failed row stops the run with its error
                 errors.append(e)
 
-    workers = [threading.Thread(target=worker) for _ in range(jobs)]
+    workers = [threading.Thread(target=worker, args=(next_measure,)) for _ in range(jobs)]
+    if prepare:
+        workers += [threading.Thread(target=worker, args=(next_prepare,)) for _ in range(prepare_jobs)]
     for w in workers:
         w.start()
     for w in workers:
@@ -153,10 +185,16 @@ def main() -> None:
     ap.add_argument("--tokenizer-pre", default=None, help="for tokenizers llama.cpp's converter cannot hash (tiny test models: gpt-2)")
     ap.add_argument("--wait", type=int, default=900, help="seconds (from when the checkpoints are first looked for) to wait for them to appear")
     ap.add_argument("--jobs", type=int, default=1, help="files made and measured at once (after F16); >1 leaves tg128 out")
+    ap.add_argument("--logits-dir", default=None,
+                    help="where the F16 log-prob files go (default: --workdir); every row re-reads them (~5 GB for "
+                         "qwen15's three texts): a RAM disk such as /dev/shm where the work disk is slow")
+    ap.add_argument("--convert-jobs", type=int, default=None,
+                    help="checkpoints converted at once, beside the measuring jobs (default: --jobs)")
     ap.add_argument("--no-tg128", dest="tg128", action="store_false", help="no decode speed column")
     a = ap.parse_args()
-    if a.jobs < 1:
-        ap.error(f"--jobs {a.jobs}: give 1 or more")
+    a.convert_jobs = a.jobs if a.convert_jobs is None else a.convert_jobs
+    if a.jobs < 1 or a.convert_jobs < 1:
+        ap.error(f"--jobs {a.jobs} / --convert-jobs {a.convert_jobs}: give 1 or more")
     a.tg128 = a.tg128 and a.jobs == 1
     sources = dict(t.split("=", 1) if "=" in t else (t, t) for t in a.texts)
     a.texts = list(sources)  # labels: columns, logits files and plot names
@@ -170,7 +208,9 @@ def main() -> None:
     if not f16.exists():
         runner.fp16_gguf(folder, f16, tokenizer_pre=a.tokenizer_pre)
     params = None
-    rows, bases = [], {t: wd / f"f16-{t}.logits" for t in a.texts}
+    ld = Path(a.logits_dir or wd)
+    ld.mkdir(parents=True, exist_ok=True)
+    rows, bases = [], {t: ld / f"{name}-f16-{t}.logits" for t in a.texts}
     imat = wd / f"{name}.imatrix.gguf"
 
     def save():
@@ -187,7 +227,7 @@ def main() -> None:
     params = sum(int(t.n_elements) for t in gguf.GGUFReader(f16).tensors)
     rows[0]["bpw"] = 8 * f16.stat().st_size / params
     save()
-    lock, threads = threading.Lock(), max(1, (os.cpu_count() or 2) // a.jobs)  # the CPUs shared by the jobs
+    lock, threads = threading.Lock(), max(1, (os.cpu_count() or 2) // (a.jobs + a.convert_jobs))  # CPUs shared by all
 
     def add(row):
         with lock:
@@ -208,7 +248,7 @@ def main() -> None:
                                   threads=threads, cuda=a.cuda)
         add(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params))
 
-    def ckpt_row(ck):
+    def convert_ckpt(ck):
         p = wd / f"{ck.name}.gguf"
         if not p.exists():
             # a stock-target checkpoint's token_embd/output as llama-quantize gives them at that type's _S
@@ -216,12 +256,16 @@ def main() -> None:
             target = checkpoint.read_manifest(ck).get("target")
             embd = f"auto:{target}{'_S' if target in ('Q3_K', 'Q4_K', 'Q5_K') else ''}" \
                 if target and a.embd_type == "auto" else a.embd_type
+            t0 = time.time()
             info = convert(ck, p, outtype="f16", embd_type=embd, threads=threads,
                            tokenizer_pre=a.tokenizer_pre)
-            _say(f"converted {ck.name}: {json.dumps(info)[:400]}")
-        add(_measure(_label(ck), p, sources, bases, wd, a, params))
+            _say(f"converted {ck.name} in {time.time() - t0:.0f} s: {json.dumps(info)[:300]}")
 
-    run_queue(a.jobs, list(map(Path, a.ckpts)), a.types, checkpoint.is_checkpoint, ckpt_row, stock_row, a.wait)
+    def ckpt_row(ck):
+        add(_measure(_label(ck), wd / f"{ck.name}.gguf", sources, bases, wd, a, params))
+
+    run_queue(a.jobs, list(map(Path, a.ckpts)), a.types, checkpoint.is_checkpoint, ckpt_row, stock_row, a.wait,
+              prepare=convert_ckpt, prepare_jobs=a.convert_jobs)
     _say("done")
 
 

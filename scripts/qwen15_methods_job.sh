@@ -37,6 +37,13 @@ GPU=$([ "$DEV" = cuda ] && echo --cuda)
 # compare_gguf share the cores.
 NGPU=$([ "$DEV" = cuda ] && nvidia-smi -L | grep -c '^GPU' || echo 1) THR=$(( $(nproc) / 6 > 2 ? $(nproc) / 6 : 2 ))
 log "$NGPU GPU(s), $THR CPU threads a lane"
+# The twelfth run's rows took ~6 min each, conversions ~4.5 min, writes ~50 MB/s: every row re-reads the F16 log-prob
+# files (~5 GB for the three texts), so they go to the RAM disk where it has room; the disk's speed is logged.
+LOGITS=~/gg
+[ "$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1)" -ge 16 ] 2>/dev/null && LOGITS=/dev/shm/logits
+log "storage: $(df -h --output=target,size,avail ~ /dev/shm 2>/dev/null | tail -n +2 | tr -s ' ' | paste -sd';'), log-probs in $LOGITS"
+( dd if=/dev/zero of=$HOME/dd.test bs=1M count=1024 oflag=direct 2>&1 | tail -1 | sed 's/^/[disk] write: /'
+  dd if=$HOME/dd.test of=/dev/null bs=1M iflag=direct 2>&1 | tail -1 | sed 's/^/[disk] read: /'; rm -f $HOME/dd.test ) >>~/logs/disk.log 2>&1 &
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME, on GPU $LANE mod NGPU
   local t0=$(date +%s)
   CUDA_VISIBLE_DEVICES=$(( ${LANE:-0} % NGPU )) OMP_NUM_THREADS=$THR python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device $DEV \
@@ -70,7 +77,7 @@ L6=$!
     --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
             ~/bench/kd-laq-g64 ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/loaq-a025-g128 \
-    --wait 1500 --jobs 4 >~/logs/compare.log 2>&1
+    --wait 1500 --jobs 4 --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
 wait $L1 $L3 $L4 $L5 $L6

@@ -49,3 +49,37 @@ def test_a_failed_row_is_raised():
 
     with pytest.raises(RuntimeError, match="failed on ck"):
         run_queue(2, ["ck"], [], lambda c: True, bad, bad, wait=1, poll=0.01)
+
+
+def test_conversions_run_beside_measuring():
+    """With `prepare`, a checkpoint is converted by its own workers as soon as it is complete and measured only once
+    converted; the measuring slot fills with stock files meanwhile instead of waiting on a conversion."""
+    order, row, ready = _recorder()
+    events, lock, gate = [], threading.Lock(), threading.Event()
+
+    def prepare(ck):
+        with lock:
+            events.append(f"convert {ck}")
+        assert gate.wait(5)  # the conversion lasts until a stock row has been measured
+
+    def stock(t):
+        row(t)
+        gate.set()
+
+    def ckpt(ck):
+        with lock:
+            assert f"convert {ck}" in events  # never measured before its conversion
+        row(ck)
+
+    run_queue(1, ["ck"], ["IQ3_S", "Q3_K_S"], ready, ckpt, stock, wait=5, poll=0.01, prepare=prepare, prepare_jobs=1)
+    assert order[0] == "IQ3_S" and sorted(order) == ["IQ3_S", "Q3_K_S", "ck"]
+    assert events == ["convert ck"]
+
+
+def test_a_failed_conversion_is_raised():
+    def bad(ck):
+        raise ValueError(f"{ck}: no such checkpoint")
+
+    with pytest.raises(ValueError, match="ck: no such"):
+        run_queue(1, ["ck"], [], lambda c: True, lambda c: None, lambda t: None, wait=1, poll=0.01,
+                  prepare=bad, prepare_jobs=2)
