@@ -126,13 +126,14 @@ _PATTERNS = {  # key -> regex over llama-perplexity's output (tools/perplexity/p
     "kld_p99": rf"99\.0%\s+KLD:\s*{_FLOAT}",
     "kld_max": rf"Maximum KLD:\s*{_FLOAT}",
     "n_chunks": r"(?:calculating perplexity|computing) over (\d+) chunks",
+    "s_per_pass": rf"{_FLOAT} seconds per pass",  # the first chunk's wall time: tells model time from the rest
 }
 
 
 def parse_perplexity(text: str) -> dict:
     """Numbers llama-perplexity printed: ppl (and ppl_err), and in KLD mode ppl_base, kld,
     rms_dp_pct, same_top_p_pct (each with _err), kld_p99 and kld_max (99th percentile and maximum
-    over the scored tokens), n_chunks."""
+    over the scored tokens), n_chunks, s_per_pass (the first chunk's seconds)."""
     res: dict = {}
     for key, pat in _PATTERNS.items():
         m = re.search(pat, text)

@@ -55,7 +55,7 @@ def _measure(name, path, texts, bases, wd, a, params) -> dict:
                                   threads=a.threads)
         else:
             r = runner.perplexity(path, None, ctx=512, kld_base=bases[src], cuda=a.cuda, threads=a.threads)
-        row[src] = {k: r.get(k) for k in ("ppl", "kld", "kld_p99", "same_top_p_pct", "n_chunks")}
+        row[src] = {k: r.get(k) for k in ("ppl", "kld", "kld_p99", "same_top_p_pct", "n_chunks", "s_per_pass")}
         row[src]["seconds"] = round(time.time() - t0, 1)  # where a run's measuring time goes
     if not a.tg128:
         _say(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'path'})}")

@@ -193,13 +193,14 @@ def test_parse_perplexity():
     text = ("perplexity: calculating perplexity over 4 chunks, n_ctx=128\n"
             "Final estimate: PPL = 28.9213 +/- 0.51234\n")
     assert runner.parse_perplexity(text) == {"ppl": 28.9213, "ppl_err": 0.51234, "n_chunks": 4}
-    kld = ("Mean PPL(Q)                   :  31.372901 ±   0.571234\n"
+    kld = ("kl_divergence: 0.52 seconds per pass - ETA 0.25 minutes\n"
+           "Mean PPL(Q)                   :  31.372901 ±   0.571234\n"
            "Mean PPL(base)                :  28.921300 ±   0.512340\n"
            "Mean    KLD:   0.094112 ±   0.001234\n"
            "RMS Δp    :  8.123 ± 0.100 %\nSame top p: 80.912 ± 0.123 %\n")
     r = runner.parse_perplexity(kld)
     assert r["ppl"] == 31.372901 and r["ppl_base"] == 28.9213 and r["kld"] == 0.094112
-    assert r["same_top_p_pct"] == 80.912 and r["rms_dp_pct"] == 8.123
+    assert r["same_top_p_pct"] == 80.912 and r["rms_dp_pct"] == 8.123 and r["s_per_pass"] == 0.52
 
 
 # ------------------------------------------------ --embd-type: token_embd / output by llama-quantize ----
