@@ -80,16 +80,15 @@ L6=$!
     --wait 1500 --jobs 4 --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
-wait $L1 $L3 $L4 $L5 $L6
-log "quantize lanes done"
-wait $P
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
 # tg128 / prefill pp512 (llama-bench) and batch 1/2/4/8 decode (llama-batched-bench, ours with the batch 2..8 kernel
-# on and off, and with q/k/v fused into one tensor), F16 and stock files beside ours, nothing else on the GPU.
-mps_off  # speeds are measured without MPS, one process on one GPU
-export CUDA_VISIBLE_DEVICES=0
-if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1380} ]; then
-  B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
+# on and off, and with q/k/v fused into one tensor), F16 and stock files beside ours, alone on GPU 0 and outside MPS
+# (CUDA_MPS_PIPE_DIRECTORY naming no daemon: the process makes an ordinary context).
+speed() {
+  if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${SPEED_BY:-1200} ]; then log "speed stage skipped (budget)"; return; fi
+  local B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
+  export CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=$HOME/no-mps
+  mkdir -p ~/no-mps
   $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1
   S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/rtn-g128-fqkv.gguf $HOME/gg/laq-g64.gguf"
   $B/llama-bench -ngl 99 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
@@ -101,8 +100,19 @@ if [ "$DEV" = cuda ] && [ $(( $(date +%s) - T_START )) -lt ${SPEED_BY:-1380} ]; 
       >>~/results/batched-bench-$MODEL.jsonl
   done
   log "batched-bench done"
+}
+wait $L1 $L3 $L4 $L5 $L6
+log "quantize lanes done"
+if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds there while compare_gguf measures on the last GPU
+  log "speed stage on GPU 0 beside compare_gguf on GPU $(( NGPU - 1 ))"
+  (speed)
+  touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part (on CUDA0) starts now
+  wait $P
+  mps_off
 else
-  log "speed stage skipped (budget)"
+  wait $P
+  mps_off  # speeds are measured without MPS, one process on the GPU
+  (speed)
 fi
 touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part starts now
 cp ~/gg/*.json ~/results/ 2>/dev/null
