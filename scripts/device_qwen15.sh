@@ -14,6 +14,9 @@
 # Files are made by scripts/device_bundle.sh. With SNAP=DIR (a carried, git-ignored copy of the repo:
 #   rm -rf .device/snap && mkdir -p .device/snap && git archive HEAD | tar -x -C .device/snap
 # ), prep and start install and run that committed copy instead of a tree others are editing.
+# Ask for kind nvidia-h200-x2 when it is lent (the prep call's `kind`): the methods job spreads its lanes over both
+# GPUs (the twelfth run's lanes ended at minute 13 of the job against the eleventh's 25 on one GPU), and device time
+# counts the held minutes, not the GPUs.
 # Issue the 23 `stage` calls (00..22, 48 MiB chunks) together (one message, one call each): ~4 s a call on
 # 2026-11-29, against 35-40 s a call when each waited for the previous answer. The carry limit counts the
 # tracked tree too: 60 MiB chunks stopped fitting once docs/results grew past ~4 MiB (2026-11-29). Each call must come within 30 s
