@@ -10,8 +10,8 @@
 #     LoaQ --alpha 0.25 (GPTAQ's share: the tenth run's LoaQ lost CHAMP 2x to GPTQ) | LAQuant (its own GPTQ init,
 #     rates now in grid cells a step) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
 #     (G64's RTN / GPTQ / LoaQ left out for the budget: eight checkpoints through compare_gguf after training)
-#   issue 10: GPTQ (damp 0.1, act-order) in the Q3_K grid -> KD news+code at lr-q 5e-4 for KD_Q3K_MIN minutes (its
-#     init ends ~5 minutes before LAQuant's, so its KD can run longer in the same time), converted with Q3_K_S's
+#   issue 10: GPTQ (damp 0.1, act-order) in the Q3_K grid -> KD news+code at lr-q 5e-4 for KD_Q3K_MIN minutes (4:
+#     the twelfth run's held-out KL was flat from step 200 of 350, ~3 minutes in: the data, not the steps, limit it), converted with Q3_K_S's
 #     token_embd/output (same bytes as llama-quantize's Q3_K_S): the fourth run's recipe (news KLD 0.061 = 0.51x
 #     Q3_K_S + imatrix at lr-q 1e-3, which peaked at step 25) against the goal of half. The tenth run's Q3_K_M import
 #     -> KD lane (the moonshot) stopped at held-out KL 0.048, far from IQ4_XS + imatrix's 0.026 news KLD: dropped.
@@ -28,7 +28,7 @@ mkdir -p ~/results ~/logs
 [ "${DEV:-cuda}" = cuda ] && (PYTHONPATH=/tmp/site python3 scripts/bench_gptq_kernel.py --out ~/results/gptq-kernel.json \
   >~/logs/gptq-kernel.log 2>&1 &)
 source "$(dirname "$0")/device_job_env.sh"  # env, caches, staged data, log(), the fixture
-KD_MIN=${KD_MIN:-4} KD_Q3K_MIN=${KD_Q3K_MIN:-6} NS=${NS:-128} DEV=${DEV:-cuda} T_START=$(date +%s)
+KD_MIN=${KD_MIN:-4} KD_Q3K_MIN=${KD_Q3K_MIN:-4} NS=${NS:-128} DEV=${DEV:-cuda} T_START=$(date +%s)
 GPU=$([ "$DEV" = cuda ] && echo --cuda)
 [ "$DEV" = cuda ] && mps_on
 
