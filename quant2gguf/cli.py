@@ -53,7 +53,7 @@ def quantize(
     method: str = typer.Option("gptq", help="rtn | gptq | awq | loaq | quantlrm | laquant | kd"),
     bits: int = typer.Option(3),
     group_size: int = typer.Option(128, "--group-size", "-g"),
-    calib: str = typer.Option("news", help="calibration: news | gsm | champ | code | traces (the model's own answers to GSM calib problems, asked as bench asks them) | straces (kd only: the same GSM prompts answered by the quantized init student before training, on-policy distillation; alone or in a mix, e.g. news+code+traces+straces) | a mix like news+code+traces | self (kd: --nsamples sequences sampled from the model) | FILE.jsonl/.txt"),
+    calib: str = typer.Option("news", help="calibration: news | gsm | champ | code | traces (the model's own answers to GSM calib problems, asked as bench asks them) | straces (kd only: the same GSM prompts answered by the quantized init student before training, on-policy distillation; alone or in a mix, e.g. news+code+traces+straces) | a mix like news+code+traces | self (kd: --nsamples sequences sampled from the model; in a mix of text sources, e.g. news+code+self, every second training window) | FILE.jsonl/.txt"),
     nsamples: int = typer.Option(32),
     seqlen: int = typer.Option(512),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),

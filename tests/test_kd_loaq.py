@@ -267,6 +267,45 @@ def test_kd_on_the_teachers_own_samples(gptq_ckpt, tiny_qwen, tmp_path, monkeypa
     assert len({tuple(r.tolist()) for r in ids}) == 16  # sampled, not one greedy sequence repeated
 
 
+def test_kd_mixes_teacher_samples_into_text_windows(gptq_ckpt, tiny_qwen, tmp_path, monkeypatch):
+    """--calib news+self: every second training window is one of nsamples teacher samples, the others are news
+    windows, and the held-out windows are news's own (comparable with a news-only run); the init's domain check
+    sees news."""
+    from quant2gguf import traces
+    from quant2gguf.data import train_heldout_batches
+    monkeypatch.setenv("QUANT2GGUF_CACHE", str(tmp_path / "cache"))
+    calls, seen = [], {}
+    real_samples, real_distill = traces.self_samples, kd.distill
+
+    def samples(*a, **k):
+        ids = real_samples(*a, **k)
+        calls.append((a[3:5], ids))
+        return ids
+
+    def distill(student, teacher, quantized, fp, train, held, *a, **k):
+        seen.update(train=train, held=held)
+        return real_distill(student, teacher, quantized, fp, train, held, *a, **k)
+    monkeypatch.setattr(traces, "self_samples", samples)
+    monkeypatch.setattr(kd, "distill", distill)
+    ck = _kd(tiny_qwen, gptq_ckpt, tmp_path / "kd", calib="news+self", nsamples=6, steps=6, batch=4)
+    man = json.loads((ck / "manifest.json").read_text())
+    assert [c[0] for c in calls] == [(6, 64)]
+    rows = {tuple(r.tolist()) for r in calls[0][1]}
+    train = seen["train"]
+    assert len(train) == 6 * 4 and all(tuple(r.tolist()) in rows for r in train[1::2])
+    assert not any(tuple(r.tolist()) in rows for r in train[0::2])
+    _, held = train_heldout_batches(AutoTokenizer.from_pretrained(tiny_qwen), "news", 24, 4, 64)
+    assert torch.equal(seen["held"], held)
+    assert man["calibration"]["source"] == "news+self" and "teacher" in man["calibration"]["self_samples"]
+
+
+def test_self_mix_is_for_kd_with_text_sources(tiny_qwen, gptq_ckpt, tmp_path):
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "gptq", "--calib", "news+self"],
+           tmp_path, "--calib news+self")
+    _fails(["quantize", tiny_qwen, "-o", tmp_path / "out", "--method", "kd", "--init", gptq_ckpt, "-g", "64",
+            "--calib", "news+traces+self"], tmp_path, "mixes with text sources only")
+
+
 def test_self_samples_are_seeded_and_cached(tiny_qwen, tmp_path, monkeypatch):
     from quant2gguf import traces
     monkeypatch.setenv("QUANT2GGUF_CACHE", str(tmp_path / "cache"))
