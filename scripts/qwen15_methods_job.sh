@@ -7,7 +7,7 @@
 # stock-first queue all ten, its lanes slowed by time-slicing one GPU five ways; GPTQ now runs its column loop as one
 # Triton launch per block, kernels/gptq.py):
 #   our type, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout: Q3_G128 RTN | GPTQ | LoaQ |
-#     LoaQ --alpha 0.25 (GPTAQ's share: the tenth run's LoaQ lost CHAMP 2x to GPTQ) | LAQuant (its own GPTQ init,
+#     LAQuant (its own GPTQ init,
 #     rates now in grid cells a step) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
 #     (G64's RTN / GPTQ / LoaQ left out for the budget: eight checkpoints through compare_gguf after training)
 #   issue 10: GPTQ (damp 0.1, act-order) in the Q3_K grid -> KD news+code at lr-q 5e-4 for KD_Q3K_MIN minutes (4:
@@ -46,7 +46,7 @@ log "storage: $(df -h --output=target,size,avail ~ /dev/shm 2>/dev/null | tail -
   dd if=$HOME/dd.test of=/dev/null bs=1M iflag=direct 2>&1 | tail -1 | sed 's/^/[disk] read: /'; rm -f $HOME/dd.test ) >>~/logs/disk.log 2>&1 &
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME, on GPU $LANE mod NGPU
   local t0=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$(( ${LANE:-0} % NGPU )) OMP_NUM_THREADS=$THR python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib $CALIB --nsamples $NS --device $DEV \
+  CUDA_VISIBLE_DEVICES=$(( ${LANE:-0} % NGPU )) OMP_NUM_THREADS=$THR python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib ${QCALIB:-$CALIB} --nsamples $NS --device $DEV \
     >~/logs/$1.log 2>&1
   local rc=$?
   log "$1 rc=$rc $(( $(date +%s) - t0 )) s"
@@ -59,10 +59,13 @@ GPTQ="--method gptq --damp 0.1 --act-order"
   # issue 11: the same file with q/k/v as one attn_qkv (convert --fuse-qkv) for the speed stage
   (python3 -m quant2gguf convert ~/bench/rtn-g128 -o ~/gg/rtn-g128-fqkv.gguf --fuse-qkv --embd-type auto --threads 4 \
     >~/logs/conv-fqkv.log 2>&1; log "convert --fuse-qkv rc=$?") &
-  q gptq-g128 $GPTQ -g 128 ) &
+  q gptq-g128 $GPTQ -g 128
+  # issue 10 / the twelfth run's finding (KD reads its 83k tokens ~19 times): the Q3_K KD again with teacher samples
+  # in every second training window (--calib news+code+self), once the Q3_K lane's GPTQ checkpoint exists
+  for _ in $(seq 90); do [ -f ~/bench/gptq-q3k/manifest.json ] && break; sleep 10; done
+  QCALIB=$CALIB+self q kd-gptq-q3k-s $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3k ) &
 L1=$!
-( LANE=2; sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128
-  q loaq-a025-g128 --method loaq --alpha 0.25 --damp 0.1 --act-order -g 128 ) &
+( LANE=2; sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128 ) &
 L3=$!
 ( LANE=0; sleep 20; q laq-g128 --method laquant --init gptq --damp 0.1 --act-order -g 128 && q kd-laq-g128 $KD --max-minutes $KD_MIN -g 128 --init ~/bench/laq-g128 ) &
 L4=$!
@@ -76,7 +79,7 @@ L6=$!
     --imat-nsamples $NS --texts news champ code --embd-type auto \
     --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
-            ~/bench/kd-laq-g64 ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/loaq-a025-g128 \
+            ~/bench/kd-laq-g64 ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/kd-gptq-q3k-s \
     --wait 1500 --jobs 4 --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
