@@ -2,19 +2,18 @@
 # Issue 8's method table on qwen15 in one run, plus issue 10's Q3_K_S goal (started by
 # `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). KLD only, no GSM bench: the
 # ninth run's bench answered GSM. One table, one run, on one or two GPUs (lanes spread over them and share each through
-# CUDA MPS; quantize times are wall times beside each other, peak GPU memory per process; compare_gguf makes and measures four files at once, a complete
-# checkpoint before any stock file: the tenth run's serial queue left five checkpoints unmeasured, the eleventh's
-# stock-first queue all ten, its lanes slowed by time-slicing one GPU five ways; GPTQ now runs its column loop as one
-# Triton launch per block, kernels/gptq.py):
+# CUDA MPS; quantize times are wall times beside each other, peak GPU memory per process). compare_gguf converts four
+# checkpoints and measures four files at once, a complete checkpoint before any stock file (the tenth run's serial
+# queue left five checkpoints unmeasured, the eleventh's stock-first queue all ten, the twelfth's conversions inside
+# its measuring slots all but two):
 #   our type, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout: Q3_G128 RTN | GPTQ | LoaQ |
-#     LAQuant (its own GPTQ init,
-#     rates now in grid cells a step) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
-#     (G64's RTN / GPTQ / LoaQ left out for the budget: eight checkpoints through compare_gguf after training)
+#     LAQuant (its own GPTQ init) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
+#     (G64's RTN / GPTQ / LoaQ left out for the budget)
 #   issue 10: GPTQ (damp 0.1, act-order) in the Q3_K grid -> KD news+code at lr-q 5e-4 for KD_Q3K_MIN minutes (4:
-#     the twelfth run's held-out KL was flat from step 200 of 350, ~3 minutes in: the data, not the steps, limit it), converted with Q3_K_S's
+#     the twelfth run's held-out KL was flat from step 200 of 350, ~3 minutes in: the data, not the steps, limit it),
+#     and the same KD with teacher samples in every second window (news+code+self), converted with Q3_K_S's
 #     token_embd/output (same bytes as llama-quantize's Q3_K_S): the fourth run's recipe (news KLD 0.061 = 0.51x
-#     Q3_K_S + imatrix at lr-q 1e-3, which peaked at step 25) against the goal of half. The tenth run's Q3_K_M import
-#     -> KD lane (the moonshot) stopped at held-out KL 0.048, far from IQ4_XS + imatrix's 0.026 news KLD: dropped.
+#     Q3_K_S + imatrix) against the goal of half.
 #   stock, importance matrix from the same NS x 512 news+code tokens: Q3_K_M, IQ4_XS, IQ3_XXS, Q3_K_S, IQ3_S, IQ3_M
 #   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
