@@ -109,8 +109,8 @@ def quantize_model(model: str | Path, out: str | Path, method: str = "gptq", bit
         raise ValueError(f"--dtype {dtype}: kd holds its student in fp32 and its teacher in bf16 on a GPU; drop --dtype")
     if SELF in calib.split("+") and method != "kd":
         raise ValueError(f"--calib {calib}: {SELF} (samples of the teacher) is distillation data: use it with --method kd")
-    check_self_mix(calib)
     check_straces(calib, method, stream)
+    check_self_mix(calib)
     if stream:
         from .stream import STREAM_METHODS
         if method not in STREAM_METHODS:
