@@ -506,11 +506,10 @@ def distill_model(model: str | Path, out: str | Path, bits: int = 3, group_size:
         "method": "kd", "bits": bits, "group_size": group_size, "slots": next(iter(best.values())).slots, **stock,
         "init": init_desc, "options": {k: o[k] for k in ("steps", "batch", "lr_w", "lr_q", "eval_every", "heldout", "max_minutes")},
         "arch": arch.name, "source_model": str(model),
-        "calibration": {"source": calib, "split": "calib", **({"files": source} if source != calib else {}),
+        "calibration": {"source": asked, "split": "calib", **({"files": source} if source != calib else {}),
                         **({"student_traces": straces} if straces else {}),
-                        **({"source": asked, "self_samples": f"every second training window: one of {nsamples} "
-                            "sequences sampled from the teacher (temperature 1, random first token)"}
-                           if mix_self else {}),
+                        **({"self_samples": f"every second training window: one of {nsamples} sequences sampled "
+                            "from the teacher (temperature 1, random first token)"} if mix_self else {}),
                         "nsamples": int(train.shape[0]), "seqlen": seqlen,
                         "seed": seed, "heldout": f"last {held.shape[0]} x {seqlen} tokens of the calib split"}
         if calib != SELF else

@@ -115,8 +115,8 @@ else
   wait $P
   mps_off  # speeds are measured without MPS, one process on the GPU
   (speed)
+  touch ~/logs/gpu.idle
 fi
-touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part starts now
 cp ~/gg/*.json ~/results/ 2>/dev/null
 log "all done"
 touch ~/logs/job.done
