@@ -15,6 +15,10 @@ waited for (--wait seconds in all), so this can run beside the quantization jobs
 before the stock files still to do, which fill the time until one is. --jobs N makes and measures N files at once,
 --convert-jobs M converts M checkpoints at once in workers of their own (the tenth qwen15 run lost its last five rows
 to a serial queue, the eleventh all of them to stock files first, the twelfth most to conversions in measuring slots).
+Each of the N + M workers owns a disjoint share of the CPUs this process may use (its thread's affinity, which the
+programs it starts inherit: llama-perplexity's log-softmax workers, llama-quantize, a conversion's torch threads), and
+conversions run as `quant2gguf convert` processes: the thirteenth run converted in this process's threads and let every
+program take all 32 cores; conversions took ~580 s (144 s alone) and KLD passes ~250 s (GPU time 4 s).
 Writes JSON, a markdown table and a size-KLD plot after every row.
 """
 from __future__ import annotations
@@ -22,18 +26,67 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 from quant2gguf import checkpoint, llama, runner
 from quant2gguf.data import eval_text_file
-from quant2gguf.export import convert
 from quant2gguf.fixtures import resolve_model
 
 
 def _say(msg: str) -> None:
     print(f"[compare] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def cpu_slots(n: int, cpus: list[int]) -> list[list[int]]:
+    """`n` disjoint, contiguous CPU sets from `cpus`, sizes within one of each other; with fewer CPUs than sets the
+    CPUs are shared round-robin (each set holds one)."""
+    cpus = sorted(cpus)
+    if n > len(cpus):
+        return [[cpus[i % len(cpus)]] for i in range(n)]
+    q, r = divmod(len(cpus), n)
+    out, at = [], 0
+    for i in range(n):
+        k = q + (i < r)
+        out.append(cpus[at:at + k])
+        at += k
+    return out
+
+
+class Pinner:
+    """Gives each calling thread, on its first call, the next of `slots` as its CPU affinity (Linux sets it per
+    thread; processes the thread starts inherit it) and returns that set's size: the thread count for its work."""
+
+    def __init__(self, slots: list[list[int]]):
+        self.slots, self.local, self.lock, self.next = slots, threading.local(), threading.Lock(), 0
+
+    def threads(self) -> int:
+        if not hasattr(self.local, "cpus"):
+            with self.lock:
+                self.local.cpus = self.slots[self.next % len(self.slots)]
+                self.next += 1
+            os.sched_setaffinity(0, self.local.cpus)
+        return len(self.local.cpus)
+
+
+def convert_process(ck: Path, out: Path, embd_type: str, threads: int, tokenizer_pre: str | None = None,
+                    log: Path | None = None) -> dict:
+    """`quant2gguf convert` in a process of its own (its own interpreter lock and torch threads), `threads` for
+    torch/OpenMP and llama-quantize; returns the info the command prints. A failure raises with the log's tail."""
+    cmd = [sys.executable, "-m", "quant2gguf", "convert", str(ck), "-o", str(out), "--embd-type", embd_type,
+           "--threads", str(threads)] + (["--tokenizer-pre", tokenizer_pre] if tokenizer_pre else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if log:
+        log.write_text(r.stdout + r.stderr)
+    if r.returncode:
+        raise RuntimeError(f"convert {ck} failed (rc {r.returncode}): {(r.stderr or r.stdout)[-1500:]}")
+    m = re.search(r"^\{$.*^\}$", r.stdout, re.S | re.M)  # the command's last output: the info as indented JSON
+    return json.loads(m.group(0)) if m else {"path": str(out)}
 
 
 def _label(ck: Path) -> str:
@@ -44,7 +97,7 @@ def _label(ck: Path) -> str:
     return f"ours {ck.name}: {via}{man['method']} {grid}"
 
 
-def _measure(name, path, texts, bases, wd, a, params) -> dict:
+def _measure(name, path, texts, bases, wd, a, params, threads: int) -> dict:
     """texts: {label: source}; a row holds one entry per label."""
     row = {"file": name, "path": str(path), "mib": path.stat().st_size / 2**20,
            "bpw": 8 * path.stat().st_size / params if params else None}
@@ -52,16 +105,16 @@ def _measure(name, path, texts, bases, wd, a, params) -> dict:
         t0 = time.time()
         if name == "F16":
             r = runner.perplexity(path, eval_text_file(source), ctx=512, save_logits=bases[src], cuda=a.cuda,
-                                  threads=a.threads)
+                                  threads=threads)
         else:
-            r = runner.perplexity(path, None, ctx=512, kld_base=bases[src], cuda=a.cuda, threads=a.threads)
+            r = runner.perplexity(path, None, ctx=512, kld_base=bases[src], cuda=a.cuda, threads=threads)
         row[src] = {k: r.get(k) for k in ("ppl", "kld", "kld_p99", "same_top_p_pct", "n_chunks", "s_per_pass")}
         row[src]["seconds"] = round(time.time() - t0, 1)  # where a run's measuring time goes
     if not a.tg128:
         _say(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'path'})}")
         return row
     try:
-        b = runner.bench(path, threads=a.threads, n_gen=128, reps=2, cuda=a.cuda)
+        b = runner.bench(path, threads=threads, n_gen=128, reps=2, cuda=a.cuda)
         row["tg128"] = b.get("tg_tok_s")
     except RuntimeError as e:
         row["tg128_error"] = str(e)[:200]
@@ -178,7 +231,8 @@ def main() -> None:
     ap.add_argument("--calib", default="news", help="the importance matrix's source (the checkpoints' calibration source)")
     ap.add_argument("--embd-type", default="auto")
     ap.add_argument("--imat-nsamples", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of the F16 row (default: all this process may use); the workers' follow their CPU share")
     ap.add_argument("--workdir", default="out/compare")
     ap.add_argument("--out", default="out/compare/results.json")
     ap.add_argument("--cuda", action="store_true")
@@ -222,12 +276,14 @@ def main() -> None:
         for t in a.texts:
             _plot(rows, t, out.with_name(f"{out.stem}-{t}.png"))
 
-    rows.append(_measure("F16", f16, sources, bases, wd, a, params))
+    cpus = sorted(os.sched_getaffinity(0))
+    rows.append(_measure("F16", f16, sources, bases, wd, a, params, a.threads or len(cpus)))
     import gguf
     params = sum(int(t.n_elements) for t in gguf.GGUFReader(f16).tensors)
     rows[0]["bpw"] = 8 * f16.stat().st_size / params
     save()
-    lock, threads = threading.Lock(), max(1, (os.cpu_count() or 2) // (a.jobs + a.convert_jobs))  # CPUs shared by all
+    lock, pin = threading.Lock(), Pinner(cpu_slots(a.jobs + a.convert_jobs, cpus))  # a CPU share per worker
+    _say(f"{len(cpus)} CPUs: {a.jobs} measuring + {a.convert_jobs} converting workers, {len(pin.slots[0])} CPUs each")
 
     def add(row):
         with lock:
@@ -237,6 +293,7 @@ def main() -> None:
     imat_lock = threading.Lock()
 
     def stock_row(t):
+        threads = pin.threads()
         p = wd / f"{name}-{t}.gguf"
         stock, use_imat = t.removesuffix("+imat"), t.endswith("+imat")
         with imat_lock:  # made by the first stock row that needs it, not before the checkpoints' rows
@@ -246,7 +303,8 @@ def main() -> None:
         if not p.exists():  # written under a temp name, then renamed: the import lane may wait for it
             runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
                                   threads=threads, cuda=a.cuda)
-        add(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params))
+        add(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params,
+                     threads))
 
     def convert_ckpt(ck):
         p = wd / f"{ck.name}.gguf"
@@ -257,12 +315,11 @@ def main() -> None:
             embd = f"auto:{target}{'_S' if target in ('Q3_K', 'Q4_K', 'Q5_K') else ''}" \
                 if target and a.embd_type == "auto" else a.embd_type
             t0 = time.time()
-            info = convert(ck, p, outtype="f16", embd_type=embd, threads=threads,
-                           tokenizer_pre=a.tokenizer_pre)
+            info = convert_process(ck, p, embd, pin.threads(), a.tokenizer_pre, log=wd / f"convert-{ck.name}.log")
             _say(f"converted {ck.name} in {time.time() - t0:.0f} s: {json.dumps(info)[:300]}")
 
     def ckpt_row(ck):
-        add(_measure(_label(ck), wd / f"{ck.name}.gguf", sources, bases, wd, a, params))
+        add(_measure(_label(ck), wd / f"{ck.name}.gguf", sources, bases, wd, a, params, pin.threads()))
 
     run_queue(a.jobs, list(map(Path, a.ckpts)), a.types, checkpoint.is_checkpoint, ckpt_row, stock_row, a.wait,
               prepare=convert_ckpt, prepare_jobs=a.convert_jobs)

@@ -14,6 +14,7 @@
 #     and the same KD with teacher samples in every second window (news+code+self), converted with Q3_K_S's
 #     token_embd/output (same bytes as llama-quantize's Q3_K_S): the fourth run's recipe (news KLD 0.061 = 0.51x
 #     Q3_K_S + imatrix) against the goal of half.
+#   issue 10's Q3_K_M: GPTQ in llama-quantize's Q3_K_M mix -> KD (KD_Q3K_MIN minutes), against Q3_K_M + imatrix
 #   stock, importance matrix from the same NS x 512 news+code tokens: Q3_K_M, IQ4_XS, IQ3_XXS, Q3_K_S, IQ3_S, IQ3_M
 #   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
@@ -32,7 +33,7 @@ GPU=$([ "$DEV" = cuda ] && echo --cuda)
 [ "$DEV" = cuda ] && mps_on
 
 # Lanes spread over the machine's GPUs (lane k on GPU k mod NGPU; compare_gguf's llama.cpp runs on the last GPU):
-# on a 2-GPU machine the two LAQuant lanes get a GPU each. CPU threads: five lanes, the llama.cpp build and
+# on a 2-GPU machine the two LAQuant lanes get a GPU each. CPU threads: six lanes, the llama.cpp build and
 # compare_gguf share the cores.
 NGPU=$([ "$DEV" = cuda ] && nvidia-smi -L | grep -c '^GPU' || echo 1) THR=$(( $(nproc) / 6 > 2 ? $(nproc) / 6 : 2 ))
 log "$NGPU GPU(s), $THR CPU threads a lane"
@@ -72,13 +73,21 @@ L4=$!
 L5=$!
 ( LANE=2; sleep 40; q gptq-q3k $GPTQ --target q3_k && q kd-gptq-q3k $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3k ) &
 L6=$!
+# issue 10's Q3_K_M: GPTQ in llama-quantize's Q3_K_M mix (the fifth run: news KLD 0.043 vs Q3_K_M + imatrix 0.065) -> KD
+( LANE=0; sleep 50; q gptq-q3km $GPTQ --target q3_k_m && q kd-gptq-q3km $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3km ) &
+L7=$!
+# CPUs: the speed stage keeps 0-3 to itself, compare_gguf (which splits its share among its workers) the rest: the
+# thirteenth run's llama-bench and batched-bench ran beside compare's conversions on every core.
+SPEED_CPUS= CMP_CPUS=
+[ $(nproc) -ge 8 ] && SPEED_CPUS="taskset -c 0-3" CMP_CPUS="taskset -c 4-$(( $(nproc) - 1 ))"
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
-  CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
+  CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) $CMP_CPUS python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --embd-type auto \
     --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
-            ~/bench/kd-laq-g64 ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/kd-gptq-q3k-s \
+            ~/bench/kd-laq-g64 ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/kd-gptq-q3k-s ~/bench/gptq-q3km \
+            ~/bench/kd-gptq-q3km \
     --wait 1500 --jobs 4 --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
@@ -91,19 +100,19 @@ speed() {
   local B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
   export CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=$HOME/no-mps
   mkdir -p ~/no-mps
-  $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1
+  $SPEED_CPUS $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1
   S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/rtn-g128-fqkv.gguf $HOME/gg/laq-g64.gguf"
-  $B/llama-bench -ngl 99 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
+  $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
     >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
   for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf ~/gg/rtn-g128-fqkv.gguf w0:$HOME/gg/rtn-g128.gguf; do
     w=1; case $f in w0:*) w=0 f=${f#w0:};; esac
-    GGML_Q3G_MMVQ_WROW=$w $B/llama-batched-bench -m $f -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
+    GGML_Q3G_MMVQ_WROW=$w $SPEED_CPUS $B/llama-batched-bench -m $f -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
       --output-format jsonl 2>>~/logs/batched-bench.log | grep '^{"n_kv_max' | sed "s|^{|{\"file\": \"$(basename $f)\", \"wrow\": $w, |" \
       >>~/results/batched-bench-$MODEL.jsonl
   done
   log "batched-bench done"
 }
-wait $L1 $L3 $L4 $L5 $L6
+wait $L1 $L3 $L4 $L5 $L6 $L7
 log "quantize lanes done"
 if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds there while compare_gguf measures on the last GPU
   log "speed stage on GPU 0 beside compare_gguf on GPU $(( NGPU - 1 ))"

@@ -1,6 +1,9 @@
 """scripts/compare_gguf.py's work queue: a complete checkpoint before any stock file still to do (the eleventh
 qwen15 run measured no checkpoint because six stock files held the slots), checkpoints that never appear skipped at
-the deadline, a failed row raised."""
+the deadline, a failed row raised; each worker on its own CPU share, conversions in processes of their own (the
+thirteenth run's in-process conversions on all cores took ~580 s each)."""
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -9,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from compare_gguf import run_queue  # noqa: E402
+from compare_gguf import Pinner, convert_process, cpu_slots, run_queue  # noqa: E402
 
 
 def _recorder(ready_after: dict[str, str] | None = None):
@@ -83,3 +86,48 @@ def test_a_failed_conversion_is_raised():
     with pytest.raises(ValueError, match="ck: no such"):
         run_queue(1, ["ck"], [], lambda c: True, lambda c: None, lambda t: None, wait=1, poll=0.01,
                   prepare=bad, prepare_jobs=2)
+
+
+def test_cpu_slots_are_disjoint_and_cover_the_cpus():
+    slots = cpu_slots(3, list(range(32)))
+    assert [len(x) for x in slots] == [11, 11, 10]
+    assert sorted(c for x in slots for c in x) == list(range(32))
+    assert cpu_slots(8, [4, 5, 6, 7]) == [[4], [5], [6], [7], [4], [5], [6], [7]]  # more workers than CPUs: shared
+    assert cpu_slots(1, [9, 3]) == [[3, 9]]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to give two workers different ones")
+def test_a_pinned_worker_and_the_programs_it_starts_keep_to_its_cpus():
+    cpus = sorted(os.sched_getaffinity(0))
+    pin, seen, lock = Pinner(cpu_slots(2, cpus)), {}, threading.Lock()
+
+    def work(i):
+        n = pin.threads()
+        pin.threads()  # a second call keeps the thread's set
+        child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                               capture_output=True, text=True, check=True).stdout
+        with lock:
+            seen[i] = (n, sorted(os.sched_getaffinity(0)), eval(child))
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    sets = sorted(v[1] for v in seen.values())
+    assert sets == sorted(cpu_slots(2, cpus))  # one share each, disjoint
+    assert all(n == len(own) and child == own for n, own, child in seen.values())  # the child inherits the thread's
+    assert sorted(os.sched_getaffinity(0)) == cpus  # the main thread is untouched
+
+
+def test_convert_process_writes_what_convert_writes(tmp_path):
+    from test_export import PRE, make_checkpoint
+
+    from quant2gguf import export
+    ck = make_checkpoint("qwen2", tmp_path, 64)
+    want = export.convert(ck, tmp_path / "in-process.gguf", tokenizer_pre=PRE)
+    info = convert_process(ck, tmp_path / "process.gguf", "keep", 1, PRE, log=tmp_path / "convert.log")
+    assert (tmp_path / "process.gguf").read_bytes() == (tmp_path / "in-process.gguf").read_bytes()
+    assert info["tensors"] == want["tensors"] and info["n_quantized"] == want["n_quantized"] > 0
+    with pytest.raises(RuntimeError, match="convert .* failed"):  # an existing output: the command refuses
+        convert_process(ck, tmp_path / "process.gguf", "keep", 1, PRE)
