@@ -10,6 +10,7 @@
 #                         copies them there), and CHAMP as champ_v0.json.xz (70 MB raw, 3.7 MB xz:
 #                         there, `xz -dk` it in the cache folder)
 #   model/NAME.partNN     48 MiB chunks of a fixture GGUF + NAME.sha256, for each --model given
+#   tools/synth_gguf.py   ../shared/tools' random-weight GGUF writer (scripts/device_shapes.sh: issue 11's 4B/8B shapes)
 # The fixture files come from the package's own pinned, sha256-checked fetch (reusing the cache).
 # usage: scripts/device_bundle.sh [--model smollm2|qwen05|qwen15]... [OUTDIR]
 set -euo pipefail
@@ -53,6 +54,12 @@ done
 rm -f "$out/data/champ_v0.json"
 [ -f "$out/data/champ_v0.json.xz" ] || xz -T2 -6 -c "$datadir/champ_v0.json" > "$tmp/champ.xz"
 [ -f "$out/data/champ_v0.json.xz" ] || mv "$tmp/champ.xz" "$out/data/champ_v0.json.xz"
+
+# tools/: synth_gguf.py from ../shared/tools (issue 11's synthetic 4B/8B shapes, scripts/device_shapes.sh)
+shared_tools=$(cd "$(dirname "$0")/../.." && pwd)/shared/tools
+mkdir -p "$out/tools"
+if [ -f "$shared_tools/synth_gguf.py" ]; then cp "$shared_tools/synth_gguf.py" "$out/tools/"
+else echo "note: no $shared_tools/synth_gguf.py: the jobs' synthetic-shape speeds will be skipped"; fi
 
 for m in "${models[@]}"; do
   [ -f "$out/model/$m.sha256" ] && continue

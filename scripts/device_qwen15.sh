@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session for qwen15 (issue 8): our methods vs llama.cpp's stock types, in one run.
 # Made for the device tool's limits (10 min a call, 30 s warm between calls, 64 MiB carried a call):
-#   prep         carry .device/llama-src.tar.xz .device/whl .device/data .device/model/qwen15.sha256
+#   prep         carry .device/llama-src.tar.xz .device/whl .device/data .device/model/qwen15.sha256 .device/tools
 #                installs wheels, unpacks + patches the pinned llama.cpp, starts its CUDA build in the
 #                background (setsid: it outlives the call), and issue 11's CUDA mat-vec microbenchmark
 #                (scripts/device_cuda_mmvq.sh, results in ~/results/cuda: they come back in logs.tgz)
@@ -30,6 +30,7 @@ case ${1:-} in
 prep)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl || exit 1
   cp -rn .device/data ~/stage/ && cp .device/model/qwen15.sha256 ~/stage/
+  cp -r .device/tools ~/stage/ 2>/dev/null || echo "no .device/tools carried: the synthetic-shape speeds will be skipped"
   export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache
   (cd "$R" && python3 -m pip install -q --no-deps --no-build-isolation -e .) >~/logs/install.log 2>&1 || { tail ~/logs/install.log; exit 1; }
   (cd "$R" && python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('$T/.device/llama-src.tar.xz'))") || exit 1

@@ -18,6 +18,8 @@
 #   stock, importance matrix from the same NS x 512 news+code tokens: Q3_K_M, IQ4_XS, IQ3_XXS, Q3_K_S, IQ3_S, IQ3_M
 #   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
+# Issue 11 (GPU 0 after the lanes, CPUs 0-3): qwen15's decode / prefill / batch 1..8 speeds, ours beside F16 and stock
+# files, then the synthetic Qwen3-4B / 8B shapes of scripts/device_shapes.sh (made on those CPUs while the lanes train).
 # Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
 # Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, KD_Q3K_MIN, NS; for a dry run on a CPU machine
 # MODEL=qwen05 DEV=cpu HOME=/tmp/dry (a fixture whose dims take group 128; its llama.cpp build must exist: the CUDA one
@@ -44,6 +46,15 @@ LOGITS=~/gg
 log "storage: $(df -h --output=target,size,avail ~ /dev/shm 2>/dev/null | tail -n +2 | tr -s ' ' | paste -sd';'), log-probs in $LOGITS"
 ( dd if=/dev/zero of=$HOME/dd.test bs=1M count=1024 oflag=direct 2>&1 | tail -1 | sed 's/^/[disk] write: /'
   dd if=$HOME/dd.test of=/dev/null bs=1M iflag=direct 2>&1 | tail -1 | sed 's/^/[disk] read: /'; rm -f $HOME/dd.test ) >>~/logs/disk.log 2>&1 &
+# CPUs: the speed stage keeps 0-3 to itself, compare_gguf (which splits its share among its workers) the rest: the
+# thirteenth run's llama-bench and batched-bench ran beside compare's conversions on every core.
+SPEED_CPUS= CMP_CPUS=
+[ $(nproc) -ge 8 ] && SPEED_CPUS="taskset -c 0-3" CMP_CPUS="taskset -c 4-$(( $(nproc) - 1 ))"
+# Issue 11's synthetic Qwen3-4B / 8B shapes (scripts/device_shapes.sh): made on the speed stage's CPUs while the lanes
+# train, measured on GPU 0 after the real model's speeds
+[ "$DEV" = cuda ] && ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
+  $SPEED_CPUS bash scripts/device_shapes.sh make ~/stage/$MODEL.gguf ~/shapes "$(ls -d $C/llama/build-*-cuda-*/bin | head -1)" \
+    >~/logs/shapes.log 2>&1; log "shapes made rc=$?"; touch ~/logs/shapes.made ) &
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME, on GPU $LANE mod NGPU
   local t0=$(date +%s)
   CUDA_VISIBLE_DEVICES=$(( ${LANE:-0} % NGPU )) OMP_NUM_THREADS=$THR python3 -m quant2gguf quantize $MODEL -o ~/bench/$1 "${@:2}" --calib ${QCALIB:-$CALIB} --nsamples $NS --device $DEV \
@@ -76,10 +87,6 @@ L6=$!
 # issue 10's Q3_K_M: GPTQ in llama-quantize's Q3_K_M mix (the fifth run: news KLD 0.043 vs Q3_K_M + imatrix 0.065) -> KD
 ( LANE=0; sleep 50; q gptq-q3km $GPTQ --target q3_k_m && q kd-gptq-q3km $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3km ) &
 L7=$!
-# CPUs: the speed stage keeps 0-3 to itself, compare_gguf (which splits its share among its workers) the rest: the
-# thirteenth run's llama-bench and batched-bench ran beside compare's conversions on every core.
-SPEED_CPUS= CMP_CPUS=
-[ $(nproc) -ge 8 ] && SPEED_CPUS="taskset -c 0-3" CMP_CPUS="taskset -c 4-$(( $(nproc) - 1 ))"
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
   CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) $CMP_CPUS python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
@@ -111,6 +118,9 @@ speed() {
       >>~/results/batched-bench-$MODEL.jsonl
   done
   log "batched-bench done"
+  for _ in $(seq 60); do [ -f ~/logs/shapes.made ] && break; sleep 10; done
+  $SPEED_CPUS bash scripts/device_shapes.sh bench ~/shapes $B ~/results/shapes >>~/logs/shapes.log 2>&1
+  log "shapes benched: $(grep -c . ~/results/shapes/batched-bench-shapes.jsonl 2>/dev/null) batched rows"
 }
 wait $L1 $L3 $L4 $L5 $L6 $L7
 log "quantize lanes done"

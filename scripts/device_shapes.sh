@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 11 at the shapes the fixtures lack, on one GPU: random-weight llama GGUFs of Qwen3-4B's shape (hidden 2560,
+# ffn 9728, 36 layers, 32/8 heads) and Qwen3-8B's (4096, 12288, 36 layers, 32/8 heads) with Qwen's 151,936-token
+# vocabulary taken from SRC (synth_gguf.py of ../shared/tools, carried by the prep call in .device/tools), the F16
+# file requantized by llama-quantize to ours and stock types: decode speed does not depend on the values, so the C RTN
+# reference quantizer is enough for ours.
+#   make  SRC.gguf DIR BIN      DIR/{4b,8b}-{F16,Q3_G128,Q4_0,Q3_K_S}.gguf and DIR/4b-IQ3_S.gguf (CPU only; run it
+#                               while the GPU trains, on CPUs nothing else uses)
+#   bench DIR BIN OUT           per shape one llama-bench (tg128 and pp512, -r 3, all layers on the GPU) over every file,
+#                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours:
+#                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl
+# The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
+set -u
+# NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
+if [ -n "${SHAPES:-}" ]; then SHAPES=("$SHAPES"); else SHAPES=("4b 2560 9728 36 32 8" "8b 4096 12288 36 32 8"); fi
+case ${1:-} in
+make)
+  SRC=$2 W=$3 B=$4
+  SYNTH=${SYNTH:-$HOME/stage/tools/synth_gguf.py}
+  [ -f "$SYNTH" ] || { echo "no $SYNTH: carry .device/tools (scripts/device_bundle.sh copies ../shared/tools/synth_gguf.py)"; exit 1; }
+  mkdir -p "$W"
+  for shape in "${SHAPES[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $shape
+    n=$1
+    [ -f "$W/$n-F16.gguf" ] || python3 "$SYNTH" "$SRC" "$W/$n-F16.gguf.tmp" "$2" "$3" "$4" "$5" "$6" >/dev/null || exit 1
+    [ -f "$W/$n-F16.gguf" ] || mv "$W/$n-F16.gguf.tmp" "$W/$n-F16.gguf"
+    types="Q3_G128 Q4_0 Q3_K_S"
+    [ "$n" = 4b ] && types="$types IQ3_S"  # IQ3_S's search is slow: one shape
+    for t in $types; do
+      [ -f "$W/$n-$t.gguf" ] && continue
+      "$B/llama-quantize" "$W/$n-F16.gguf" "$W/$n-$t.gguf.tmp" "$t" "$(nproc)" >"$W/quantize-$n-$t.log" 2>&1 \
+        && mv "$W/$n-$t.gguf.tmp" "$W/$n-$t.gguf" || echo "quantize $n $t failed (see $W/quantize-$n-$t.log)"
+    done
+    echo "shape $n ready: $(cd "$W" && ls $n-*.gguf | tr '\n' ' ')"
+  done
+  ;;
+bench)
+  W=$2 B=$3 O=$4
+  mkdir -p "$O"
+  for n in $(printf '%s\n' "${SHAPES[@]}" | cut -d' ' -f1); do
+    [ -f "$W/$n-F16.gguf" ] || { echo "shape $n not made"; continue; }
+    # shellcheck disable=SC2046
+    "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/$n"-*.gguf; do echo -m "$f"; done) \
+      >"$O/llama-bench-$n.json" 2>"$O/llama-bench-$n.log"
+    echo "llama-bench $n rc=$?"
+    for t in F16 Q4_0 Q3_G128; do
+      [ -f "$W/$n-$t.gguf" ] || continue
+      "$B/llama-batched-bench" -m "$W/$n-$t.gguf" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
+        --output-format jsonl 2>>"$O/batched-bench-shapes.log" | grep '^{"n_kv_max' \
+        | sed "s|^{|{\"file\": \"$n-$t.gguf\", |" >>"$O/batched-bench-shapes.jsonl"
+    done
+  done
+  ;;
+*) echo "usage: $0 make SRC.gguf DIR BIN | bench DIR BIN OUT"; exit 2 ;;
+esac
