@@ -66,7 +66,9 @@ poll)
   tail -c 1500 ~/logs/job.log | tr '\r' '\n' | tail -8
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   tail -c 300 ~/logs/llama-build.log | tr '\r' '\n' | tail -2
-  cp ~/results/gguf.json ~/results/gguf.md ~/results/gguf-*.png ~/results/bench-report.md "$OUT/" 2>/dev/null  # $OUT takes 8 files: the rest is in logs.tgz
+  # issue 8's table: compare_gguf's rows joined with the manifests (quantize s, peak GPU, held-out KL)
+  [ -f ~/results/gguf.json ] && python3 scripts/method_table.py ~/results/gguf.json ~/results -o ~/results/method-table.md >/dev/null
+  cp ~/results/gguf.json ~/results/gguf.md ~/results/gguf-*.png ~/results/bench-report.md ~/results/method-table.md "$OUT/" 2>/dev/null  # $OUT takes 8 files: the rest is in logs.tgz
   tar -czf "$OUT/logs.tgz" -C ~ logs results $(cd ~ && ls -d bench-gsm/cache/*.json bench-gsm/cache/*.jsonl bench-gsm/report.* bench-ours/cache/*.json bench-ours/cache/*.jsonl 2>/dev/null) 2>/dev/null  # both bench caches (A: stock, B: ours): a bench cut short still returns its answers (scripts/gsm_summary.py reads them)
   [ -f ~/logs/job.done ] && echo "JOB DONE" || echo "job still running"
   ;;
