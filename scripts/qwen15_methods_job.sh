@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's method table on qwen15 in one run, plus issue 10's Q3_K_S goal (started by
-# `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). KLD only, no GSM bench: the
-# ninth run's bench answered GSM. One table, one run, on one or two GPUs (lanes spread over them and share each through
+# `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). GSM only for issue 10's files
+# (the ninth run's bench answered it for the others). One table, one run, on one or two GPUs (lanes spread over them and share each through
 # CUDA MPS; quantize times are wall times beside each other, peak GPU memory per process). compare_gguf converts four
 # checkpoints and measures four files at once, a complete checkpoint before any stock file (the tenth run's serial
 # queue left five checkpoints unmeasured, the eleventh's stock-first queue all ten, the twelfth's conversions inside
@@ -17,10 +17,12 @@
 #   stock, importance matrix from the same NS x 512 news+code tokens: Q3_K_M, IQ4_XS, IQ3_XXS, Q3_K_S, IQ3_S, IQ3_M
 #   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
-# Issue 11 (GPU 0 after the lanes, CPUs 0-3): qwen15's decode / prefill / batch 1..8 speeds, ours beside F16 and stock
-# files, then the synthetic Qwen3-4B / 8B shapes of scripts/device_shapes.sh (made on those CPUs while the lanes train).
+# After the lanes, on GPU 0 and CPUs 0-3: issue 11's qwen15 decode / prefill / batch 1..8 speeds (ours beside F16 and
+# stock files), then issue 10's GSM bench (our Q3_K / Q3_K_M files, llama-quantize's, F16); once compare_gguf is done,
+# on its GPU: the synthetic Qwen3-4B / 8B shapes of scripts/device_shapes.sh (made on CPUs 0-3 while the lanes train).
 # Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
-# Results: ~/results (gguf.json/.md/-*.png, manifests). Env: CALIB, KD_MIN, KD_Q3K_MIN, NS; for a dry run on a CPU machine
+# Results: ~/results (gguf.json/.md/-*.png, manifests, speeds, bench-report.*, shapes/). Env: CALIB, KD_MIN,
+# KD_Q3K_MIN, NS, BENCH_GSM, SPEED_BY / GSM_BY / SHAPES_BY (seconds into the job a stage may still start); for a dry run on a CPU machine
 # MODEL=qwen05 DEV=cpu HOME=/tmp/dry (a fixture whose dims take group 128; its llama.cpp build must exist: the CUDA one
 # when DEV=cuda).
 set -u
@@ -113,22 +115,48 @@ speed() {
       >>~/results/batched-bench-$MODEL.jsonl
   done
   log "batched-bench done"
+}
+# Issue 10: GSM pass@1 (250 held-out problems, llama-server, 64 slots) of our Q3_K and Q3_K_M files beside
+# llama-quantize's files of the same types and F16, after speed() in its shell (same GPU, CPUs, no MPS). compare_gguf's
+# F16, importance matrix and stock files (the same NS x 512 news+code tokens) are linked in under bench's names, so
+# the bench makes none of them again; CHAMP KLD on 8 chunks only (compare_gguf has the full texts).
+gsm_bench() {
+  if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${GSM_BY:-1260} ]; then log "GSM bench skipped (budget)"; return; fi
+  local W=~/bench-gsm/build tag=$CALIB-${NS}x512 t
+  mkdir -p $W
+  ln -sf ~/gg/$MODEL-F16.gguf $W/$MODEL-F16.gguf
+  [ -f ~/gg/$MODEL.imatrix.gguf ] && ln -sf ~/gg/$MODEL.imatrix.gguf $W/$MODEL.imatrix-$tag.gguf
+  for t in Q3_K_S Q3_K_M; do [ -f ~/gg/$MODEL-$t+imat.gguf ] && ln -sf ~/gg/$MODEL-$t+imat.gguf $W/$MODEL-$t-imat-$tag.gguf; done
+  $SPEED_CPUS python3 -m quant2gguf bench $(for f in kd-gptq-q3k gptq-q3km kd-gptq-q3km; do [ -f ~/gg/$f.gguf ] && echo ~/gg/$f.gguf; done) \
+    --ref $MODEL --vs Q3_K_S,Q3_K_M --calib $CALIB --nsamples $NS --text champ --chunks 8 --gsm ${BENCH_GSM:-250} \
+    --parallel 64 --threads 4 --cuda --force -o ~/bench-gsm >~/logs/gsm-bench.log 2>&1
+  log "GSM bench rc=$?"
+  cp ~/bench-gsm/report.json ~/results/bench-report.json 2>/dev/null; cp ~/bench-gsm/report.md ~/results/bench-report.md 2>/dev/null
+}
+# Issue 11 at the synthetic Qwen3-4B / 8B shapes (made by the background job above), on the GPU and CPUs given
+shapes_bench() {  # shapes_bench GPU "taskset -c CPUS"
+  if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${SHAPES_BY:-1440} ]; then log "shapes skipped (budget)"; return; fi
   for _ in $(seq 60); do [ -f ~/logs/shapes.made ] && break; sleep 10; done
-  $SPEED_CPUS bash scripts/device_shapes.sh bench ~/shapes $B ~/results/shapes >>~/logs/shapes.log 2>&1
-  log "shapes benched: $(grep -c . ~/results/shapes/batched-bench-shapes.jsonl 2>/dev/null) batched rows"
+  CUDA_VISIBLE_DEVICES=$1 CUDA_MPS_PIPE_DIRECTORY=$HOME/no-mps $2 bash scripts/device_shapes.sh bench ~/shapes \
+    "$(ls -d $C/llama/build-*-cuda-*/bin | head -1)" ~/results/shapes >>~/logs/shapes.log 2>&1
+  log "shapes benched on GPU $1: $(grep -c . ~/results/shapes/batched-bench-shapes.jsonl 2>/dev/null) batched rows"
 }
 wait $L1 $L3 $L4 $L5 $L6 $L7
 log "quantize lanes done"
-if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds there while compare_gguf measures on the last GPU
-  log "speed stage on GPU 0 beside compare_gguf on GPU $(( NGPU - 1 ))"
-  (speed)
-  touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part (on CUDA0) starts now
+if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds and GSM there while compare_gguf measures on the last GPU
+  log "speed stage and GSM bench on GPU 0 beside compare_gguf on GPU $(( NGPU - 1 ))"
+  (speed; gsm_bench) &
+  S0=$!
   wait $P
   mps_off
+  shapes_bench $(( NGPU - 1 )) "$([ $(nproc) -ge 8 ] && echo taskset -c 4-7)"  # compare's GPU and CPUs are free now
+  wait $S0
+  touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part (on CUDA0) starts now
 else
   wait $P
   mps_off  # speeds are measured without MPS, one process on the GPU
-  (speed)
+  (speed; gsm_bench)
+  shapes_bench 0 "$SPEED_CPUS"
   touch ~/logs/gpu.idle
 fi
 cp ~/gg/*.json ~/results/ 2>/dev/null
