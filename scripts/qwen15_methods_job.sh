@@ -123,7 +123,8 @@ speed() {
 gsm_bench() {
   if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${GSM_BY:-1260} ]; then log "GSM bench skipped (budget)"; return; fi
   local W=~/bench-gsm/build tag=$CALIB-${NS}x512 t
-  mkdir -p $W
+  export CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=$HOME/no-mps  # as speed() (which may have been skipped)
+  mkdir -p $W ~/no-mps
   ln -sf ~/gg/$MODEL-F16.gguf $W/$MODEL-F16.gguf
   [ -f ~/gg/$MODEL.imatrix.gguf ] && ln -sf ~/gg/$MODEL.imatrix.gguf $W/$MODEL.imatrix-$tag.gguf
   for t in Q3_K_S Q3_K_M; do [ -f ~/gg/$MODEL-$t+imat.gguf ] && ln -sf ~/gg/$MODEL-$t+imat.gguf $W/$MODEL-$t-imat-$tag.gguf; done
