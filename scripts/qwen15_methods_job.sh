@@ -52,7 +52,7 @@ log "storage: $(df -h --output=target,size,avail ~ /dev/shm 2>/dev/null | tail -
 SPEED_CPUS= CMP_CPUS=
 [ $(nproc) -ge 8 ] && SPEED_CPUS="taskset -c 0-3" CMP_CPUS="taskset -c 4-$(( $(nproc) - 1 ))"
 # Issue 11's synthetic Qwen3-4B / 8B shapes (scripts/device_shapes.sh): made on the speed stage's CPUs while the lanes
-# train, measured on GPU 0 after the real model's speeds
+# train, measured by shapes_bench below on compare_gguf's GPU once it is done
 [ "$DEV" = cuda ] && ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   $SPEED_CPUS bash scripts/device_shapes.sh make ~/stage/$MODEL.gguf ~/shapes "$(ls -d $C/llama/build-*-cuda-*/bin | head -1)" \
     >~/logs/shapes.log 2>&1; log "shapes made rc=$?"; touch ~/logs/shapes.made ) &
