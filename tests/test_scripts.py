@@ -40,3 +40,27 @@ def test_method_table_joins_rows_and_manifests_of_a_real_run():
     mans = load_manifests(res, "qwen15-", "-run13-h200x2")
     assert ckpt_cells(mans["kd-gptq-q3k"], mans) == ["171 + 303", "9.90 → 11.70",
                                                       "0.0666 → 0.0563 (best step 200 of 221)"]
+
+
+def test_speed_table_on_a_real_run():
+    """scripts/speed_table.py on the thirteenth qwen15 run's llama-bench and batched-bench results: × F16 and the
+    achieved bandwidth from the file's bytes, the copy roof from the mat-vec microbenchmark's record."""
+    import json
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from speed_table import batched_table, bench_rows, roof_gbps, table
+    res = root / "docs" / "results"
+    files = bench_rows(json.loads((res / "llama-bench-qwen15-run13-h200x2.json").read_text()))
+    assert files["rtn-g128.gguf"]["tg"] == pytest.approx(582.3, abs=0.1) and files["qwen15-F16.gguf"]["pp"] > 40000
+    roof = roof_gbps(res / "cuda-mmvq-h200.jsonl")
+    assert 3000 < roof < 5000
+    md = table(files, roof).splitlines()
+    f16 = next(line for line in md if line.startswith("| qwen15-F16.gguf"))
+    assert "| 1.00 |" in f16 and f"| {3554465792 * 429.1 / 1e9:.0f} |" in f16  # bytes x tok/s
+    ours = next(line for line in md if line.startswith("| rtn-g128.gguf"))
+    assert f"| {582.3 / 429.1:.2f} |" in ours
+    rows = [json.loads(x) for x in (res / "batched-bench-qwen15-run13-h200x2.jsonl").read_text().splitlines()]
+    bt = batched_table(rows)
+    assert "| rtn-g128.gguf (batch 2..8 kernel off) | 596 | 950 | 1400 | 2471 |" in bt  # the switch's rows apart
+    assert "| rtn-g128.gguf | 561 | 850 | 1437 | 2259 |" in bt
