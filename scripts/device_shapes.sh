@@ -4,10 +4,11 @@
 # vocabulary taken from SRC (synth_gguf.py of ../shared/tools, carried by the prep call in .device/tools), the F16
 # file requantized by llama-quantize to ours and stock types: decode speed does not depend on the values, so the C RTN
 # reference quantizer is enough for ours.
-#   make  SRC.gguf DIR BIN      DIR/{4b,8b}-{F16,Q3_G128,Q4_0,Q3_K_S}.gguf and DIR/4b-IQ3_S.gguf (CPU only; run it
-#                               while the GPU trains, on CPUs nothing else uses)
+#   make  SRC.gguf DIR BIN      DIR/{4b,8b}-{F16,Q3_G128,Q4_0,Q3_K_S}.gguf, DIR/4b-IQ3_S.gguf, and at 4B the F16, Q3_G128
+#                               and Q4_0 files with q/k/v fused into one attn_qkv (*-fqkv.gguf, scripts/fuse_qkv_gguf.py)
+#                               (CPU only; run it while the GPU trains, on CPUs nothing else uses)
 #   bench DIR BIN OUT           per shape one llama-bench (tg128 and pp512, -r 3, all layers on the GPU) over every file,
-#                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours:
+#                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours (fused too):
 #                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
@@ -32,6 +33,15 @@ make)
       "$B/llama-quantize" "$W/$n-F16.gguf" "$W/$n-$t.gguf.tmp" "$t" "$(nproc)" >"$W/quantize-$n-$t.log" 2>&1 \
         && mv "$W/$n-$t.gguf.tmp" "$W/$n-$t.gguf" || echo "quantize $n $t failed (see $W/quantize-$n-$t.log)"
     done
+    if [ "$n" = "${SHAPES_FUSE:-4b}" ]; then  # q/k/v as one attn_qkv (scripts/fuse_qkv_gguf.py), then the same types
+      [ -f "$W/$n-F16-fqkv.gguf" ] || { python3 "$(dirname "$0")/fuse_qkv_gguf.py" "$W/$n-F16.gguf" "$W/$n-F16-fqkv.gguf.tmp" \
+        >"$W/fuse-$n.log" 2>&1 && mv "$W/$n-F16-fqkv.gguf.tmp" "$W/$n-F16-fqkv.gguf"; } || echo "fuse $n failed (see $W/fuse-$n.log)"
+      for t in Q3_G128 Q4_0; do
+        [ -f "$W/$n-F16-fqkv.gguf" ] && [ ! -f "$W/$n-$t-fqkv.gguf" ] || continue
+        "$B/llama-quantize" "$W/$n-F16-fqkv.gguf" "$W/$n-$t-fqkv.gguf.tmp" "$t" "$(nproc)" >"$W/quantize-$n-$t-fqkv.log" 2>&1 \
+          && mv "$W/$n-$t-fqkv.gguf.tmp" "$W/$n-$t-fqkv.gguf" || echo "quantize $n $t (fused) failed"
+      done
+    fi
     echo "shape $n ready: $(cd "$W" && ls $n-*.gguf | tr '\n' ' ')"
   done
   ;;
@@ -44,7 +54,7 @@ bench)
     "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/$n"-*.gguf; do echo -m "$f"; done) \
       >"$O/llama-bench-$n.json" 2>"$O/llama-bench-$n.log"
     echo "llama-bench $n rc=$?"
-    for t in F16 Q4_0 Q3_G128; do
+    for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv; do
       [ -f "$W/$n-$t.gguf" ] || continue
       "$B/llama-batched-bench" -m "$W/$n-$t.gguf" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
         --output-format jsonl 2>>"$O/batched-bench-shapes.log" | grep '^{"n_kv_max' \

@@ -2,7 +2,7 @@
 JSONL rows (decode at 1/2/4/8 sequences) and the copy roof scripts/device_cuda_mmvq.sh measured.
 
 usage: python scripts/speed_table.py [LLAMA_BENCH.json] [--batched ROWS.jsonl] [--roof CUDA_MMVQ.jsonl] [-o OUT.md]
-tg128 is also given as × the F16 file's (the file whose name has F16) and as achieved bandwidth: the file's bytes
+tg128 is also given as × the F16 file's (the shortest name with F16: not a fused variant) and as achieved bandwidth: the file's bytes
 (llama-bench's model_size: every weight is read once a token) × tokens/s, and that as a share of the device-to-device
 copy bandwidth (the roof). The achieved figure ignores the KV cache and activations: at ctx 128 they are small.
 """
@@ -38,7 +38,8 @@ def roof_gbps(path: Path) -> float | None:
 
 
 def table(files: dict[str, dict], roof: float | None = None) -> str:
-    f16 = next((v["tg"] for k, v in files.items() if "F16" in k and "tg" in v), None)
+    ref = min((k for k, v in files.items() if "F16" in k and "tg" in v), key=len, default=None)  # F16, not F16-fqkv
+    f16 = files[ref]["tg"] if ref else None
     head = "| file | GiB | tg128 tok/s | × F16 | pp512 tok/s | achieved GB/s |" + (" share of copy roof |" if roof else "")
     lines = [head, "|" + "---|" * (6 + bool(roof))]
     for k, v in sorted(files.items(), key=lambda kv: -kv[1].get("tg", 0)):
