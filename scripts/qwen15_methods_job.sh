@@ -50,7 +50,8 @@ log "storage: $(df -h --output=target,size,avail ~ /dev/shm 2>/dev/null | tail -
 # CPUs: the speed stage keeps 0-3 to itself, compare_gguf (which splits its share among its workers) the rest: the
 # thirteenth run's llama-bench and batched-bench ran beside compare's conversions on every core.
 SPEED_CPUS= CMP_CPUS=
-[ $(nproc) -ge 8 ] && SPEED_CPUS="taskset -c 0-3" CMP_CPUS="taskset -c 4-$(( $(nproc) - 1 ))"
+[ $(nproc) -ge 8 ] && command -v taskset >/dev/null && SPEED_CPUS="taskset -c 0-3" CMP_CPUS="taskset -c 4-$(( $(nproc) - 1 ))"
+log "CPUs: speed stage '${SPEED_CPUS:-all}', compare_gguf '${CMP_CPUS:-all}'"
 # Issue 11's synthetic Qwen3-4B / 8B shapes (scripts/device_shapes.sh): made on the speed stage's CPUs while the lanes
 # train, measured by shapes_bench below on compare_gguf's GPU once it is done
 [ "$DEV" = cuda ] && ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
@@ -150,7 +151,7 @@ if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds and GSM t
   S0=$!
   wait $P
   mps_off
-  shapes_bench $(( NGPU - 1 )) "$([ $(nproc) -ge 8 ] && echo taskset -c 4-7)"  # compare's GPU and CPUs are free now
+  shapes_bench $(( NGPU - 1 )) "${CMP_CPUS:+taskset -c 4-7}"  # compare's GPU and CPUs are free now
   wait $S0
   touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part (on CUDA0) starts now
 else
