@@ -129,7 +129,16 @@ gsm_bench() {
   ln -sf ~/gg/$MODEL-F16.gguf $W/$MODEL-F16.gguf
   [ -f ~/gg/$MODEL.imatrix.gguf ] && ln -sf ~/gg/$MODEL.imatrix.gguf $W/$MODEL.imatrix-$tag.gguf
   for t in Q3_K_S Q3_K_M; do [ -f ~/gg/$MODEL-$t+imat.gguf ] && ln -sf ~/gg/$MODEL-$t+imat.gguf $W/$MODEL-$t-imat-$tag.gguf; done
-  $SPEED_CPUS python3 -m quant2gguf bench $(for f in kd-gptq-q3k gptq-q3km kd-gptq-q3km; do [ -f ~/gg/$f.gguf ] && echo ~/gg/$f.gguf; done) \
+  # compare_gguf converts our checkpoints (~2 min each): wait for those whose lane wrote one (GSM_WAIT s at most)
+  local ours="kd-gptq-q3k gptq-q3km kd-gptq-q3km" t0=$(date +%s) f missing
+  while :; do
+    missing=
+    for f in $ours; do [ -f ~/bench/$f/manifest.json ] && [ ! -f ~/gg/$f.gguf ] && missing="$missing $f"; done
+    [ -z "$missing" ] || [ $(( $(date +%s) - t0 )) -ge ${GSM_WAIT:-300} ] && break
+    sleep 10
+  done
+  [ -n "$missing" ] && log "GSM bench without$missing (not converted in time)"
+  $SPEED_CPUS python3 -m quant2gguf bench $(for f in $ours; do [ -f ~/gg/$f.gguf ] && echo ~/gg/$f.gguf; done) \
     --ref $MODEL --vs Q3_K_S,Q3_K_M --calib $CALIB --nsamples $NS --text champ --chunks 8 --gsm ${BENCH_GSM:-250} \
     --parallel 64 --threads 4 --cuda --force -o ~/bench-gsm >~/logs/gsm-bench.log 2>&1
   log "GSM bench rc=$?"
