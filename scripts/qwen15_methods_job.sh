@@ -45,7 +45,7 @@ log "$NGPU GPU(s), $THR CPU threads a lane"
 LOGITS=~/gg
 [ "$(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1)" -ge 16 ] 2>/dev/null && LOGITS=/dev/shm/logits
 log "storage: $(df -h --output=target,size,avail ~ /dev/shm 2>/dev/null | tail -n +2 | tr -s ' ' | paste -sd';'), log-probs in $LOGITS"
-( dd if=/dev/zero of=$HOME/dd.test bs=1M count=1024 oflag=direct 2>&1 | tail -1 | sed 's/^/[disk] write: /'
+[ "${DISK_PROBE:-1}" = 1 ] && ( dd if=/dev/zero of=$HOME/dd.test bs=1M count=1024 oflag=direct 2>&1 | tail -1 | sed 's/^/[disk] write: /'
   dd if=$HOME/dd.test of=/dev/null bs=1M iflag=direct 2>&1 | tail -1 | sed 's/^/[disk] read: /'; rm -f $HOME/dd.test ) >>~/logs/disk.log 2>&1 &
 # CPUs: the speed stage keeps 0-3 to itself, compare_gguf (which splits its share among its workers) the rest: the
 # thirteenth run's llama-bench and batched-bench ran beside compare's conversions on every core.
