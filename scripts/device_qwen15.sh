@@ -69,13 +69,13 @@ poll)
   # issue 8's table: compare_gguf's rows joined with the manifests (quantize s, peak GPU, held-out KL)
   [ -f ~/results/gguf.json ] && python3 scripts/method_table.py ~/results/gguf.json ~/results -o ~/results/method-table.md >/dev/null
   # issue 11's speed tables (in logs.tgz): qwen15, then each synthetic shape; bandwidth against prep's copy roof
-  R=~/results; ROOF=$([ -f $R/cuda/cuda_mmvq.jsonl ] && echo "--roof $R/cuda/cuda_mmvq.jsonl")
-  [ -f $R/llama-bench-qwen15.json ] && python3 scripts/speed_table.py $R/llama-bench-qwen15.json $ROOF \
-    --batched $R/batched-bench-qwen15.jsonl -o $R/speed-qwen15.md >/dev/null 2>&1
-  for n in 4b 8b; do [ -s $R/shapes/llama-bench-$n.json ] && python3 scripts/speed_table.py $R/shapes/llama-bench-$n.json $ROOF \
-    -o $R/speed-$n.md >/dev/null 2>&1; done
-  [ -s $R/shapes/batched-bench-shapes.jsonl ] && python3 scripts/speed_table.py --batched $R/shapes/batched-bench-shapes.jsonl \
-    -o $R/speed-shapes-batched.md >/dev/null 2>&1
+  RS=~/results; ROOF=$([ -f $RS/cuda/cuda_mmvq.jsonl ] && echo "--roof $RS/cuda/cuda_mmvq.jsonl")
+  [ -f $RS/llama-bench-qwen15.json ] && python3 scripts/speed_table.py $RS/llama-bench-qwen15.json $ROOF \
+    --batched $RS/batched-bench-qwen15.jsonl -o $RS/speed-qwen15.md >/dev/null 2>&1
+  for n in 4b 8b; do [ -s $RS/shapes/llama-bench-$n.json ] && python3 scripts/speed_table.py $RS/shapes/llama-bench-$n.json $ROOF \
+    -o $RS/speed-$n.md >/dev/null 2>&1; done
+  [ -s $RS/shapes/batched-bench-shapes.jsonl ] && python3 scripts/speed_table.py --batched $RS/shapes/batched-bench-shapes.jsonl \
+    -o $RS/speed-shapes-batched.md >/dev/null 2>&1
   cp ~/results/gguf.json ~/results/gguf.md ~/results/gguf-*.png ~/results/bench-report.md ~/results/method-table.md "$OUT/" 2>/dev/null  # $OUT takes 8 files: the rest is in logs.tgz
   tar -czf "$OUT/logs.tgz" -C ~ logs results $(cd ~ && ls -d bench-gsm/cache/*.json bench-gsm/cache/*.jsonl bench-gsm/report.* bench-ours/cache/*.json bench-ours/cache/*.jsonl 2>/dev/null) 2>/dev/null  # both bench caches (A: stock, B: ours): a bench cut short still returns its answers (scripts/gsm_summary.py reads them)
   [ -f ~/logs/job.done ] && echo "JOB DONE" || echo "job still running"
