@@ -20,6 +20,11 @@ make)
   SYNTH=${SYNTH:-$HOME/stage/tools/synth_gguf.py}
   [ -f "$SYNTH" ] || { echo "no $SYNTH: carry .device/tools (scripts/device_bundle.sh copies ../shared/tools/synth_gguf.py)"; exit 1; }
   mkdir -p "$W"
+  quant() {  # quant SRC.gguf NAME TYPE: llama-quantize SRC into W/NAME.gguf (temp name, then rename) unless it exists
+    [ -f "$W/$2.gguf" ] && return
+    "$B/llama-quantize" "$1" "$W/$2.gguf.tmp" "$3" "$(nproc)" >"$W/quantize-$2.log" 2>&1 \
+      && mv "$W/$2.gguf.tmp" "$W/$2.gguf" || echo "quantize $2 failed (see $W/quantize-$2.log)"
+  }
   for shape in "${SHAPES[@]}"; do
     # shellcheck disable=SC2086
     set -- $shape
@@ -28,19 +33,11 @@ make)
     [ -f "$W/$n-F16.gguf" ] || mv "$W/$n-F16.gguf.tmp" "$W/$n-F16.gguf"
     types="Q3_G128 Q4_0 Q3_K_S"
     [ "$n" = 4b ] && types="$types IQ3_S"  # IQ3_S's search is slow: one shape
-    for t in $types; do
-      [ -f "$W/$n-$t.gguf" ] && continue
-      "$B/llama-quantize" "$W/$n-F16.gguf" "$W/$n-$t.gguf.tmp" "$t" "$(nproc)" >"$W/quantize-$n-$t.log" 2>&1 \
-        && mv "$W/$n-$t.gguf.tmp" "$W/$n-$t.gguf" || echo "quantize $n $t failed (see $W/quantize-$n-$t.log)"
-    done
+    for t in $types; do quant "$W/$n-F16.gguf" "$n-$t" "$t"; done
     if [ "$n" = "${SHAPES_FUSE:-4b}" ]; then  # q/k/v as one attn_qkv (scripts/fuse_qkv_gguf.py), then the same types
       [ -f "$W/$n-F16-fqkv.gguf" ] || { python3 "$(dirname "$0")/fuse_qkv_gguf.py" "$W/$n-F16.gguf" "$W/$n-F16-fqkv.gguf.tmp" \
         >"$W/fuse-$n.log" 2>&1 && mv "$W/$n-F16-fqkv.gguf.tmp" "$W/$n-F16-fqkv.gguf"; } || echo "fuse $n failed (see $W/fuse-$n.log)"
-      for t in Q3_G128 Q4_0; do
-        [ -f "$W/$n-F16-fqkv.gguf" ] && [ ! -f "$W/$n-$t-fqkv.gguf" ] || continue
-        "$B/llama-quantize" "$W/$n-F16-fqkv.gguf" "$W/$n-$t-fqkv.gguf.tmp" "$t" "$(nproc)" >"$W/quantize-$n-$t-fqkv.log" 2>&1 \
-          && mv "$W/$n-$t-fqkv.gguf.tmp" "$W/$n-$t-fqkv.gguf" || echo "quantize $n $t (fused) failed"
-      done
+      [ -f "$W/$n-F16-fqkv.gguf" ] && for t in Q3_G128 Q4_0; do quant "$W/$n-F16-fqkv.gguf" "$n-$t-fqkv" "$t"; done
     fi
     echo "shape $n ready: $(cd "$W" && ls $n-*.gguf | tr '\n' ' ')"
   done

@@ -49,13 +49,14 @@ log "storage: $(df -h --output=target,size,avail ~ /dev/shm 2>/dev/null | tail -
   dd if=$HOME/dd.test of=/dev/null bs=1M iflag=direct 2>&1 | tail -1 | sed 's/^/[disk] read: /'; rm -f $HOME/dd.test ) >>~/logs/disk.log 2>&1 &
 # CPUs: the speed stage keeps 0-3 to itself, compare_gguf (which splits its share among its workers) the rest: the
 # thirteenth run's llama-bench and batched-bench ran beside compare's conversions on every core.
+llama_bin() { ls -d $C/llama/build-*-cuda-*/bin | head -1; }  # the CUDA build's tools (prep builds it)
 SPEED_CPUS= CMP_CPUS=
 [ $(nproc) -ge 8 ] && command -v taskset >/dev/null && SPEED_CPUS="taskset -c 0-3" CMP_CPUS="taskset -c 4-$(( $(nproc) - 1 ))"
 log "CPUs: speed stage '${SPEED_CPUS:-all}', compare_gguf '${CMP_CPUS:-all}'"
 # Issue 11's synthetic Qwen3-4B / 8B shapes (scripts/device_shapes.sh): made on the speed stage's CPUs while the lanes
 # train, measured by shapes_bench below on compare_gguf's GPU once it is done
 [ "$DEV" = cuda ] && ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
-  $SPEED_CPUS bash scripts/device_shapes.sh make ~/stage/$MODEL.gguf ~/shapes "$(ls -d $C/llama/build-*-cuda-*/bin | head -1)" \
+  $SPEED_CPUS bash scripts/device_shapes.sh make ~/stage/$MODEL.gguf ~/shapes "$(llama_bin)" \
     >~/logs/shapes.log 2>&1; log "shapes made rc=$?"; touch ~/logs/shapes.made ) &
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME, on GPU $LANE mod NGPU
   local t0=$(date +%s)
@@ -102,7 +103,7 @@ P=$!
 # (CUDA_MPS_PIPE_DIRECTORY naming no daemon: the process makes an ordinary context).
 speed() {
   if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${SPEED_BY:-1200} ]; then log "speed stage skipped (budget)"; return; fi
-  local B=$(ls -d $C/llama/build-*-cuda-*/bin | head -1) G=~/gg/$MODEL
+  local B=$(llama_bin) G=~/gg/$MODEL
   export CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=$HOME/no-mps
   mkdir -p ~/no-mps
   $SPEED_CPUS $B/llama-quantize $G-F16.gguf $G-Q4_0.gguf Q4_0 >~/logs/q4_0.log 2>&1
@@ -149,7 +150,7 @@ shapes_bench() {  # shapes_bench GPU "taskset -c CPUS"
   if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${SHAPES_BY:-1440} ]; then log "shapes skipped (budget)"; return; fi
   for _ in $(seq 60); do [ -f ~/logs/shapes.made ] && break; sleep 10; done
   CUDA_VISIBLE_DEVICES=$1 CUDA_MPS_PIPE_DIRECTORY=$HOME/no-mps $2 bash scripts/device_shapes.sh bench ~/shapes \
-    "$(ls -d $C/llama/build-*-cuda-*/bin | head -1)" ~/results/shapes >>~/logs/shapes.log 2>&1
+    "$(llama_bin)" ~/results/shapes >>~/logs/shapes.log 2>&1
   log "shapes benched on GPU $1: $(grep -c . ~/results/shapes/batched-bench-shapes.jsonl 2>/dev/null) batched rows"
 }
 wait $L1 $L3 $L4 $L5 $L6 $L7
