@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -99,6 +100,126 @@ def converter():
 def read_gguf(path: str | Path):
     """GGUFReader over `path`, or a one-line ValueError for a missing, foreign or truncated file."""
     path = Path(path)
+    _check_magic(path)
+    gguf = vendored_gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises many kinds on a cut-off or corrupt file
+        raise ValueError(f"{path} is truncated or corrupt, or holds tensor types this llama.cpp does not know "
+                         f"({type(e).__name__}: {e}); re-create it (`quant2gguf convert`)") from None
+
+
+@dataclasses.dataclass
+class GGUFTensor:
+    name: str
+    shape: tuple          # ggml order (ne0 first), as GGUFReader's
+    tensor_type: object   # gguf.GGMLQuantizationType (an int where the enum lacks it)
+    n_elements: int
+    n_bytes: int
+    path: Path
+    offset: int           # absolute, in the file
+
+    @property
+    def data(self) -> np.ndarray:
+        """The tensor's bytes, memory-mapped: uint8 [rows, bytes per row]."""
+        rows = self.n_elements // int(self.shape[0]) if self.shape else 1
+        return np.memmap(self.path, np.uint8, "r", self.offset, (rows, self.n_bytes // max(rows, 1)))
+
+
+@dataclasses.dataclass
+class GGUFHeader:
+    fields: dict          # scalar key -> value; an array key -> its item count
+    tensors: list         # GGUFTensor
+
+
+# value type id -> struct format of a scalar (8 = string, 9 = array)
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def scan_gguf(path: str | Path) -> GGUFHeader:
+    """The metadata and tensor table of a GGUF without parsing its arrays (tensor bytes memory-mapped on
+    access), after checking that every tensor's type is known and its bytes are in the file. GGUFReader
+    builds a numpy view per vocabulary string: ~10 s of one core, holding the GIL, for Qwen's 151,936
+    tokens, before every tool run and twice per conversion. Errors as read_gguf's."""
+    import mmap
+    path = Path(path)
+    _check_magic(path)
+    gguf = vendored_gguf()  # our types registered (gguf_types)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            fields, table, pos = _parse_header(buf)
+        except (struct.error, KeyError, UnicodeDecodeError) as e:
+            raise _corrupt(path, f"{type(e).__name__}: {e}") from None
+        size = len(buf)
+    align = int(fields.get("general.alignment", 32))
+    start = -(-pos // align) * align
+    tensors = []
+    for name, dims, ttype, off in table:
+        if ttype not in gguf.GGML_QUANT_SIZES:
+            raise _corrupt(path, f"tensor {name} has type id {ttype}")
+        block, nbytes = gguf.GGML_QUANT_SIZES[ttype]
+        n_el = int(np.prod(dims, dtype=np.int64))
+        t = GGUFTensor(name, dims, _qtype(gguf, ttype), n_el, n_el // block * nbytes, path, start + off)
+        if t.offset + t.n_bytes > size:
+            raise _corrupt(path, f"{size} bytes, tensor {name} ends at {t.offset + t.n_bytes}")
+        tensors.append(t)
+    return GGUFHeader(fields, tensors)
+
+
+def _qtype(gguf, ttype: int):
+    try:
+        return gguf.GGMLQuantizationType(ttype)
+    except ValueError:
+        return ttype
+
+
+def _corrupt(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is truncated or corrupt, or holds tensor types this llama.cpp does not know "
+                      f"({why}); re-create it (`quant2gguf convert`)")
+
+
+def _parse_header(buf) -> tuple[dict, list, int]:
+    """(fields, [(name, dims, type id, data offset)], end of the tensor table) of a GGUF (v2/v3, little-endian)."""
+    pos = 24  # magic, version, tensor count, key count
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return v if len(v) > 1 else v[0]
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return bytes(buf[pos - n:pos]).decode("utf-8")
+
+    fields = {}
+    for _ in range(n_kv):
+        key, vt = string(), take("<I")
+        if vt == 8:
+            fields[key] = string()
+        elif vt != 9:
+            fields[key] = take(_GGUF_SCALAR[vt])
+        else:
+            it, n = take("<IQ")
+            if it == 8:  # strings: walk the lengths
+                for _ in range(n):
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            else:
+                pos += n * struct.calcsize(_GGUF_SCALAR[it])
+            fields[key] = n
+    table = []
+    for _ in range(n_tensors):
+        name, nd = string(), take("<I")
+        dims = tuple(struct.unpack_from(f"<{nd}Q", buf, pos))
+        pos += 8 * nd
+        table.append((name, dims, *take("<IQ")))
+    return fields, table, pos
+
+
+def _check_magic(path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"{path}: no such GGUF file")
     with open(path, "rb") as f:
@@ -106,12 +227,6 @@ def read_gguf(path: str | Path):
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file (magic {magic!r}); pass a .gguf written by `quant2gguf convert`"
                          " or llama.cpp's converter")
-    gguf = vendored_gguf()
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises many kinds on a cut-off or corrupt file
-        raise ValueError(f"{path} is truncated or corrupt, or holds tensor types this llama.cpp does not know "
-                         f"({type(e).__name__}: {e}); re-create it (`quant2gguf convert`)") from None
 
 
 def _type_name(t) -> str:
@@ -505,7 +620,7 @@ def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, Quan
                 raise ValueError(f"{folder}: llama.cpp's converter does not recognise this BPE pre-tokenizer; pass "
                                  "tokenizer_pre (e.g. 'gpt-2' for a GPT-2 style byte-level BPE) if you know which it is") from None
             raise ValueError(f"{folder}: llama.cpp's converter cannot convert this model: {e}") from None
-        reader = read_gguf(tmp)  # parsed twice at most: a reader of Qwen's vocabulary takes ~13 s
+        reader = scan_gguf(tmp)
         if embd_type == "keep":
             _check_quantized(reader, model.written, out)
         else:  # set_embd_types checks ours in the file that replaces this one
@@ -590,9 +705,9 @@ def set_embd_types(src: Path, dst: Path, embd_type: str, written: dict, path: Pa
     checked: every other tensor byte-identical, ours also re-dequantized, embd types as asked."""
     from . import runner
     gguf = vendored_gguf()
-    before = read_gguf(src) if before is None else before
+    before = scan_gguf(src) if before is None else before
     want = embd_targets(before, embd_type, src, threads)
-    ftype = gguf.LlamaFileType(int(before.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
+    ftype = gguf.LlamaFileType(int(before.fields["general.file_type"])).name.removeprefix("MOSTLY_")
     with tempfile.TemporaryDirectory() as d:
         pins = Path(d) / "tensor-types.txt"  # a file: hundreds of tensors would overflow a command line
         pins.write_text("".join(f"^{re.escape(t.name)}$={_type_name(t.tensor_type)}\n" for t in before.tensors
@@ -603,7 +718,7 @@ def set_embd_types(src: Path, dst: Path, embd_type: str, written: dict, path: Pa
         # a tied model has no output.weight: llama-quantize then gives token_embd the output's rule
         cmd += ["--output-tensor-type", want.get("output.weight", want.get("token_embd.weight", "q8_0"))]
         runner._run([*cmd, src, dst, ftype, threads])
-    after = read_gguf(dst)
+    after = scan_gguf(dst)
     _check_unchanged(before, after, set(want), path)
     _check_quantized(after, written, path)
     types = {t.name: _type_name(t.tensor_type) for t in after.tensors if t.name in want}

@@ -35,10 +35,10 @@ def _tool(name: str, cuda: bool = False) -> Path:
 def check_gguf(path: str | Path) -> Path:
     """Raise ValueError unless `path` is a complete model GGUF whose tensor types this build knows
     (an imatrix or other data GGUF has no general.architecture and is refused here)."""
-    from .export import read_gguf
-    r = read_gguf(path)
+    from .export import scan_gguf
+    r = scan_gguf(path)  # not read_gguf: GGUFReader takes ~10 s of Python on a 152k-token vocabulary
     if "general.architecture" not in r.fields or not r.tensors:
-        kind = r.fields["general.type"].contents() if "general.type" in r.fields else "not a model"
+        kind = r.fields.get("general.type", "not a model")
         raise ValueError(f"{path} is a GGUF but not a model ({kind}: no general.architecture); "
                          "pass a model .gguf")
     return Path(path)
@@ -51,8 +51,9 @@ def _run(cmd: list, need: str | None = None, tries: int = 5, strict: bool = True
     upstream issue 22142), so the last lines of a run, the final perplexity among them, are lost
     now and then; a re-run is the only remedy that needs no patch."""
     cmd = [str(c) for c in cmd]
-    for _ in range(tries):
+    for n in range(1, tries + 1):
         r = _exec(cmd)
+        r.tries = n
         out = r.stderr + r.stdout
         if (r.returncode and out.strip()) or (not r.returncode and (need is None or re.search(need, out))):
             break
@@ -86,7 +87,7 @@ def _exec(cmd: list[str]) -> subprocess.CompletedProcess:
         out.seek(0)
         err.seek(0)
         r = subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
-    r.peak_rss_mib = peak
+    r.peak_rss_mib, r.wall_s = peak, time.monotonic() - t0
     return r
 
 
@@ -184,7 +185,8 @@ def perplexity(gguf: str | Path, text_file: str | Path | None, ctx: int = 512, c
     else:
         r = _run(cmd, need=_PATTERNS["same_top_p_pct"] if kld_base else _PATTERNS["ppl"])
         res = parse_perplexity(r.stderr + r.stdout)
-    return {**res, "ctx": ctx}
+    # the tool's own wall time of its last run and the runs it took: where a caller's time went
+    return {**res, "ctx": ctx, "tool_s": round(r.wall_s, 1), "tries": getattr(r, "tries", 1)}
 
 
 def _open_logits_file(path: str | Path) -> dict:

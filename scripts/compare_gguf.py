@@ -108,7 +108,8 @@ def _measure(name, path, texts, bases, wd, a, params, threads: int) -> dict:
                                   threads=threads)
         else:
             r = runner.perplexity(path, None, ctx=512, kld_base=bases[src], cuda=a.cuda, threads=threads)
-        row[src] = {k: r.get(k) for k in ("ppl", "kld", "kld_p99", "same_top_p_pct", "n_chunks", "s_per_pass")}
+        row[src] = {k: r.get(k) for k in ("ppl", "kld", "kld_p99", "same_top_p_pct", "n_chunks", "s_per_pass",
+                                           "tool_s", "tries")}
         row[src]["seconds"] = round(time.time() - t0, 1)  # where a run's measuring time goes
     if not a.tg128:
         _say(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'path'})}")
@@ -149,16 +150,19 @@ def _plot(rows, text, path) -> None:
 
 
 def run_queue(jobs: int, ckpts: list, types: list, ready, ckpt_row, stock_row, wait: float, poll: float = 10.0,
-              prepare=None, prepare_jobs: int = 1) -> None:
+              prepare=None, prepare_jobs: int = 1, prepare_stock=None) -> None:
     """`jobs` measuring workers; a free one takes a complete checkpoint first, in the order given, else the next
     stock type, else waits `poll` s for one. With `prepare` (a checkpoint's conversion), `prepare_jobs` workers of
     their own run it as soon as a checkpoint is complete, and a checkpoint is measured once prepared (in the order
-    they finish): measuring never waits for a conversion. Checkpoints not ready `wait` s after the start are
+    they finish): measuring never waits for a conversion. With `prepare_stock` too (making a stock file), those
+    workers make the stock files, in order, whenever no checkpoint is waiting for them, and a stock type is measured
+    only once made: the measuring workers only measure. Checkpoints not ready `wait` s after the start are
     skipped (one deadline for all: a lane that died must not hold the job). The first failure stops the queue and
     is raised. Why this order: the eleventh qwen15 run queued the stock files first and ran out of device time before
-    any checkpoint was measured; in the twelfth each conversion (~4.5 min) held a measuring slot."""
+    any checkpoint was measured; in the twelfth each conversion (~4.5 min) held a measuring slot; in the fourteenth
+    two workers measured at ~30 s a text while two others made IQ files, four at once at ~120 s a text."""
     lock, types, waiting, errors, t0 = threading.Lock(), list(types), list(ckpts), [], time.time()
-    prepared, busy = [], [0]  # checkpoints converted and not yet measured; conversions under way
+    prepared, made, busy = [], [], [0]  # checkpoints converted / stock types made, not yet measured; preparing now
 
     def take_ready():  # under lock: the first complete checkpoint, or None (skips all at the deadline)
         done = [c for c in waiting if ready(c)]
@@ -175,23 +179,26 @@ def run_queue(jobs: int, ckpts: list, types: list, ready, ckpt_row, stock_row, w
             ck = (prepared.pop(0) if prepared else None) if prepare else take_ready()
             if ck is not None:
                 return lambda: ckpt_row(ck)
-            if types:
-                t = types.pop(0)
+            stock = made if prepare_stock else types
+            if stock:
+                t = stock.pop(0)
                 return lambda: stock_row(t)
-            return "wait" if waiting or prepared or busy[0] else None
+            return "wait" if waiting or prepared or busy[0] or (prepare_stock and types) else None
 
     def next_prepare():
         with lock:
-            ck = take_ready()
-            if ck is None:
+            item, fn, into = take_ready(), prepare, prepared
+            if item is None and prepare_stock and types:
+                item, fn, into = types.pop(0), prepare_stock, made
+            if item is None:
                 return "wait" if waiting else None
             busy[0] += 1
 
         def task():
             try:
-                prepare(ck)
+                fn(item)
                 with lock:
-                    prepared.append(ck)
+                    into.append(item)
             finally:
                 with lock:
                     busy[0] -= 1
@@ -243,7 +250,7 @@ def main() -> None:
                     help="where the F16 log-prob files go (default: --workdir); every row re-reads them (~5 GB for "
                          "qwen15's three texts): a RAM disk such as /dev/shm where the work disk is slow")
     ap.add_argument("--convert-jobs", type=int, default=None,
-                    help="checkpoints converted at once, beside the measuring jobs (default: --jobs)")
+                    help="checkpoints converted and stock files made at once, beside the measuring jobs (default: --jobs)")
     ap.add_argument("--no-tg128", dest="tg128", action="store_false", help="no decode speed column")
     a = ap.parse_args()
     a.convert_jobs = a.jobs if a.convert_jobs is None else a.convert_jobs
@@ -292,19 +299,23 @@ def main() -> None:
 
     imat_lock = threading.Lock()
 
-    def stock_row(t):
-        threads = pin.threads()
+    def make_stock(t):
         p = wd / f"{name}-{t}.gguf"
         stock, use_imat = t.removesuffix("+imat"), t.endswith("+imat")
-        with imat_lock:  # made by the first stock row that needs it, not before the checkpoints' rows
+        with imat_lock:  # made by the first stock file that needs it
             if use_imat and not imat.exists():
                 from quant2gguf.compat import make_imatrix
                 make_imatrix(a.model, imat, a.calib, a.imat_nsamples, 512, device="cuda" if a.cuda else "cpu")
         if not p.exists():  # written under a temp name, then renamed: the import lane may wait for it
-            runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None,
-                                  threads=threads, cuda=a.cuda)
-        add(_measure(t + (" (C RTN, ours)" if stock.startswith("Q3_G") else ""), p, sources, bases, wd, a, params,
-                     threads))
+            t0 = time.time()
+            runner.quantize_stock(f16, p, stock, imatrix=imat if use_imat else None, threads=pin.threads(), cuda=a.cuda)
+            _say(f"made {t} in {time.time() - t0:.0f} s")
+        return p
+
+    def stock_row(t):
+        p = make_stock(t)
+        add(_measure(t + (" (C RTN, ours)" if t.startswith("Q3_G") else ""), p, sources, bases, wd, a, params,
+                     pin.threads()))
 
     def convert_ckpt(ck):
         p = wd / f"{ck.name}.gguf"
@@ -322,7 +333,7 @@ def main() -> None:
         add(_measure(_label(ck), wd / f"{ck.name}.gguf", sources, bases, wd, a, params, pin.threads()))
 
     run_queue(a.jobs, list(map(Path, a.ckpts)), a.types, checkpoint.is_checkpoint, ckpt_row, stock_row, a.wait,
-              prepare=convert_ckpt, prepare_jobs=a.convert_jobs)
+              prepare=convert_ckpt, prepare_jobs=a.convert_jobs, prepare_stock=make_stock)
     _say("done")
 
 

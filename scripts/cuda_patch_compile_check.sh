@@ -15,23 +15,25 @@ FILES=("$@")
 [ ${#FILES[@]} -gt 0 ] || FILES=(mmvq.cu convert.cu getrows.cu ggml-cuda.cu template-instances/mmq-instance-q4_0.cu)
 CUDA_VENV=${CUDA_VENV:-/tmp/cudavenv3}
 VENV_CU=$(ls -d "$CUDA_VENV"/lib/python3*/site-packages/nvidia/cu1[0-9] 2>/dev/null | tail -1 || true)
-if [ -n "${CUDA_HOME:-}" ]; then CUDA_ROOT=$CUDA_HOME
-elif [ -n "$VENV_CU" ] && [ -x "$VENV_CU/bin/nvcc" ]; then CUDA_ROOT=$VENV_CU
-elif [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_ROOT=/usr/local/cuda
-else echo "no nvcc: set CUDA_HOME or install the PyPI toolkit (see header)"; exit 2
-fi
-# ggml-cuda includes cublas_v2.h: a toolkit without it is not enough
-[ -f "$CUDA_ROOT/include/cublas_v2.h" ] || { echo "no cublas_v2.h under $CUDA_ROOT/include (pip install nvidia-cublas into the venv)"; exit 2; }
-NVCC=$CUDA_ROOT/bin/nvcc
-export PATH="$CUDA_ROOT/bin:$PATH"
 OUT=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$OUT"
 G=$SRC/ggml
-DEFS=(-DGGML_CUDA_USE_GRAPHS -DGGML_SCHED_MAX_COPIES=4 -DGGML_USE_CUDA -D_GNU_SOURCE -D_XOPEN_SOURCE=600 -DNDEBUG)
-INCS=(-I"$G/include" -I"$G/src" -I"$G/src/ggml-cuda" -I"$CUDA_ROOT/include")
-echo "nvcc: $NVCC ($("$NVCC" --version | tail -1))"
 rc=0
-[ "${SKIP_NVCC:-0}" = 1 ] && FILES=()
+if [ "${SKIP_NVCC:-0}" = 1 ]; then FILES=()  # the two host checks below need g++ alone
+else
+  if [ -n "${CUDA_HOME:-}" ]; then CUDA_ROOT=$CUDA_HOME
+  elif [ -n "$VENV_CU" ] && [ -x "$VENV_CU/bin/nvcc" ]; then CUDA_ROOT=$VENV_CU
+  elif [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_ROOT=/usr/local/cuda
+  else echo "no nvcc: set CUDA_HOME or install the PyPI toolkit (see header)"; exit 2
+  fi
+  # ggml-cuda includes cublas_v2.h: a toolkit without it is not enough
+  [ -f "$CUDA_ROOT/include/cublas_v2.h" ] || { echo "no cublas_v2.h under $CUDA_ROOT/include (pip install nvidia-cublas into the venv)"; exit 2; }
+  NVCC=$CUDA_ROOT/bin/nvcc
+  export PATH="$CUDA_ROOT/bin:$PATH"
+  DEFS=(-DGGML_CUDA_USE_GRAPHS -DGGML_SCHED_MAX_COPIES=4 -DGGML_USE_CUDA -D_GNU_SOURCE -D_XOPEN_SOURCE=600 -DNDEBUG)
+  INCS=(-I"$G/include" -I"$G/src" -I"$G/src/ggml-cuda" -I"$CUDA_ROOT/include")
+  echo "nvcc: $NVCC ($("$NVCC" --version | tail -1))"
+fi
 for f in "${FILES[@]}"; do
     b=$(basename "${f%.cu}")
     for arch in 80 90; do

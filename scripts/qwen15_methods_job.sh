@@ -2,10 +2,11 @@
 # Issue 8's method table on qwen15 in one run, plus issue 10's Q3_K_S goal (started by
 # `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). GSM only for issue 10's files
 # (the ninth run's bench answered it for the others). One table, one run, on one or two GPUs (lanes spread over them and share each through
-# CUDA MPS; quantize times are wall times beside each other, peak GPU memory per process). compare_gguf converts four
-# checkpoints and measures four files at once, a complete checkpoint before any stock file (the tenth run's serial
-# queue left five checkpoints unmeasured, the eleventh's stock-first queue all ten, the twelfth's conversions inside
-# its measuring slots all but two):
+# CUDA MPS; quantize times are wall times beside each other, peak GPU memory per process). compare_gguf converts checkpoints
+# and makes stock files four at once and measures CMP_JOBS (2) files at once, a complete checkpoint before any stock
+# file (the tenth run's serial queue left five checkpoints unmeasured, the eleventh's stock-first queue all ten, the
+# twelfth's conversions inside its measuring slots all but two, the fourteenth's four measuring at once six: a text
+# took ~30 s with two measuring, ~120 s with four):
 #   our type, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout: Q3_G128 RTN | GPTQ | LoaQ |
 #     LAQuant (its own GPTQ init) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
 #     (G64's RTN / GPTQ / LoaQ left out for the budget)
@@ -14,12 +15,14 @@
 #     converted with Q3_K_S's token_embd/output (same bytes as llama-quantize's Q3_K_S): the fourth run's recipe (news KLD 0.061 = 0.51x
 #     Q3_K_S + imatrix) against the goal of half.
 #   issue 10's Q3_K_M: GPTQ in llama-quantize's Q3_K_M mix -> KD (KD_Q3K_MIN minutes), against Q3_K_M + imatrix
+#   (the two GPTQ inits in stock grids are not measured: the fourteenth run did; EXTRA_CKPTS adds checkpoints)
 #   stock, importance matrix from the same NS x 512 news+code tokens: Q3_K_M, IQ4_XS, IQ3_XXS, Q3_K_S, IQ3_S, IQ3_M
 #   all through compare_gguf: whole-file MiB and bpw, KLD / p99 / same top-1 / PPL vs the F16 GGUF on the news, CHAMP
 #   (held out: in no calibration) and code eval splits, and the size-KLD plots with the stock frontier.
 # After the lanes, on GPU 0 and CPUs 0-3: issue 11's qwen15 decode / prefill / batch 1..8 speeds (ours beside F16 and
-# stock files), then issue 10's GSM bench (our Q3_K / Q3_K_M files, llama-quantize's, F16); once compare_gguf is done,
-# on its GPU: the synthetic Qwen3-4B / 8B shapes of scripts/device_shapes.sh (made on CPUs 0-3 while the lanes train).
+# stock files), then the synthetic Qwen3-4B / 8B shapes of scripts/device_shapes.sh (made on CPUs 0-3 while the lanes
+# train), then with BENCH_GSM=N (default 0: the fourteenth run's bench answered it) issue 10's GSM bench on N problems
+# (our distilled Q3_K / Q3_K_M files, llama-quantize's, F16).
 # Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
 # Results: ~/results (gguf.json/.md/-*.png, manifests, speeds, bench-report.*, shapes/). Env: CALIB, KD_MIN,
 # KD_Q3K_MIN, NS, BENCH_GSM, SPEED_BY / GSM_BY / SHAPES_BY (seconds into the job a stage may still start); for a dry run on a CPU machine
@@ -92,9 +95,8 @@ L7=$!
     --imat-nsamples $NS --texts news champ code --embd-type auto \
     --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
-            ~/bench/kd-laq-g64 ~/bench/gptq-q3k ~/bench/kd-gptq-q3k ~/bench/gptq-q3km \
-            ~/bench/kd-gptq-q3km \
-    --wait 1500 --jobs 4 --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
+            ~/bench/kd-laq-g64 ~/bench/kd-gptq-q3k ~/bench/kd-gptq-q3km ${EXTRA_CKPTS:-} \
+    --wait 1500 --jobs ${CMP_JOBS:-2} --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
@@ -123,6 +125,7 @@ speed() {
 # F16, importance matrix and stock files (the same NS x 512 news+code tokens) are linked in under bench's names, so
 # the bench makes none of them again; CHAMP KLD on 8 chunks only (compare_gguf has the full texts).
 gsm_bench() {
+  if [ "${BENCH_GSM:-0}" = 0 ]; then log "GSM bench skipped (BENCH_GSM=0)"; return; fi
   if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${GSM_BY:-1260} ]; then log "GSM bench skipped (budget)"; return; fi
   local W=~/bench-gsm/build tag=$CALIB-${NS}x512 t
   export CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=$HOME/no-mps  # as speed() (which may have been skipped)
@@ -131,7 +134,7 @@ gsm_bench() {
   [ -f ~/gg/$MODEL.imatrix.gguf ] && ln -sf ~/gg/$MODEL.imatrix.gguf $W/$MODEL.imatrix-$tag.gguf
   for t in Q3_K_S Q3_K_M; do [ -f ~/gg/$MODEL-$t+imat.gguf ] && ln -sf ~/gg/$MODEL-$t+imat.gguf $W/$MODEL-$t-imat-$tag.gguf; done
   # compare_gguf converts our checkpoints (~2 min each): wait for those whose lane wrote one (GSM_WAIT s at most)
-  local ours="kd-gptq-q3k gptq-q3km kd-gptq-q3km" t0=$(date +%s) f missing
+  local ours="kd-gptq-q3k kd-gptq-q3km" t0=$(date +%s) f missing
   while :; do
     missing=
     for f in $ours; do [ -f ~/bench/$f/manifest.json ] && [ ! -f ~/gg/$f.gguf ] && missing="$missing $f"; done
@@ -155,20 +158,19 @@ shapes_bench() {  # shapes_bench GPU "taskset -c CPUS"
 }
 wait $L1 $L3 $L4 $L5 $L6 $L7
 log "quantize lanes done"
-if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds and GSM there while compare_gguf measures on the last GPU
-  log "speed stage and GSM bench on GPU 0 beside compare_gguf on GPU $(( NGPU - 1 ))"
-  (speed; gsm_bench) &
+if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds, GSM and shapes there while compare_gguf measures
+  # on the last GPU (the fourteenth run's shapes, made by minute 19, waited for compare_gguf and were never measured)
+  log "speed stage, shapes and GSM bench on GPU 0 beside compare_gguf on GPU $(( NGPU - 1 ))"
+  (speed; shapes_bench 0 "$SPEED_CPUS"; gsm_bench) &
   S0=$!
   wait $P
   mps_off
-  shapes_bench $(( NGPU - 1 )) "${CMP_CPUS:+taskset -c 4-7}"  # compare's GPU and CPUs are free now
   wait $S0
   touch ~/logs/gpu.idle  # device_cuda_tbo.sh's perf part (on CUDA0) starts now
 else
   wait $P
   mps_off  # speeds are measured without MPS, one process on the GPU
-  (speed; gsm_bench)
-  shapes_bench 0 "$SPEED_CPUS"
+  (speed; shapes_bench 0 "$SPEED_CPUS"; gsm_bench)
   touch ~/logs/gpu.idle
 fi
 cp ~/gg/*.json ~/results/ 2>/dev/null

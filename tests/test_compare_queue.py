@@ -79,6 +79,34 @@ def test_conversions_run_beside_measuring():
     assert events == ["convert ck"]
 
 
+def test_stock_files_are_made_by_the_preparing_workers():
+    """With `prepare_stock`, the preparing workers make the stock files while no checkpoint is complete, a stock
+    type is measured only once made, a complete checkpoint is converted before the stock files still to make, and
+    the measuring worker only measures."""
+    order, row, ready = _recorder({"ck": "make IQ3_S"})
+    lock, events = threading.Lock(), []
+    threads = {}
+
+    def log(what):
+        with lock:
+            events.append(what)
+            threads.setdefault(what.split()[0], set()).add(threading.current_thread().name)
+        row(what)  # a checkpoint waiting on "make IQ3_S" becomes complete once it is
+
+    def measure(name):
+        with lock:
+            assert f"convert {name}" in events or f"make {name}" in events, name  # never before it is prepared
+        log(f"measure {name}")
+
+    run_queue(1, ["ck"], ["IQ3_S", "Q3_K_S", "Q3_K_M"], ready, measure, measure, wait=5, poll=0.01,
+              prepare=lambda ck: log(f"convert {ck}"), prepare_jobs=1, prepare_stock=lambda t: log(f"make {t}"))
+    prep = [e for e in events if not e.startswith("measure")]
+    assert prep == ["make IQ3_S", "convert ck", "make Q3_K_S", "make Q3_K_M"]  # the checkpoint jumps the queue
+    assert sorted(e for e in events if e.startswith("measure")) == \
+        ["measure IQ3_S", "measure Q3_K_M", "measure Q3_K_S", "measure ck"]
+    assert not threads["measure"] & (threads["make"] | threads["convert"])
+
+
 def test_a_failed_conversion_is_raised():
     def bad(ck):
         raise ValueError(f"{ck}: no such checkpoint")

@@ -398,3 +398,24 @@ def test_fuse_script_writes_what_convert_fuses(tmp_path):
     r = {k: v.contents() for k, v in export.read_gguf(tmp_path / "script.gguf").fields.items() if not k.startswith("GGUF.")}
     assert r["tokenizer.ggml.pre"] == PRE and r["quant2gguf.group_size"] == 64
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_scan_gguf_matches_reader(converted, tmp_path):
+    """check_gguf's header scan (no array parsing) reads the same tensor table and scalars as GGUFReader,
+    and refuses a file cut inside its tensor data, where the header alone is intact."""
+    path = converted["root"] / "model.gguf"
+    head, r = export.scan_gguf(path), export.read_gguf(path)
+    assert [(t.name, t.shape, int(t.tensor_type), t.n_elements, t.n_bytes) for t in head.tensors] == \
+        [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type), int(t.n_elements), int(t.n_bytes)) for t in r.tensors]
+    for mine, ref in zip(head.tensors, r.tensors):  # the same bytes, as [rows, bytes per row]
+        assert np.array_equal(mine.data, np.asarray(ref.data).reshape(mine.data.shape[0], -1).view(np.uint8))
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        want = len(f.data) if f.types[0].name == "ARRAY" else f.contents()
+        assert head.fields[f.name] == (pytest.approx(want) if isinstance(want, float) else want), f.name
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:-1])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        runner.check_gguf(cut)

@@ -1,8 +1,9 @@
 """scripts/qwen15_methods_job.sh, the GPU session's one job, run here with stand-ins for python3, nvidia-smi, pgrep and
 the llama.cpp tools (tests/data/mock_device): its shell is what a 30-minute device session cannot afford to debug.
-Checks the order of stages on two GPUs and on one: every lane's checkpoint reaches compare_gguf, the speed stage and
-the GSM bench run after the lanes, the bench gets our three stock-type files and compare_gguf's F16, importance matrix
-and stock files under its own names, the synthetic shapes are made and measured."""
+Checks the order of stages on two GPUs and on one: every lane's checkpoint but the two KD inits in stock grids reaches
+compare_gguf, the speed stage, the synthetic shapes and (BENCH_GSM set) the GSM bench run on GPU 0 after the lanes in
+that order, the bench gets our two distilled stock-type files and compare_gguf's F16, importance matrix and stock
+files under its own names."""
 import os
 import subprocess
 import time
@@ -33,7 +34,7 @@ def run_job(tmp_path: Path, ngpu: int) -> tuple[str, str, str]:
     (tmp_path / "t0").write_text(str(int(time.time())))
     env = {"HOME": str(home), "PATH": f"{bin_}:/usr/bin:/bin", "MOCKLOG": str(tmp_path / "python.log"),
            "MOCKLLAMA": str(tmp_path / "llama.log"), "MOCK_T0": str(tmp_path / "t0"), "MOCK_NGPU": str(ngpu),
-           "GSM_WAIT": "60", "DISK_PROBE": "0"}
+           "GSM_WAIT": "60", "DISK_PROBE": "0", "BENCH_GSM": "250"}
     r = subprocess.run(["bash", "scripts/qwen15_methods_job.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -46,23 +47,24 @@ def test_methods_job_stages(tmp_path, ngpu):
     assert "all done" in job and (tmp_path / "home" / "logs" / "job.done").exists()
     for name in LANES:
         assert f"{name} rc=0" in job, job
-        assert f"compare measured {name} GPU={ngpu - 1}" in py  # compare_gguf on the last GPU
+        measured = f"compare measured {name} GPU={ngpu - 1}" in py  # compare_gguf on the last GPU
+        assert measured == (name not in ("gptq-q3k", "gptq-q3km")), name  # inits measured by the 14th run
     # lanes on GPU k mod NGPU: on two GPUs both are used
     assert {line.split("GPU=")[1] for line in py.splitlines() if "quantized" in line} == {str(g) for g in range(ngpu)}
     lines = job.splitlines()
     at = {key: next(i for i, line in enumerate(lines) if key in line)
           for key in ("quantize lanes done", "llama-bench rc=0", "GSM bench rc=0", "shapes made", "shapes benched")}
-    assert at["quantize lanes done"] < at["llama-bench rc=0"] < at["GSM bench rc=0"]
+    assert at["quantize lanes done"] < at["llama-bench rc=0"] < at["shapes benched"] < at["GSM bench rc=0"]
     assert at["shapes made"] < at["shapes benched"]
     bench = next(line for line in py.splitlines() if " bench GPU=" in line)
-    assert "GPU=0 files: kd-gptq-q3k.gguf gptq-q3km.gguf kd-gptq-q3km.gguf" in bench  # waited for the conversions
+    assert "GPU=0 files: kd-gptq-q3k.gguf kd-gptq-q3km.gguf" in bench  # waited for the conversions
     for f in ("qwen15-F16.gguf", "qwen15.imatrix-news+code-128x512.gguf", "qwen15-Q3_K_S-imat-news+code-128x512.gguf",
               "qwen15-Q3_K_M-imat-news+code-128x512.gguf"):
         assert f in bench  # compare_gguf's files under bench's names: none made twice
-    # speeds: qwen15 on GPU 0; shapes on compare's GPU once compare is done (4B with its fused variants, and 8B)
+    # speeds: qwen15 and the shapes on GPU 0 (4B with its fused variants, and 8B)
     assert "llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json -m " in llama
     shapes = [line for line in llama.splitlines() if "llama-batched-bench" in line and "/shapes/" in line]
-    assert {line.rsplit("GPU=", 1)[1] for line in shapes} == {str(ngpu - 1)}
+    assert {line.rsplit("GPU=", 1)[1] for line in shapes} == {"0"}
     assert any("4b-Q3_G128-fqkv.gguf" in line for line in shapes) and any("8b-Q3_G128.gguf" in line for line in shapes)
     results = tmp_path / "home" / "results"
     assert (results / "bench-report.md").exists() and (results / "batched-bench-qwen15.jsonl").exists()
