@@ -105,8 +105,7 @@ def read_gguf(path: str | Path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises many kinds on a cut-off or corrupt file
-        raise ValueError(f"{path} is truncated or corrupt, or holds tensor types this llama.cpp does not know "
-                         f"({type(e).__name__}: {e}); re-create it (`quant2gguf convert`)") from None
+        raise _corrupt(path, f"{type(e).__name__}: {e}") from None
 
 
 @dataclasses.dataclass
