@@ -159,3 +159,29 @@ def test_convert_process_writes_what_convert_writes(tmp_path):
     assert info["tensors"] == want["tensors"] and info["n_quantized"] == want["n_quantized"] > 0
     with pytest.raises(RuntimeError, match="convert .* failed"):  # an existing output: the command refuses
         convert_process(ck, tmp_path / "process.gguf", "keep", 1, PRE)
+
+
+def test_compare_gguf_end_to_end(tmp_path):
+    """The whole script on a tiny model with the real llama.cpp tools: F16 first, then a checkpoint converted in a
+    process of its own and stock files made by the preparing workers, measured by two workers; every row has its
+    KLD against F16, the tool's own time and run count."""
+    import json
+
+    from test_export import PRE, make_checkpoint
+    ck = make_checkpoint("qwen2", tmp_path, 64)
+    out = tmp_path / "cmp" / "rows.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "compare_gguf.py"),
+                        "--model", str(tmp_path / "hf"), "--ckpts", str(ck), "--types", "Q4_0", "Q8_0",
+                        "--texts", "news", "--workdir", str(tmp_path / "cmp"), "--out", str(out), "--embd-type", "keep",
+                        "--jobs", "2", "--convert-jobs", "1", "--tokenizer-pre", PRE, "--wait", "60"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["file"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"F16", "Q4_0", "Q8_0", "ours ckpt: rtn W3G64"}, set(rows)
+    assert rows["F16"]["news"]["kld"] is None and rows["F16"]["news"]["ppl"] > 1
+    for name in ("Q4_0", "Q8_0", "ours ckpt: rtn W3G64"):
+        news = rows[name]["news"]
+        assert news["kld"] >= 0 and news["tries"] >= 1 and 0 < news["tool_s"] <= news["seconds"] + 0.5, (name, news)
+    assert rows["Q8_0"]["news"]["kld"] < rows["Q4_0"]["news"]["kld"] < rows["ours ckpt: rtn W3G64"]["news"]["kld"]
+    log = r.stdout + r.stderr
+    assert "made Q4_0" in log and "made Q8_0" in log and "converted ckpt" in log
