@@ -68,6 +68,14 @@ poll)
   tail -c 300 ~/logs/llama-build.log | tr '\r' '\n' | tail -2
   # issue 8's table: compare_gguf's rows joined with the manifests (quantize s, peak GPU, held-out KL)
   [ -f ~/results/gguf.json ] && python3 scripts/method_table.py ~/results/gguf.json ~/results -o ~/results/method-table.md >/dev/null
+  # compare_gguf's pace: rows so far, each text's wall seconds (the tool's own in brackets: the rest is ours)
+  [ -f ~/results/gguf.json ] && python3 - <<'PACE'
+import json, os
+rows = json.load(open(os.path.expanduser("~/results/gguf.json")))["rows"]
+print(f"compare: {len(rows)} rows;", "; ".join(
+    r["file"].split(":")[0] + " " + " ".join(f"{v.get('seconds')}({v.get('tool_s')})" for v in r.values() if isinstance(v, dict))
+    for r in rows[-6:]))
+PACE
   # issue 11's speed tables (in logs.tgz): qwen15, then each synthetic shape; bandwidth against prep's copy roof
   RS=~/results; ROOF=$([ -f $RS/cuda/cuda_mmvq.jsonl ] && echo "--roof $RS/cuda/cuda_mmvq.jsonl")
   [ -f $RS/llama-bench-qwen15.json ] && python3 scripts/speed_table.py $RS/llama-bench-qwen15.json $ROOF \
