@@ -160,7 +160,7 @@ def run_queue(jobs: int, ckpts: list, types: list, ready, ckpt_row, stock_row, w
     skipped (one deadline for all: a lane that died must not hold the job). The first failure stops the queue and
     is raised. Why this order: the eleventh qwen15 run queued the stock files first and ran out of device time before
     any checkpoint was measured; in the twelfth each conversion (~4.5 min) held a measuring slot; in the fourteenth
-    two workers measured at ~30 s a text while two others made IQ files, four at once at ~120 s a text."""
+    the measuring workers also made the IQ files (minutes of llama-quantize each)."""
     lock, types, waiting, errors, t0 = threading.Lock(), list(types), list(ckpts), [], time.time()
     prepared, made, busy = [], [], [0]  # checkpoints converted / stock types made, not yet measured; preparing now
 

@@ -3,10 +3,11 @@
 # `JOB=scripts/qwen15_methods_job.sh scripts/device_qwen15.sh start`, from ~/repo). GSM only for issue 10's files
 # (the ninth run's bench answered it for the others). One table, one run, on one or two GPUs (lanes spread over them and share each through
 # CUDA MPS; quantize times are wall times beside each other, peak GPU memory per process). compare_gguf converts checkpoints
-# and makes stock files four at once and measures CMP_JOBS (2) files at once, a complete checkpoint before any stock
+# and makes stock files four at once and measures CMP_JOBS (4) files at once, a complete checkpoint before any stock
 # file (the tenth run's serial queue left five checkpoints unmeasured, the eleventh's stock-first queue all ten, the
-# twelfth's conversions inside its measuring slots all but two, the fourteenth's four measuring at once six: a text
-# took ~30 s with two measuring, ~120 s with four):
+# twelfth's conversions inside its measuring slots all but two, the fourteenth's six: a text took ~30 s with two
+# measuring, ~120 s with four, nearly all of it gguf-py's GGUFReader in each worker thread's file check, now a header
+# scan):
 #   our type, calibration news+code (NS x 512), GPTQ damp 0.1 + act-order throughout: Q3_G128 RTN | GPTQ | LoaQ |
 #     LAQuant (its own GPTQ init) | LAQuant -> KD (news+code, KD_MIN minutes), and Q3_G64 LAQuant | LAQuant -> KD
 #     (G64's RTN / GPTQ / LoaQ left out for the budget)
@@ -96,7 +97,7 @@ L7=$!
     --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
     --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
             ~/bench/kd-laq-g64 ~/bench/kd-gptq-q3k ~/bench/kd-gptq-q3km ${EXTRA_CKPTS:-} \
-    --wait 1500 --jobs ${CMP_JOBS:-2} --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
+    --wait 1500 --jobs ${CMP_JOBS:-4} --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
