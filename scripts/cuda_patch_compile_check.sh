@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compile check (no GPU needed) of the CUDA files that ggml_patches/0005-ggml-cuda-q3g.patch touches, for sm_80 and
 # sm_90, with the flags ggml's CMake uses for ggml-cuda (-use_fast_math -extended-lambda, GGML_CUDA_USE_GRAPHS,
-# GGML_SCHED_MAX_COPIES=4, -O3). Also builds and runs the host check of q3g.cuh and a CPU emulation of the batch 2..8
-# kernel (mul_mat_vec_q3g_wrow) cut out of the patched mmvq.cu. SKIP_NVCC=1 runs only those two (seconds).
+# GGML_SCHED_MAX_COPIES=4, -O3). Also builds and runs the host check of q3g.cuh and a CPU emulation of the batch 1..8
+# kernel (mul_mat_vec_q3g_wrow, with Q8_1 and with float activations) cut out of the patched mmvq.cu. SKIP_NVCC=1 runs only those two (seconds).
 #   usage: scripts/cuda_patch_compile_check.sh PATCHED_LLAMA_SRC [FILES...]
 #   (FILES default: the .cu files 0005 touches + one MMQ instance (includes q3g.cuh via vecdotq.cuh), relative to ggml/src/ggml-cuda)
 # toolkit: $CUDA_HOME, else the PyPI toolkit in $CUDA_VENV (default /tmp/cudavenv3), else /usr/local/cuda; the PyPI one:
@@ -44,20 +44,20 @@ for f in "${FILES[@]}"; do
         # everything but ptxas' per-kernel info lines (so: warnings, errors, spills)
         grep -v -e '^$' -e '^ptxas info' -e '^ *[0-9]* bytes stack frame, 0 bytes spill stores, 0 bytes spill loads$' \
             "$OUT/$b.sm$arch.log" | head -40 || true
-        # per kernel of ours at batch 2..8 (mul_mat_vec_q3g_wrow<type, ncols_dst, R>): registers and stack frame
-        awk '/Compiling entry function/ { want = ($0 ~ /q3g_wrow/); if (want) { match($0, /ggml_type[0-9]+ELi[0-9]+ELi[0-9]+/); k = substr($0, RSTART, RLENGTH) } }
+        # per kernel of ours at batch 1..8 (mul_mat_vec_q3g_wrow<type, ncols_dst, R, F32Y>): registers and stack frame
+        awk '/Compiling entry function/ { want = ($0 ~ /q3g_wrow/); if (want) { match($0, /ggml_type[0-9]+ELi[0-9]+ELi[0-9]+ELb[01]/); k = substr($0, RSTART, RLENGTH) } }
              want && /bytes stack frame/ { st = $1 }
              want && /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); print k, "regs", substr($0, RSTART + 5, RLENGTH - 5), "stack", st }' \
             "$OUT/$b.sm$arch.log" > "$OUT/$b.sm$arch.q3g_wrow.txt"
         if [ -s "$OUT/$b.sm$arch.q3g_wrow.txt" ]; then
-            echo "     q3g_wrow kernels: $(wc -l < "$OUT/$b.sm$arch.q3g_wrow.txt"), max regs $(awk '{print $3}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1), max stack frame $(awk '{print $5}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1) B (ggml_type96..99 = Q3_G128, G64, G128P, G64P; ELi<ncols_dst>ELi<R>): $OUT/$b.sm$arch.q3g_wrow.txt"
+            echo "     q3g_wrow kernels: $(wc -l < "$OUT/$b.sm$arch.q3g_wrow.txt"), max regs $(awk '{print $3}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1), max stack frame $(awk '{print $5}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1) B (ggml_type96..99 = Q3_G128, G64, G128P, G64P; ELi<ncols_dst>ELi<R>ELb<F32Y>): $OUT/$b.sm$arch.q3g_wrow.txt"
         fi
     done
 done
 # host check of q3g.cuh (vec_dot and the wrow block dot against an fp64 reference)
 if g++ -std=c++17 -O1 -Wno-unknown-pragmas "$G/src/ggml-cuda/q3g-host-check.cpp" -o "$OUT/q3g-host-check" && "$OUT/q3g-host-check"; then
     echo "OK   q3g-host-check"; else echo "FAIL q3g-host-check"; rc=1; fi
-# CPU emulation of the batch 2..8 kernel itself (indexing, staging, strides, broadcast, row tails, P slots): the kernel
+# CPU emulation of the batch 1..8 kernel itself (indexing, staging, strides, broadcast, row tails, P slots): the kernel
 # text between "#define Q3G_WROW_NWARPS" and its launcher is cut out of mmvq.cu and run with std::thread per CUDA thread
 awk '/^#define Q3G_WROW_NWARPS 8/{on=1} /^\/\/ Returns false \(nothing launched\)/{on=0} on' "$G/src/ggml-cuda/mmvq.cu" > "$OUT/kernel.inc"
 cat > "$OUT/q3g-wrow-emu.cpp" <<'EMU_EOF'
@@ -88,8 +88,10 @@ struct half { uint16_t b; };
 struct half2 { half x, y; };
 struct float2 { float x, y; };
 struct int4 { int x, y, z, w; };
+struct float4 { float x, y, z, w; };
 struct uint3 { unsigned x, y, z; };
 static int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
+static float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static float h2f(uint16_t h) {
     uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, f = h & 1023; float v;
     if (e == 0) v = std::ldexp((float) f, -24); else if (e == 31) v = f ? NAN : INFINITY; else v = std::ldexp((float)(f | 1024), (int) e - 25);
@@ -103,6 +105,7 @@ static uint16_t f2h(float v) {
     return sign | (uint16_t) (((e + 14) << 10) | ((int) mant - 1024));
 }
 static float __half2float(half h) { return h2f(h.b); }
+static half __float2half(float v) { return {f2h(v)}; }
 static float2 __half22float2(half2 h) { return {h2f(h.x.b), h2f(h.y.b)}; }
 static float __low2float(half2 h) { return h2f(h.x.b); }
 static float __high2float(half2 h) { return h2f(h.y.b); }
@@ -112,6 +115,7 @@ static int get_int_b2(const void * x, const int & i) { uint16_t a, b; memcpy(&a,
 static int get_int_b4(const void * x, const int & i) { if (((uintptr_t) x) % 4) { fprintf(stderr, "misaligned b4\n"); std::abort(); } int v; memcpy(&v, (const char*)x + 4*i, 4); return v; }
 static int __ldg(const int * p) { return *p; }
 static half2 __ldg(const half2 * p) { return *p; }
+static float4 __ldg(const float4 * p) { if (((uintptr_t) p) % 16) { fprintf(stderr, "misaligned float4\n"); std::abort(); } return *p; }
 static int ggml_cuda_dp4a(int a, int b, int c) { for (int k = 0; k < 4; ++k) c += (int8_t)(a >> 8*k) * (int8_t)(b >> 8*k); return c; }
 #define QK8_1 32
 typedef struct { union { struct { ggml_half d; ggml_half s; }; ggml_half2 ds; }; int8_t qs[QK8_1]; } block_q8_1;
@@ -138,19 +142,38 @@ std::unique_ptr<std::barrier<>> cta_bar;
 std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
 float warp_slots[8][32];
 static void __syncthreads() { cta_bar->arrive_and_wait(); }
+// width-W groups of lanes (W = 32: the whole warp), summed in lane order (q8_ref below mirrors it for W = 8)
 template <int W> static float warp_reduce_sum(float v) {
     const int w = threadIdx.y, l = threadIdx.x;
     warp_slots[w][l] = v;
     warp_bar[w]->arrive_and_wait();
-    float s = 0; for (int i = 0; i < 32; ++i) s += warp_slots[w][i];
+    float s = 0; for (int i = l/W*W; i < l/W*W + W; ++i) s += warp_slots[w][i];
     warp_bar[w]->arrive_and_wait();
     return s;
 }
+template <int W> static float warp_reduce_max(float v) {
+    const int w = threadIdx.y, l = threadIdx.x;
+    warp_slots[w][l] = v;
+    warp_bar[w]->arrive_and_wait();
+    float m = warp_slots[w][l/W*W]; for (int i = l/W*W; i < l/W*W + W; ++i) m = std::fmax(m, warp_slots[w][i]);
+    warp_bar[w]->arrive_and_wait();
+    return m;
+}
+// fabsf, fmaxf, roundf: the C library's (<cmath>), which round and compare as CUDA's do
 alignas(16) int4 q3g_wrow_act[1 << 16];
 using std::min;
 #include "kernel.inc"
 
-template <ggml_type type, typename block_t, int NC, int R>
+// quantize_q8_1's formula with the F32Y staging's sum order (per lane (x0+x1)+(x2+x3), lanes 0..7 in order)
+static void q8_ref(const float * x, block_q8_1 & b) {
+    float amax = 0, sum = 0;
+    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    for (int t = 0; t < 8; ++t) sum += (x[4*t] + x[4*t + 1]) + (x[4*t + 2] + x[4*t + 3]);
+    const float d = amax / 127.0f;
+    for (int j = 0; j < 32; ++j) b.qs[j] = amax == 0.0f ? 0 : (int8_t) std::round(x[j] / d);
+    b.ds.x.b = f2h(d); b.ds.y.b = f2h(sum);
+}
+template <ggml_type type, typename block_t, int NC, int R, bool F32Y = false>
 static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, int nch_dst, int ns_x, int ns_dst, bool slots) {
     constexpr int G = ggml_cuda_type_traits<type>::qk, NQ = G/32;
     constexpr bool P = q3g_wrow_type<type>::P;
@@ -188,6 +211,22 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
         int sq = 0; for (int j = 0; j < 32; ++j) { yb.qs[j] = (int8_t) q8(rng); sq += yb.qs[j]; }
         yb.ds.y.b = f2h(h2f(yb.ds.x.b)*sq*(1.0f + 0.001f*u(rng)));
     }
+    // F32Y: float columns (strides in floats, multiples of 4, one all-zero block a column); y becomes their Q8_1
+    // reference, so the Q8_1 kernel's dst is what the F32Y kernel must reproduce bit for bit
+    const int fstride_col = K + 4, fstride_channel = fstride_col*NC + 8, fstride_sample = fstride_channel*nch_dst + 4;
+    std::vector<float4> yf4(F32Y ? ((size_t) fstride_sample*ns_dst + 8)/4 : 0);
+    float * yf = (float *) yf4.data();
+    if constexpr (F32Y) {
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        for (size_t i = 0; i < yf4.size()*4; ++i) yf[i] = NAN;
+        for (int sd = 0; sd < ns_dst; ++sd) for (int cd = 0; cd < nch_dst; ++cd) for (int c = 0; c < NC; ++c) {
+            float * col = yf + (size_t) sd*fstride_sample + (size_t) cd*fstride_channel + (size_t) c*fstride_col;
+            const int zero_block = (sd + cd + c) % (K/32);
+            for (int k = 0; k < K; ++k) col[k] = k/32 == zero_block ? 0.0f : nd(rng)*(k % 7 == 0 ? 8.0f : 1.0f);
+            for (int qb = 0; qb < K/32; ++qb)
+                q8_ref(col + 32*qb, y[(size_t) sd*stride_sample_y + (size_t) cd*stride_channel_y + (size_t) c*stride_col_y + qb]);
+        }
+    }
     std::vector<float> dst((size_t) stride_sample_dst*ns_dst + 8, -12345.0f);
     const int nbytes = NC*q3g_wrow_col_bytes<G>(nkb);
     if (nbytes > (int) sizeof q3g_wrow_act) { fprintf(stderr, "smem too small\n"); std::abort(); }
@@ -201,10 +240,30 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
         for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
             th.emplace_back([&, tx, ty, bx, by, bz] {
                 threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
-                mul_mat_vec_q3g_wrow<type, NC, R>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
+                mul_mat_vec_q3g_wrow<type, NC, R, false>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
                     cr, stride_channel_x, stride_channel_y, stride_channel_dst, sr, stride_sample_x, stride_sample_y, stride_sample_dst);
             });
         for (auto & t : th) t.join();
+    }
+    if constexpr (F32Y) {
+        std::vector<float> dst2(dst.size(), -12345.0f);
+        for (int bz = 0; bz < ns_dst; ++bz) for (int by = 0; by < nch_dst; ++by) for (int bx = 0; bx < gridx; ++bx) {
+            memset(q3g_wrow_act, 0xCD, nbytes);
+            cta_bar = std::make_unique<std::barrier<>>(256);
+            warp_bar.clear(); for (int i = 0; i < 8; ++i) warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+            std::vector<std::thread> th;
+            for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
+                th.emplace_back([&, tx, ty, bx, by, bz] {
+                    threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
+                    mul_mat_vec_q3g_wrow<type, NC, R, true>(x.data(), yf, dst2.data(), K, nrows, stride_row_x, fstride_col, stride_col_dst,
+                        cr, stride_channel_x, fstride_channel, stride_channel_dst, sr, stride_sample_x, fstride_sample, stride_sample_dst);
+                });
+            for (auto & t : th) t.join();
+        }
+        if (memcmp(dst.data(), dst2.data(), dst.size()*sizeof(float)) != 0) {
+            for (size_t i = 0; i < dst.size(); ++i) if (dst[i] != dst2[i]) { fprintf(stderr, "F32Y differs from the Q8_1 path at %zu: %.9g vs %.9g\n", i, dst2[i], dst[i]); break; }
+            return 1.0;
+        }
     }
     double worst = 0; size_t nwritten = 0, expected = 0;
     std::vector<char> touched(dst.size(), 0);
@@ -242,6 +301,13 @@ int main() {
     rep("G128P nc2 R1 K=384  rows 9 grid 1 slots",  run<GGML_TYPE_Q3_G128P, block_q3_g128p, 2, 1>(rng, 384, 9, 1, 1, 1, 1, 1, true));
     rep("G64P  nc4 R2 K=2176 rows 17 grid 2 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 4, 2>(rng, 2176, 17, 2, 1, 2, 1, 3, true));
     rep("G64P  nc8 R2 K=64   rows 3 grid 1 slots",  run<GGML_TYPE_Q3_G64P,  block_q3_g64p,  8, 2>(rng, 64, 3, 1, 1, 1, 1, 1, true));
+    // F32Y (float src1 quantized in the kernel): bit-identical to the Q8_1 path on q8_ref's blocks, batch 1 and more
+    rep("F32Y G128  nc1 R1 K=5120 rows 37 grid 1 bc",  run<GGML_TYPE_Q3_G128,  block_q3_g128,  1, 1, true>(rng, 5120, 37, 1, 2, 4, 1, 2, false));
+    rep("F32Y G128  nc1 R1 K=256  rows 11 grid 2",     run<GGML_TYPE_Q3_G128,  block_q3_g128,  1, 1, true>(rng, 256, 11, 2, 1, 1, 1, 1, false));
+    rep("F32Y G128  nc3 R2 K=4352 rows 37 grid 2 bc",  run<GGML_TYPE_Q3_G128,  block_q3_g128,  3, 2, true>(rng, 4352, 37, 2, 2, 4, 1, 2, false));
+    rep("F32Y G64   nc1 R1 K=2112 rows 33 grid 1 bc",  run<GGML_TYPE_Q3_G64,   block_q3_g64,   1, 1, true>(rng, 2112, 33, 1, 1, 3, 2, 2, false));
+    rep("F32Y G128P nc1 R1 K=4224 rows 21 grid 1 slots", run<GGML_TYPE_Q3_G128P, block_q3_g128p, 1, 1, true>(rng, 4224, 21, 1, 2, 2, 1, 1, true));
+    rep("F32Y G64P  nc8 R2 K=2176 rows 17 grid 2 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 8, 2, true>(rng, 2176, 17, 2, 1, 2, 1, 3, true));
     printf("worst %.3e -> %s\n", worst, worst < 1e-5 ? "PASS" : "FAIL");
     return worst < 1e-5 ? 0 : 1;
 }

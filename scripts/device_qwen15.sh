@@ -78,9 +78,10 @@ print(f"compare: {len(rows)} rows;", "; ".join(
 PACE
   # issue 11's speed tables (in logs.tgz): qwen15, then each synthetic shape; bandwidth against prep's copy roof
   RS=~/results; ROOF=$([ -f $RS/cuda/cuda_mmvq.jsonl ] && echo "--roof $RS/cuda/cuda_mmvq.jsonl")
-  [ -f $RS/llama-bench-qwen15.json ] && python3 scripts/speed_table.py $RS/llama-bench-qwen15.json $ROOF \
+  [ -f $RS/llama-bench-qwen15.json ] && python3 scripts/speed_table.py $RS/llama-bench-qwen15*.json $ROOF \
     --batched $RS/batched-bench-qwen15.jsonl -o $RS/speed-qwen15.md >/dev/null 2>&1
-  for n in 4b 8b; do [ -s $RS/shapes/llama-bench-$n.json ] && python3 scripts/speed_table.py $RS/shapes/llama-bench-$n.json $ROOF \
+  for n in 4b 8b; do [ -s $RS/shapes/llama-bench-$n.json ] && python3 scripts/speed_table.py $RS/shapes/llama-bench-$n.json \
+    $(ls $RS/shapes/llama-bench-$n-f32y.json 2>/dev/null) $ROOF \
     -o $RS/speed-$n.md >/dev/null 2>&1; done
   [ -s $RS/shapes/batched-bench-shapes.jsonl ] && python3 scripts/speed_table.py --batched $RS/shapes/batched-bench-shapes.jsonl \
     -o $RS/speed-shapes-batched.md >/dev/null 2>&1

@@ -51,11 +51,20 @@ bench)
     "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/$n"-*.gguf; do echo -m "$f"; done) \
       >"$O/llama-bench-$n.json" 2>"$O/llama-bench-$n.log"
     echo "llama-bench $n rc=$?"
-    for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv; do
-      [ -f "$W/$n-$t.gguf" ] || continue
-      "$B/llama-batched-bench" -m "$W/$n-$t.gguf" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
+    # our files again with GGML_Q3G_MMVQ_F32Y=1 (the mat-vec quantizes the float activations itself: no quantize
+    # kernel), linked under -f32y names in a folder of their own so that their rows stay apart
+    mkdir -p "$W/f32y"
+    for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/f32y/$n-$t-f32y.gguf"; done
+    # shellcheck disable=SC2046
+    GGML_Q3G_MMVQ_F32Y=1 "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/f32y/$n"-*.gguf; do echo -m "$f"; done) \
+      >"$O/llama-bench-$n-f32y.json" 2>"$O/llama-bench-$n-f32y.log"
+    echo "llama-bench $n F32Y rc=$?"
+    for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y/$n-Q3_G128-f32y f32y/$n-Q3_G128-fqkv-f32y; do
+      case $t in f32y/*) f=$W/$t.gguf name=${t#f32y/}.gguf env=1;; *) f=$W/$n-$t.gguf name=$n-$t.gguf env=0;; esac
+      [ -f "$f" ] || continue
+      GGML_Q3G_MMVQ_F32Y=$env "$B/llama-batched-bench" -m "$f" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
         --output-format jsonl 2>>"$O/batched-bench-shapes.log" | grep '^{"n_kv_max' \
-        | sed "s|^{|{\"file\": \"$n-$t.gguf\", |" >>"$O/batched-bench-shapes.jsonl"
+        | sed "s|^{|{\"file\": \"$name\", |" >>"$O/batched-bench-shapes.jsonl"
     done
   done
   ;;

@@ -1,7 +1,9 @@
 """Issue 11's speed table from one run: llama-bench JSON (tg128 / pp512 per file), optionally llama-batched-bench
 JSONL rows (decode at 1/2/4/8 sequences) and the copy roof scripts/device_cuda_mmvq.sh measured.
 
-usage: python scripts/speed_table.py [LLAMA_BENCH.json] [--batched ROWS.jsonl] [--roof CUDA_MMVQ.jsonl] [-o OUT.md]
+usage: python scripts/speed_table.py [LLAMA_BENCH.json ...] [--batched ROWS.jsonl] [--roof CUDA_MMVQ.jsonl] [-o OUT.md]
+(several llama-bench files of one run are merged: e.g. a second process under GGML_Q3G_MMVQ_F32Y=1, its files linked
+under -f32y names)
 tg128 is also given as × the F16 file's (the shortest name with F16: not a fused variant) and as achieved bandwidth: the file's bytes
 (llama-bench's model_size: every weight is read once a token) × tokens/s, and that as a share of the device-to-device
 copy bandwidth (the roof). The achieved figure ignores the KV cache and activations: at ctx 128 they are small.
@@ -69,7 +71,7 @@ def batched_table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("llama_bench_json", nargs="?")
+    ap.add_argument("llama_bench_json", nargs="*")
     ap.add_argument("--batched", default=None)
     ap.add_argument("--roof", default=None)
     ap.add_argument("-o", "--out", default=None)
@@ -78,7 +80,8 @@ def main() -> None:
         ap.error("give a llama-bench JSON file, --batched rows, or both")
     md = ""
     if a.llama_bench_json:
-        md = table(bench_rows(json.loads(Path(a.llama_bench_json).read_text())), roof_gbps(Path(a.roof)) if a.roof else None)
+        rows = [r for f in a.llama_bench_json for r in json.loads(Path(f).read_text())]
+        md = table(bench_rows(rows), roof_gbps(Path(a.roof)) if a.roof else None)
     if a.batched:
         md += ("\n" if md else "") + batched_table([json.loads(x) for x in Path(a.batched).read_text().splitlines() if x.strip()])
     if a.out:

@@ -66,5 +66,12 @@ def test_methods_job_stages(tmp_path, ngpu):
     shapes = [line for line in llama.splitlines() if "llama-batched-bench" in line and "/shapes/" in line]
     assert {line.rsplit("GPU=", 1)[1] for line in shapes} == {"0"}
     assert any("4b-Q3_G128-fqkv.gguf" in line for line in shapes) and any("8b-Q3_G128.gguf" in line for line in shapes)
+    # our files again through the float-activation mat-vec (GGML_Q3G_MMVQ_F32Y=1), under -f32y names; nothing else
+    f32y = [line for line in llama.splitlines() if " F32Y=1 " in line]
+    assert all(".gguf" not in w or w.endswith("-f32y.gguf") for line in f32y for w in line.split()), f32y
+    for name in ("rtn-g128-f32y.gguf", "rtn-g128-fqkv-f32y.gguf", "4b-Q3_G128-f32y.gguf", "4b-Q3_G128-fqkv-f32y.gguf",
+                 "8b-Q3_G128-f32y.gguf"):
+        assert any(line.startswith("llama-bench ") and name in line for line in f32y), name
+        assert any(line.startswith("llama-batched-bench ") and name in line for line in f32y), name
     results = tmp_path / "home" / "results"
     assert (results / "bench-report.md").exists() and (results / "batched-bench-qwen15.jsonl").exists()
