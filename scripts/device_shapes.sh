@@ -9,7 +9,9 @@
 #                               (CPU only; run it while the GPU trains, on CPUs nothing else uses)
 #   bench DIR BIN OUT           per shape one llama-bench (tg128 and pp512, -r 3, all layers on the GPU) over every file,
 #                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours (fused too):
-#                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl
+#                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again with
+#                               GGML_Q3G_MMVQ_F32Y=1 (OUT/llama-bench-*-f32y.json, batched rows *-f32y.gguf); where nsys
+#                               exists, per-kernel time of a 4B decode (OUT/nsys-4b-*_cuda_gpu_kern_sum.csv)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
 # NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
@@ -67,6 +69,19 @@ bench)
         | sed "s|^{|{\"file\": \"$name\", |" >>"$O/batched-bench-shapes.jsonl"
     done
   done
+  # where a 4B decode step's time goes, per kernel (issue 11: ~1.5 ms of a 2.6 ms token is outside our mat-vecs), where
+  # the machine has Nsight Systems: tg 64 of F16, ours and ours with GGML_Q3G_MMVQ_F32Y=1, kernel summaries as CSV
+  NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  if [ -n "$NSYS" ] && [ -f "$W/4b-F16.gguf" ]; then
+    for v in F16:0 Q3_G128:0 Q3_G128:1 Q4_0:0; do
+      t=${v%:*} e=${v#*:} r=$O/nsys-4b-$t$([ "$e" = 1 ] && echo -f32y)
+      GGML_Q3G_MMVQ_F32Y=$e "$NSYS" profile -t cuda -o "$r" -f true "$B/llama-bench" -m "$W/4b-$t.gguf" -ngl 99 -p 0 -n 64 -r 1 \
+        >"$r.log" 2>&1 && "$NSYS" stats -r cuda_gpu_kern_sum -f csv -o "$r" "$r.nsys-rep" >>"$r.log" 2>&1
+      echo "nsys 4b $t F32Y=$e rc=$?"; rm -f "$r.nsys-rep" "$r.sqlite"
+    done
+  else
+    echo "no nsys on this machine: no per-kernel profile"
+  fi
   ;;
 *) echo "usage: $0 make SRC.gguf DIR BIN | bench DIR BIN OUT"; exit 2 ;;
 esac
