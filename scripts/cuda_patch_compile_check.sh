@@ -138,6 +138,7 @@ thread_local uint3 threadIdx, blockIdx;
 uint3 gridDim;
 static uint32_t fastdiv(uint32_t n, uint3 v) { return n / v.x; }
 static void ggml_cuda_pdl_sync() {}
+static void ggml_cuda_pdl_lc() {}
 std::unique_ptr<std::barrier<>> cta_bar;
 std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
 float warp_slots[8][32];
