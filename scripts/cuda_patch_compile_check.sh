@@ -44,13 +44,13 @@ for f in "${FILES[@]}"; do
         # everything but ptxas' per-kernel info lines (so: warnings, errors, spills)
         grep -v -e '^$' -e '^ptxas info' -e '^ *[0-9]* bytes stack frame, 0 bytes spill stores, 0 bytes spill loads$' \
             "$OUT/$b.sm$arch.log" | head -40 || true
-        # per kernel of ours at batch 1..8 (mul_mat_vec_q3g_wrow<type, ncols_dst, R, F32Y>): registers and stack frame
-        awk '/Compiling entry function/ { want = ($0 ~ /q3g_wrow/); if (want) { match($0, /ggml_type[0-9]+ELi[0-9]+ELi[0-9]+ELb[01]/); k = substr($0, RSTART, RLENGTH) } }
+        # per kernel of ours at batch 1..8 (mul_mat_vec_q3g_wrow<type, ncols_dst, R, F32Y, FZ>): registers and stack frame
+        awk '/Compiling entry function/ { want = ($0 ~ /q3g_wrow/); if (want) { match($0, /ggml_type[0-9]+ELi[0-9]+ELi[0-9]+ELb[01]ELi[0-9]+/); k = substr($0, RSTART, RLENGTH) } }
              want && /bytes stack frame/ { st = $1 }
              want && /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); print k, "regs", substr($0, RSTART + 5, RLENGTH - 5), "stack", st }' \
             "$OUT/$b.sm$arch.log" > "$OUT/$b.sm$arch.q3g_wrow.txt"
         if [ -s "$OUT/$b.sm$arch.q3g_wrow.txt" ]; then
-            echo "     q3g_wrow kernels: $(wc -l < "$OUT/$b.sm$arch.q3g_wrow.txt"), max regs $(awk '{print $3}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1), max stack frame $(awk '{print $5}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1) B (ggml_type96..99 = Q3_G128, G64, G128P, G64P; ELi<ncols_dst>ELi<R>ELb<F32Y>): $OUT/$b.sm$arch.q3g_wrow.txt"
+            echo "     q3g_wrow kernels: $(wc -l < "$OUT/$b.sm$arch.q3g_wrow.txt"), max regs $(awk '{print $3}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1), max stack frame $(awk '{print $5}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1) B (ggml_type96..99 = Q3_G128, G64, G128P, G64P; ELi<ncols_dst>ELi<R>ELb<F32Y>ELi<FZ>): $OUT/$b.sm$arch.q3g_wrow.txt"
         fi
     done
 done
@@ -162,6 +162,15 @@ template <int W> static float warp_reduce_max(float v) {
 }
 // fabsf, fmaxf, roundf: the C library's (<cmath>), which round and compare as CUDA's do
 alignas(16) int4 q3g_wrow_act[1 << 16];
+// the fusion epilogue's GLU ops (ggml.h's names; unary.cuh's formulas)
+enum ggml_glu_op { GGML_GLU_OP_REGLU, GGML_GLU_OP_GEGLU, GGML_GLU_OP_SWIGLU, GGML_GLU_OP_SWIGLU_OAI, GGML_GLU_OP_GEGLU_ERF,
+                   GGML_GLU_OP_GEGLU_QUICK, GGML_GLU_OP_SWIGLU_CLAMP };
+static float ggml_cuda_op_silu_single(float x) { return x / (1.0f + expf(-x)); }
+static float ggml_cuda_op_gelu_single(float x) { return 0.5f * x * (1.0f + tanhf(0.79788456080286535587989211986876f * x * (1.0f + 0.044715f * x * x))); }
+static float ggml_cuda_op_swiglu_oai_single(float x, float g, float alpha = 1.702f, float limit = 7.0f) {
+    x = fminf(x, limit); g = fmaxf(fminf(g, limit), -limit); return x / (1.0f + expf(-x * alpha)) * (1.0f + g); }
+static float ggml_cuda_op_swiglu_clamp_single(float gate, float up, float limit) {
+    gate = fminf(gate, limit); up = fmaxf(fminf(up, limit), -limit); return ggml_cuda_op_silu_single(gate) * up; }
 using std::min;
 #include "kernel.inc"
 
@@ -242,7 +251,7 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
             th.emplace_back([&, tx, ty, bx, by, bz] {
                 threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
                 mul_mat_vec_q3g_wrow<type, NC, R, false>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
-                    cr, stride_channel_x, stride_channel_y, stride_channel_dst, sr, stride_sample_x, stride_sample_y, stride_sample_dst);
+                    cr, stride_channel_x, stride_channel_y, stride_channel_dst, sr, stride_sample_x, stride_sample_y, stride_sample_dst, {});
             });
         for (auto & t : th) t.join();
     }
@@ -257,7 +266,7 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
                 th.emplace_back([&, tx, ty, bx, by, bz] {
                     threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
                     mul_mat_vec_q3g_wrow<type, NC, R, true>(x.data(), yf, dst2.data(), K, nrows, stride_row_x, fstride_col, stride_col_dst,
-                        cr, stride_channel_x, fstride_channel, stride_channel_dst, sr, stride_sample_x, fstride_sample, stride_sample_dst);
+                        cr, stride_channel_x, fstride_channel, stride_channel_dst, sr, stride_sample_x, fstride_sample, stride_sample_dst, {});
                 });
             for (auto & t : th) t.join();
         }
@@ -287,6 +296,75 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
     (void) nwritten;
     return worst;
 }
+// one launch of the kernel over a grid (batch 1, one channel and sample), the emulation's way
+template <ggml_type type, int R, bool F32Y, int FZ>
+static void launch1(const void * x, const float * yf, float * dst, int K, int nrows, int stride_row_x, int gridx,
+                    const q3g_fusion_args & fz) {
+    constexpr int G = ggml_cuda_type_traits<type>::qk;
+    const int nbytes = q3g_wrow_col_bytes<G>(K/G);
+    gridDim = {(unsigned) gridx, 1, 1};
+    for (int bx = 0; bx < gridx; ++bx) {
+        memset(q3g_wrow_act, 0xEF, nbytes);
+        cta_bar = std::make_unique<std::barrier<>>(256);
+        warp_bar.clear(); for (int i = 0; i < 8; ++i) warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+        std::vector<std::thread> th;
+        for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
+            th.emplace_back([&, tx, ty, bx] {
+                threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, 0, 0};
+                mul_mat_vec_q3g_wrow<type, 1, R, F32Y, FZ>(x, yf, dst, K, nrows, stride_row_x, 0, 0,
+                    {1, 0, 0}, 0, 0, 0, {1, 0, 0}, 0, 0, 0, fz);
+            });
+        for (auto & t : th) t.join();
+    }
+}
+// the fused batch-1 calls (FZ 1: + x_bias; FZ 2: gate matrix, gate bias, GLU) against the epilogue applied to two
+// plain F32Y mat-vecs (up rows, gate rows) of the same kernel: bit for bit
+template <ggml_type type, typename block_t>
+static double run_fused(std::mt19937 & rng, int K, int nrows, int gridx, int fz_kind, ggml_glu_op op) {
+    constexpr int G = ggml_cuda_type_traits<type>::qk;
+    const int nkb = K/G, stride_row_x = nkb + 2;
+    std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
+    std::uniform_real_distribution<float> u(-1, 1);
+    auto blocks = [&] {
+        std::vector<block_t> v((size_t) stride_row_x*nrows);
+        for (auto & b : v) {
+            uint8_t * p = (uint8_t *) &b; for (size_t i = 0; i < sizeof b; ++i) p[i] = (uint8_t) byte(rng);
+            b.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); b.m.b = f2h(0.2f*u(rng));
+            if constexpr (q3g_wrow_type<type>::P) for (int s = 0; s < 2; ++s) {
+                const int i = slot(rng); b.pi[s] = (uint8_t) (i < G ? i : 255); b.pv[s].b = f2h(2.0f*u(rng)); }
+        }
+        return v;
+    };
+    std::vector<block_t> xu = blocks(), xg = blocks();
+    if constexpr (q3g_wrow_type<type>::P) for (auto * v : {&xu, &xg}) for (auto & b : *v) if (b.pi[0] == b.pi[1]) b.pi[1] = 255;
+    std::vector<float4> y4(K/4 + 1);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (int k = 0; k < K; ++k) ((float *) y4.data())[k] = nd(rng);
+    std::vector<float> xb(nrows), gb(nrows);
+    for (int i = 0; i < nrows; ++i) { xb[i] = u(rng); gb[i] = u(rng); }
+    std::vector<float> up(nrows + 4, -1.0f), gate(nrows + 4, -1.0f), fused(nrows + 4, -12345.0f);
+    launch1<type, 1, true, 0>(xu.data(), (const float *) y4.data(), up.data(), K, nrows, stride_row_x, gridx, {});
+    launch1<type, 1, true, 0>(xg.data(), (const float *) y4.data(), gate.data(), K, nrows, stride_row_x, gridx, {});
+    q3g_fusion_args fz; fz.x_bias = xb.data(); fz.glu_op = op; fz.glu_limit = 0.5f;
+    if (fz_kind == 2) { fz.gate = xg.data(); fz.gate_bias = gb.data(); }
+    if (fz_kind == 2) launch1<type, 2, true, 2>(xu.data(), (const float *) y4.data(), fused.data(), K, nrows, stride_row_x, gridx, fz);
+    else              launch1<type, 1, true, 1>(xu.data(), (const float *) y4.data(), fused.data(), K, nrows, stride_row_x, gridx, fz);
+    for (int i = 0; i < nrows; ++i) {
+        float want = up[i] + xb[i];
+        if (fz_kind == 2) {
+            const float g = gate[i] + gb[i];
+            switch (op) {
+                case GGML_GLU_OP_SWIGLU:       want *= ggml_cuda_op_silu_single(g); break;
+                case GGML_GLU_OP_GEGLU:        want *= ggml_cuda_op_gelu_single(g); break;
+                case GGML_GLU_OP_SWIGLU_CLAMP: want = ggml_cuda_op_swiglu_clamp_single(g, want, 0.5f); break;
+                default:                       want = ggml_cuda_op_swiglu_oai_single(g, want); break;
+            }
+        }
+        if (fused[i] != want) { fprintf(stderr, "fused row %d: %.9g vs %.9g\n", i, fused[i], want); return 1.0; }
+    }
+    for (int i = nrows; i < nrows + 4; ++i) if (fused[i] != -12345.0f) { fprintf(stderr, "stray fused write\n"); return 1.0; }
+    return 0.0;
+}
 int main() {
     std::mt19937 rng(5);
     double worst = 0;
@@ -309,6 +387,12 @@ int main() {
     rep("F32Y G64   nc1 R1 K=2112 rows 33 grid 1 bc",  run<GGML_TYPE_Q3_G64,   block_q3_g64,   1, 1, true>(rng, 2112, 33, 1, 1, 3, 2, 2, false));
     rep("F32Y G128P nc1 R1 K=4224 rows 21 grid 1 slots", run<GGML_TYPE_Q3_G128P, block_q3_g128p, 1, 1, true>(rng, 4224, 21, 1, 2, 2, 1, 1, true));
     rep("F32Y G64P  nc8 R2 K=2176 rows 17 grid 2 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 8, 2, true>(rng, 2176, 17, 2, 1, 2, 1, 3, true));
+    // the fused batch-1 calls through F32Y: + bias (q/k/v of qwen2), gate + GLU (ffn gate/up), bit for bit
+    rep("F32Y fused bias   G128  K=2560 rows 37 grid 2",  run_fused<GGML_TYPE_Q3_G128,  block_q3_g128>(rng, 2560, 37, 2, 1, GGML_GLU_OP_SWIGLU));
+    rep("F32Y fused swiglu G128  K=2560 rows 37 grid 2",  run_fused<GGML_TYPE_Q3_G128,  block_q3_g128>(rng, 2560, 37, 2, 2, GGML_GLU_OP_SWIGLU));
+    rep("F32Y fused geglu  G64   K=1152 rows 19 grid 1",  run_fused<GGML_TYPE_Q3_G64,   block_q3_g64>(rng, 1152, 19, 1, 2, GGML_GLU_OP_GEGLU));
+    rep("F32Y fused clamp  G128P K=1024 rows 9 grid 3",   run_fused<GGML_TYPE_Q3_G128P, block_q3_g128p>(rng, 1024, 9, 3, 2, GGML_GLU_OP_SWIGLU_CLAMP));
+    rep("F32Y fused oai    G64P  K=640  rows 5 grid 1",   run_fused<GGML_TYPE_Q3_G64P,  block_q3_g64p>(rng, 640, 5, 1, 2, GGML_GLU_OP_SWIGLU_OAI));
     printf("worst %.3e -> %s\n", worst, worst < 1e-5 ? "PASS" : "FAIL");
     return worst < 1e-5 ? 0 : 1;
 }

@@ -127,6 +127,13 @@ speed() {
       >>~/results/batched-bench-$MODEL.jsonl
   done
   log "batched-bench done"
+  # the F32Y path end to end (qwen2's q/k/v fused with their bias, gate/up with the GLU, the rest plain): the RTN file's
+  # news KLD against compare_gguf's F16 log-probs, with and without it (the two should agree to ~1e-4)
+  for e in 0 1; do
+    GGML_Q3G_MMVQ_F32Y=$e $SPEED_CPUS $B/llama-perplexity -m ~/gg/rtn-g128.gguf --kl-divergence-base $LOGITS/$MODEL-f16-news.logits \
+      --kl-divergence -ngl 99 -c 512 -b 512 -t 4 >~/results/kld-rtn-g128-f32y$e.log 2>&1
+    log "KLD rtn-g128 F32Y=$e rc=$? $(grep -E 'Mean +KLD' ~/results/kld-rtn-g128-f32y$e.log | tr -s ' ')"
+  done
 }
 # Issue 10: GSM pass@1 (250 held-out problems, llama-server, 64 slots) of our Q3_K and Q3_K_M files beside
 # llama-quantize's files of the same types and F16, after speed() in its shell (same GPU, CPUs, no MPS). compare_gguf's

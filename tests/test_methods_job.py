@@ -26,7 +26,7 @@ def run_job(tmp_path: Path, ngpu: int) -> tuple[str, str, str]:
     (home / "logs" / "llama-build.log").write_text("build ok")
     tools = home / "q2gcache" / "llama" / "build-x-cuda-native" / "bin"
     tools.mkdir(parents=True)
-    for t in ("llama-quantize", "llama-bench", "llama-batched-bench"):
+    for t in ("llama-quantize", "llama-bench", "llama-batched-bench", "llama-perplexity"):
         (tools / t).symlink_to(MOCK / "llama-tool")
     bin_.mkdir()
     for t in ("python3", "nvidia-smi", "pgrep"):
@@ -67,8 +67,12 @@ def test_methods_job_stages(tmp_path, ngpu):
     assert {line.rsplit("GPU=", 1)[1] for line in shapes} == {"0"}
     assert any("4b-Q3_G128-fqkv.gguf" in line for line in shapes) and any("8b-Q3_G128.gguf" in line for line in shapes)
     # our files again through the float-activation mat-vec (GGML_Q3G_MMVQ_F32Y=1), under -f32y names; nothing else
-    f32y = [line for line in llama.splitlines() if " F32Y=1 " in line]
+    f32y = [line for line in llama.splitlines() if " F32Y=1 " in line and not line.startswith("llama-perplexity ")]
     assert all(".gguf" not in w or w.endswith("-f32y.gguf") for line in f32y for w in line.split()), f32y
+    # and end to end: the RTN file's news KLD with and without it, against compare_gguf's F16 log-probs
+    kld = [line for line in llama.splitlines() if line.startswith("llama-perplexity -m ") and "rtn-g128.gguf" in line]
+    assert len(kld) == 2 and {ln.split(" F32Y=")[1].split()[0] for ln in kld} == {"0", "1"}, kld
+    assert all("qwen15-f16-news.logits --kl-divergence" in ln for ln in kld), kld
     for name in ("rtn-g128-f32y.gguf", "rtn-g128-fqkv-f32y.gguf", "4b-Q3_G128-f32y.gguf", "4b-Q3_G128-fqkv-f32y.gguf",
                  "8b-Q3_G128-f32y.gguf"):
         assert any(line.startswith("llama-bench ") and name in line for line in f32y), name
