@@ -174,6 +174,22 @@ static float ggml_cuda_op_swiglu_clamp_single(float gate, float up, float limit)
 using std::min;
 #include "kernel.inc"
 
+// runs f() as every thread of a gx x gy x gz grid of 8-warp CTAs, one CTA after another (shared memory refilled first)
+template <typename F> static void emulate(int gx, int gy, int gz, int nbytes, int fill, F f) {
+    gridDim = {(unsigned) gx, (unsigned) gy, (unsigned) gz};
+    for (int bz = 0; bz < gz; ++bz) for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gx; ++bx) {
+        memset(q3g_wrow_act, fill, nbytes);
+        cta_bar = std::make_unique<std::barrier<>>(256);
+        warp_bar.clear(); for (int i = 0; i < 8; ++i) warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+        std::vector<std::thread> th;
+        for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
+            th.emplace_back([&, tx, ty, bx, by, bz] {
+                threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
+                f();
+            });
+        for (auto & t : th) t.join();
+    }
+}
 // quantize_q8_1's formula with the F32Y staging's sum order (per lane (x0+x1)+(x2+x3), lanes 0..7 in order)
 static void q8_ref(const float * x, block_q8_1 & b) {
     float amax = 0, sum = 0;
@@ -241,35 +257,16 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
     const int nbytes = NC*q3g_wrow_col_bytes<G>(nkb);
     if (nbytes > (int) sizeof q3g_wrow_act) { fprintf(stderr, "smem too small\n"); std::abort(); }
     const uint3 cr = {(unsigned) (nch_dst/nch_x), 0, 0}, sr = {(unsigned) (ns_dst/ns_x), 0, 0};
-    gridDim = {(unsigned) gridx, (unsigned) nch_dst, (unsigned) ns_dst};
-    for (int bz = 0; bz < ns_dst; ++bz) for (int by = 0; by < nch_dst; ++by) for (int bx = 0; bx < gridx; ++bx) {
-        memset(q3g_wrow_act, 0xAB, nbytes);
-        cta_bar = std::make_unique<std::barrier<>>(256);
-        warp_bar.clear(); for (int i = 0; i < 8; ++i) warp_bar.push_back(std::make_unique<std::barrier<>>(32));
-        std::vector<std::thread> th;
-        for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
-            th.emplace_back([&, tx, ty, bx, by, bz] {
-                threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
-                mul_mat_vec_q3g_wrow<type, NC, R, false>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
-                    cr, stride_channel_x, stride_channel_y, stride_channel_dst, sr, stride_sample_x, stride_sample_y, stride_sample_dst, {});
-            });
-        for (auto & t : th) t.join();
-    }
+    emulate(gridx, nch_dst, ns_dst, nbytes, 0xAB, [&] {
+        mul_mat_vec_q3g_wrow<type, NC, R, false>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
+            cr, stride_channel_x, stride_channel_y, stride_channel_dst, sr, stride_sample_x, stride_sample_y, stride_sample_dst, {});
+    });
     if constexpr (F32Y) {
         std::vector<float> dst2(dst.size(), -12345.0f);
-        for (int bz = 0; bz < ns_dst; ++bz) for (int by = 0; by < nch_dst; ++by) for (int bx = 0; bx < gridx; ++bx) {
-            memset(q3g_wrow_act, 0xCD, nbytes);
-            cta_bar = std::make_unique<std::barrier<>>(256);
-            warp_bar.clear(); for (int i = 0; i < 8; ++i) warp_bar.push_back(std::make_unique<std::barrier<>>(32));
-            std::vector<std::thread> th;
-            for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
-                th.emplace_back([&, tx, ty, bx, by, bz] {
-                    threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, (unsigned) by, (unsigned) bz};
-                    mul_mat_vec_q3g_wrow<type, NC, R, true>(x.data(), yf, dst2.data(), K, nrows, stride_row_x, fstride_col, stride_col_dst,
-                        cr, stride_channel_x, fstride_channel, stride_channel_dst, sr, stride_sample_x, fstride_sample, stride_sample_dst, {});
-                });
-            for (auto & t : th) t.join();
-        }
+        emulate(gridx, nch_dst, ns_dst, nbytes, 0xCD, [&] {
+            mul_mat_vec_q3g_wrow<type, NC, R, true>(x.data(), yf, dst2.data(), K, nrows, stride_row_x, fstride_col, stride_col_dst,
+                cr, stride_channel_x, fstride_channel, stride_channel_dst, sr, stride_sample_x, fstride_sample, stride_sample_dst, {});
+        });
         if (memcmp(dst.data(), dst2.data(), dst.size()*sizeof(float)) != 0) {
             for (size_t i = 0; i < dst.size(); ++i) if (dst[i] != dst2[i]) { fprintf(stderr, "F32Y differs from the Q8_1 path at %zu: %.9g vs %.9g\n", i, dst2[i], dst[i]); break; }
             return 1.0;
@@ -301,21 +298,9 @@ template <ggml_type type, int R, bool F32Y, int FZ>
 static void launch1(const void * x, const float * yf, float * dst, int K, int nrows, int stride_row_x, int gridx,
                     const q3g_fusion_args & fz) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
-    const int nbytes = q3g_wrow_col_bytes<G>(K/G);
-    gridDim = {(unsigned) gridx, 1, 1};
-    for (int bx = 0; bx < gridx; ++bx) {
-        memset(q3g_wrow_act, 0xEF, nbytes);
-        cta_bar = std::make_unique<std::barrier<>>(256);
-        warp_bar.clear(); for (int i = 0; i < 8; ++i) warp_bar.push_back(std::make_unique<std::barrier<>>(32));
-        std::vector<std::thread> th;
-        for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx)
-            th.emplace_back([&, tx, ty, bx] {
-                threadIdx = {(unsigned) tx, (unsigned) ty, 0}; blockIdx = {(unsigned) bx, 0, 0};
-                mul_mat_vec_q3g_wrow<type, 1, R, F32Y, FZ>(x, yf, dst, K, nrows, stride_row_x, 0, 0,
-                    {1, 0, 0}, 0, 0, 0, {1, 0, 0}, 0, 0, 0, fz);
-            });
-        for (auto & t : th) t.join();
-    }
+    emulate(gridx, 1, 1, q3g_wrow_col_bytes<G>(K/G), 0xEF, [&] {
+        mul_mat_vec_q3g_wrow<type, 1, R, F32Y, FZ>(x, yf, dst, K, nrows, stride_row_x, 0, 0, {1, 0, 0}, 0, 0, 0, {1, 0, 0}, 0, 0, 0, fz);
+    });
 }
 // the fused batch-1 calls (FZ 1: + x_bias; FZ 2: gate matrix, gate bias, GLU) against the epilogue applied to two
 // plain F32Y mat-vecs (up rows, gate rows) of the same kernel: bit for bit
