@@ -71,7 +71,7 @@ bench)
   done
   # where a 4B decode step's time goes, per kernel (issue 11: ~1.5 ms of a 2.6 ms token is outside our mat-vecs), where
   # the machine has Nsight Systems: tg 64 of F16, ours and ours with GGML_Q3G_MMVQ_F32Y=1, kernel summaries as CSV
-  NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /usr/local/cuda*/nsight-systems-*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
   if [ -n "$NSYS" ] && [ -f "$W/4b-F16.gguf" ]; then
     for v in F16:0 Q3_G128:0 Q3_G128:1 Q4_0:0; do
       t=${v%:*} e=${v#*:} r=$O/nsys-4b-$t$([ "$e" = 1 ] && echo -f32y)
