@@ -3,7 +3,8 @@
 # background, so it runs while the GPU is otherwise idle): test-backend-ops MUL_MAT / GET_ROWS for our types
 # (CUDA against the CPU backend) and its perf mode for MUL_MAT at 4096 x 14336, batch 1..8, with the batch 2..8
 # wrow kernel on and off (GGML_Q3G_MMVQ_WROW) and with the float-activation path (GGML_Q3G_MMVQ_F32Y=1, logs
-# tbo-*-f32y / tbo-perf-wrowf32y), F16 / Q4_0 / Q3_K / IQ3_S beside ours.
+# tbo-*-f32y / tbo-perf-wrowf32y*, its grid cap GGML_Q3G_F32Y_CTAS_PER_SM at 2, 1 and 4), F16 / Q4_0 / Q3_K / IQ3_S
+# beside ours.
 #   usage: scripts/device_cuda_tbo.sh CACHE OUT_DIR [IDLE_FILE]   (CACHE: $QUANT2GGUF_CACHE, holding
 #   llama/build-*-cuda-*/bin; no repo needed: the device tool re-lays the working tree on every call while this waits)
 #   IDLE_FILE: the perf part waits until it exists (the qwen15 job touches it once its GPU work is done: the ninth
@@ -16,8 +17,9 @@ while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
 B=$(ls -d "$C"/llama/build-*-cuda-*/bin 2>/dev/null | head -1)
 [ -x "$B/test-backend-ops" ] || { echo "no CUDA build with test-backend-ops under $C/llama" >>"$O/tbo.log"; exit 1; }
 T=$B/test-backend-ops
-# MUL_MAT also with GGML_Q3G_MMVQ_F32Y=1 (batch 1..8 quantize the float activations inside our mat-vec)
-for op in MUL_MAT GET_ROWS MUL_MAT:f32y; do
+# MUL_MAT and the fused mat-vec calls (bias, gate/up + GLU: MUL_MAT_VEC_FUSION) also with GGML_Q3G_MMVQ_F32Y=1 (our
+# mat-vec quantizes the float activations itself)
+for op in MUL_MAT GET_ROWS MUL_MAT_VEC_FUSION MUL_MAT:f32y MUL_MAT_VEC_FUSION:f32y; do
   f=${op#*:}; op=${op%%:*}; log=$O/tbo-test-$op$([ "$f" = f32y ] && echo -f32y).log
   GGML_Q3G_MMVQ_F32Y=$([ "$f" = f32y ] && echo 1 || echo 0) "$T" test -o $op -b CUDA0 -p q3_g >"$log" 2>&1; rc=$?
   plain=$(sed 's/\x1b\[[0-9;]*m//g' "$log")  # the counts ignore colour codes
@@ -27,8 +29,11 @@ if [ -n "$IDLE" ]; then
   while [ ! -e "$IDLE" ]; do sleep 5; done
   echo "perf starts: $(date +%T), GPU $(nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader)" >>"$O/tbo.log"
 fi
-for w in 1 0 f32y; do
-  GGML_Q3G_MMVQ_F32Y=$([ $w = f32y ] && echo 1 || echo 0) GGML_Q3G_MMVQ_WROW=$([ $w = 0 ] && echo 0 || echo 1) \
-    "$T" perf -o MUL_MAT -b CUDA0 -p 'type_a=(q3_g128|q3_g128p|f16|q4_0|q3_K|iq3_s),.*n=[1-8],' \
+# wrow on (1) / off (0), the F32Y path at its default grid cap (2 CTAs per SM) and at 1 and 4 (our types only)
+for w in 1 0 f32y f32y-c1 f32y-c4; do
+  case $w in f32y-c*) types='q3_g128|q3_g128p' ctas=${w#f32y-c};; *) types='q3_g128|q3_g128p|f16|q4_0|q3_K|iq3_s' ctas=2;; esac
+  GGML_Q3G_MMVQ_F32Y=$(case $w in f32y*) echo 1;; *) echo 0;; esac) GGML_Q3G_F32Y_CTAS_PER_SM=$ctas \
+  GGML_Q3G_MMVQ_WROW=$([ $w = 0 ] && echo 0 || echo 1) \
+    "$T" perf -o MUL_MAT -b CUDA0 -p "type_a=($types),.*n=[1-8]," \
     >"$O/tbo-perf-wrow$w.log" 2>&1; echo "perf wrow=$w rc=$?" >>"$O/tbo.log"
 done
