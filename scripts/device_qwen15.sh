@@ -8,7 +8,8 @@
 #   stage NN     carry .device/model/qwen15.partNN: copies it to ~/stage
 #   start        assemble + sha256-check the GGUF, copy the repo to ~/repo (the tree here is re-laid
 #                every call) and start $JOB there in the background (default scripts/qwen15_job.sh: the GSM bench
-#                job; scripts/qwen15_methods_job.sh: issue 8's method table and issue 10's Q3_K_M, KLD only)
+#                job; scripts/qwen15_methods_job.sh: issue 8's method table and issue 10's Q3_K_M, KLD only; with
+#                SPEED_ONLY=1 before the command, issue 11's speed stages alone, ~10 minutes shorter)
 #   poll [S]     wait up to S seconds (default 540) for the job, print its progress; when it is done,
 #                pack ~/logs and the results into $OUT
 # Files are made by scripts/device_bundle.sh. With SNAP=DIR (a carried, git-ignored copy of the repo:

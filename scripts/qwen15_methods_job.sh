@@ -26,7 +26,8 @@
 # (our distilled Q3_K / Q3_K_M files, llama-quantize's, F16).
 # Then ~/logs/gpu.idle lets scripts/device_cuda_tbo.sh (started by prep) time MUL_MAT with the batch 2..8 kernel.
 # Results: ~/results (gguf.json/.md/-*.png, manifests, speeds, bench-report.*, shapes/). Env: CALIB, KD_MIN,
-# KD_Q3K_MIN, NS, BENCH_GSM, SPEED_BY / GSM_BY / SHAPES_BY (seconds into the job a stage may still start); for a dry run on a CPU machine
+# KD_Q3K_MIN, NS, BENCH_GSM, SPEED_BY / GSM_BY / SHAPES_BY (seconds into the job a stage may still start), SPEED_ONLY=1
+# (issue 11 alone: only the RTN lane, compare_gguf with the three stock files speed() times, then the speed stages); for a dry run on a CPU machine
 # MODEL=qwen05 DEV=cpu HOME=/tmp/dry (a fixture whose dims take group 128; its llama.cpp build must exist: the CUDA one
 # when DEV=cuda).
 set -u
@@ -73,10 +74,19 @@ q() {  # q NAME ARGS...: quantize into ~/bench/NAME, on GPU $LANE mod NGPU
 }
 KD="--method kd --steps 3000 --batch 8 --eval-every 25 --heldout 16 --lr-q 5e-4"
 GPTQ="--method gptq --damp 0.1 --act-order"
-( LANE=1; q rtn-g128 --method rtn -g 128
-  # issue 11: the same file with q/k/v as one attn_qkv (convert --fuse-qkv) for the speed stage
+rtn_lane() {  # RTN W3G128, then (background) the same file with q/k/v as one attn_qkv (convert --fuse-qkv) for the speed stage
+  q rtn-g128 --method rtn -g 128
   (python3 -m quant2gguf convert ~/bench/rtn-g128 -o ~/gg/rtn-g128-fqkv.gguf --fuse-qkv --embd-type auto --threads 4 \
     >~/logs/conv-fqkv.log 2>&1; log "convert --fuse-qkv rc=$?") &
+}
+L3= L4= L5= L6= L7=
+if [ "${SPEED_ONLY:-0}" = 1 ]; then
+  # issue 11 alone (SPEED_ONLY=1): the RTN file and its fused twin, and the stock files speed() times, from compare_gguf
+  ( LANE=0; rtn_lane; wait ) &
+  L1=$!
+  CMP_TYPES="IQ3_S+imat Q3_K_S+imat Q3_K_M+imat" CMP_CKPTS="$HOME/bench/rtn-g128 ${EXTRA_CKPTS:-}"
+else
+( LANE=1; rtn_lane
   q gptq-g128 $GPTQ -g 128 ) &  # (the thirteenth run's KD with teacher samples mixed in, 0.0569 vs 0.0563: dropped)
 L1=$!
 ( LANE=2; sleep 10; q loaq-g128 --method loaq --damp 0.1 --act-order -g 128 ) &
@@ -90,13 +100,15 @@ L6=$!
 # issue 10's Q3_K_M: GPTQ in llama-quantize's Q3_K_M mix (the fifth run: news KLD 0.043 vs Q3_K_M + imatrix 0.065) -> KD
 ( LANE=1; sleep 50; q gptq-q3km $GPTQ --target q3_k_m && q kd-gptq-q3km $KD --max-minutes $KD_Q3K_MIN --init ~/bench/gptq-q3km ) &
 L7=$!
+CMP_TYPES="IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat"
+CMP_CKPTS=$(for c in rtn-g128 gptq-g128 loaq-g128 laq-g128 kd-laq-g128 laq-g64 kd-laq-g64 kd-gptq-q3k kd-gptq-q3km; do
+  echo -n "$HOME/bench/$c "; done)${EXTRA_CKPTS:-}
+fi
 ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
   log "llama build finished: $(tail -c 200 ~/logs/llama-build.log | tr '\n' ' ')"
   CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) $CMP_CPUS python3 scripts/compare_gguf.py --model $MODEL $GPU --workdir ~/gg --out ~/results/gguf.json --calib $CALIB \
     --imat-nsamples $NS --texts news champ code --embd-type auto \
-    --types IQ3_S+imat Q3_K_S+imat IQ3_M+imat Q3_K_M+imat IQ3_XXS+imat IQ4_XS+imat \
-    --ckpts ~/bench/rtn-g128 ~/bench/gptq-g128 ~/bench/loaq-g128 ~/bench/laq-g128 ~/bench/kd-laq-g128 ~/bench/laq-g64 \
-            ~/bench/kd-laq-g64 ~/bench/kd-gptq-q3k ~/bench/kd-gptq-q3km ${EXTRA_CKPTS:-} \
+    --types $CMP_TYPES --ckpts $CMP_CKPTS \
     --wait 1500 --jobs ${CMP_JOBS:-4} --convert-jobs 4 --logits-dir $LOGITS >~/logs/compare.log 2>&1
   log "compare rc=$?" ) &
 P=$!

@@ -17,7 +17,7 @@ LANES = ["rtn-g128", "gptq-g128", "loaq-g128", "laq-g128", "kd-laq-g128", "laq-g
          "kd-gptq-q3k", "gptq-q3km", "kd-gptq-q3km"]
 
 
-def run_job(tmp_path: Path, ngpu: int) -> tuple[str, str, str]:
+def run_job(tmp_path: Path, ngpu: int, **extra_env: str) -> tuple[str, str, str]:
     home, bin_ = tmp_path / "home", tmp_path / "bin"
     for d in ("stage/data", "stage/tools", "logs"):
         (home / d).mkdir(parents=True)
@@ -34,7 +34,7 @@ def run_job(tmp_path: Path, ngpu: int) -> tuple[str, str, str]:
     (tmp_path / "t0").write_text(str(int(time.time())))
     env = {"HOME": str(home), "PATH": f"{bin_}:/usr/bin:/bin", "MOCKLOG": str(tmp_path / "python.log"),
            "MOCKLLAMA": str(tmp_path / "llama.log"), "MOCK_T0": str(tmp_path / "t0"), "MOCK_NGPU": str(ngpu),
-           "GSM_WAIT": "60", "DISK_PROBE": "0", "BENCH_GSM": "250"}
+           "GSM_WAIT": "60", "DISK_PROBE": "0", "BENCH_GSM": "250", **extra_env}
     r = subprocess.run(["bash", "scripts/qwen15_methods_job.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -79,3 +79,15 @@ def test_methods_job_stages(tmp_path, ngpu):
         assert any(line.startswith("llama-batched-bench ") and name in line for line in f32y), name
     results = tmp_path / "home" / "results"
     assert (results / "bench-report.md").exists() and (results / "batched-bench-qwen15.jsonl").exists()
+
+
+def test_speed_only_job(tmp_path):
+    """SPEED_ONLY=1: only the RTN lane (and its fused-q/k/v twin), compare_gguf with the three stock files the speed
+    stage times, then the speeds (the F32Y path too) and the shapes: no method lane, no GSM bench."""
+    job, py, llama = run_job(tmp_path, 2, SPEED_ONLY="1", BENCH_GSM="0")
+    assert "all done" in job and "rtn-g128 rc=0" in job and "convert --fuse-qkv rc=0" in job, job
+    assert not [n for n in LANES if n != "rtn-g128" and f"{n} rc=" in job], job
+    cmp = next(line for line in py.splitlines() if "compare_gguf.py" in line)
+    assert "--types IQ3_S+imat Q3_K_S+imat Q3_K_M+imat --ckpts" in cmp and cmp.count("/bench/") == 1, cmp
+    assert "llama-bench rc=0" in job and "shapes benched" in job and "GSM bench skipped" in job, job
+    assert any(" F32Y=1 " in line and "rtn-g128-f32y.gguf" in line for line in llama.splitlines())
