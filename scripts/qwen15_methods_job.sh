@@ -61,7 +61,8 @@ log "CPUs: speed stage '${SPEED_CPUS:-all}', compare_gguf '${CMP_CPUS:-all}'"
 # Issue 11's synthetic Qwen3-4B / 8B shapes (scripts/device_shapes.sh): made on the speed stage's CPUs while the lanes
 # train, measured by shapes_bench below on compare_gguf's GPU once it is done
 [ "$DEV" = cuda ] && ( while pgrep -f "quant2gguf llama build" >/dev/null; do sleep 5; done
-  $SPEED_CPUS bash scripts/device_shapes.sh make ~/stage/$MODEL.gguf ~/shapes "$(llama_bin)" \
+  # (SPEED_ONLY: on every CPU: no lane trains, and the fifteenth run's shapes took 18 minutes on four)
+  $([ "${SPEED_ONLY:-0}" = 1 ] || echo $SPEED_CPUS) bash scripts/device_shapes.sh make ~/stage/$MODEL.gguf ~/shapes "$(llama_bin)" \
     >~/logs/shapes.log 2>&1; log "shapes made rc=$?"; touch ~/logs/shapes.made ) &
 q() {  # q NAME ARGS...: quantize into ~/bench/NAME, on GPU $LANE mod NGPU
   local t0=$(date +%s)
