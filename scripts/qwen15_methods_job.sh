@@ -186,6 +186,9 @@ shapes_bench() {  # shapes_bench GPU "taskset -c CPUS"
 }
 wait $L1 $L3 $L4 $L5 $L6 $L7
 log "quantize lanes done"
+# SPEED_ONLY: the RTN lane ends within a minute, long before compare_gguf has made the F16, stock files and F16
+# log-probs that the speed stage times and compares against
+[ "${SPEED_ONLY:-0}" = 1 ] && wait $P
 if [ "$NGPU" -ge 2 ]; then  # GPU 0 is free once the lanes are: speeds, GSM and shapes there while compare_gguf measures
   # on the last GPU (the fourteenth run's shapes, made by minute 19, waited for compare_gguf and were never measured)
   log "speed stage, shapes and GSM bench on GPU 0 beside compare_gguf on GPU $(( NGPU - 1 ))"

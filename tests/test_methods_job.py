@@ -90,4 +90,7 @@ def test_speed_only_job(tmp_path):
     cmp = next(line for line in py.splitlines() if "compare_gguf.py" in line)
     assert "--types IQ3_S+imat Q3_K_S+imat Q3_K_M+imat --ckpts" in cmp and cmp.count("/bench/") == 1, cmp
     assert "llama-bench rc=0" in job and "shapes benched" in job and "GSM bench skipped" in job, job
+    lines = job.splitlines()
+    first = {k: next(i for i, ln in enumerate(lines) if k in ln) for k in ("compare rc=", "llama-bench rc=")}
+    assert first["compare rc="] < first["llama-bench rc="], job  # speeds wait for compare's F16 and stock files
     assert any(" F32Y=1 " in line and "rtn-g128-f32y.gguf" in line for line in llama.splitlines())
