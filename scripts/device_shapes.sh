@@ -9,9 +9,10 @@
 #                               (CPU only; run it while the GPU trains, on CPUs nothing else uses)
 #   bench DIR BIN OUT           per shape one llama-bench (tg128 and pp512, -r 3, all layers on the GPU) over every file,
 #                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours (fused too):
-#                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again with
-#                               GGML_Q3G_MMVQ_F32Y=1 (OUT/llama-bench-*-f32y.json, batched rows *-f32y.gguf); where nsys
-#                               exists, per-kernel time of a 4B decode (OUT/nsys-4b-*_cuda_gpu_kern_sum.csv)
+#                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again without batch
+#                               1's float-activation path, GGML_Q3G_MMVQ_F32Y=0 (OUT/llama-bench-*-f32y0.json, batched
+#                               rows *-f32y0.gguf); where ncu exists, each kernel's time over ~one token of a 4B and an
+#                               8B decode (OUT/ncu-*.csv, read by scripts/ncu_breakdown.py)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
 # NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
@@ -53,34 +54,36 @@ bench)
     "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/$n"-*.gguf; do echo -m "$f"; done) \
       >"$O/llama-bench-$n.json" 2>"$O/llama-bench-$n.log"
     echo "llama-bench $n rc=$?"
-    # our files again with GGML_Q3G_MMVQ_F32Y=1 (the mat-vec quantizes the float activations itself: no quantize
-    # kernel), linked under -f32y names in a folder of their own so that their rows stay apart
-    mkdir -p "$W/f32y"
-    for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/f32y/$n-$t-f32y.gguf"; done
+    # our files again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec, as before F32Y became
+    # the default), linked under -f32y0 names in a folder of their own so that their rows stay apart
+    mkdir -p "$W/f32y0"
+    for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/f32y0/$n-$t-f32y0.gguf"; done
     # shellcheck disable=SC2046
-    GGML_Q3G_MMVQ_F32Y=1 "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/f32y/$n"-*.gguf; do echo -m "$f"; done) \
-      >"$O/llama-bench-$n-f32y.json" 2>"$O/llama-bench-$n-f32y.log"
-    echo "llama-bench $n F32Y rc=$?"
-    for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y/$n-Q3_G128-f32y f32y/$n-Q3_G128-fqkv-f32y; do
-      case $t in f32y/*) f=$W/$t.gguf name=${t#f32y/}.gguf env=1;; *) f=$W/$n-$t.gguf name=$n-$t.gguf env=0;; esac
+    GGML_Q3G_MMVQ_F32Y=0 "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/f32y0/$n"-*.gguf; do echo -m "$f"; done) \
+      >"$O/llama-bench-$n-f32y0.json" 2>"$O/llama-bench-$n-f32y0.log"
+    echo "llama-bench $n F32Y=0 rc=$?"
+    for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y0/$n-Q3_G128-f32y0 f32y0/$n-Q3_G128-fqkv-f32y0; do
+      case $t in f32y0/*) f=$W/$t.gguf name=${t#f32y0/}.gguf env=0;; *) f=$W/$n-$t.gguf name=$n-$t.gguf env=1;; esac
       [ -f "$f" ] || continue
       GGML_Q3G_MMVQ_F32Y=$env "$B/llama-batched-bench" -m "$f" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
         --output-format jsonl 2>>"$O/batched-bench-shapes.log" | grep '^{"n_kv_max' \
         | sed "s|^{|{\"file\": \"$name\", |" >>"$O/batched-bench-shapes.jsonl"
     done
   done
-  # where a 4B decode step's time goes, per kernel (issue 11: ~1.5 ms of a 2.6 ms token is outside our mat-vecs), where
-  # the machine has Nsight Systems: tg 64 of F16, ours and ours with GGML_Q3G_MMVQ_F32Y=1, kernel summaries as CSV
-  NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /usr/local/cuda*/nsight-systems-*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
-  if [ -n "$NSYS" ] && [ -f "$W/4b-F16.gguf" ]; then
-    for v in F16:0 Q3_G128:0 Q3_G128:1 Q4_0:0; do
-      t=${v%:*} e=${v#*:} r=$O/nsys-4b-$t$([ "$e" = 1 ] && echo -f32y)
-      GGML_Q3G_MMVQ_F32Y=$e "$NSYS" profile -t cuda -o "$r" -f true "$B/llama-bench" -m "$W/4b-$t.gguf" -ngl 99 -p 0 -n 64 -r 1 \
-        >"$r.log" 2>&1 && "$NSYS" stats -r cuda_gpu_kern_sum -f csv -o "$r" "$r.nsys-rep" >>"$r.log" 2>&1
-      echo "nsys 4b $t F32Y=$e rc=$?"; rm -f "$r.nsys-rep" "$r.sqlite"
+  # where a decode step's time goes, per kernel, where the machine has Nsight Compute (the H200 machines have ncu, not
+  # nsys): 700 launches (a bit over one token: ~19 kernels x 36 layers) after the first 900, each kernel timed alone
+  # (ncu serializes them), caches and clocks as they are; seconds a file
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU" ]; then
+    for v in 4b-F16:1 4b-Q4_0:1 4b-Q3_G128:1 4b-Q3_G128:0 4b-Q3_G128-fqkv:1 8b-Q4_0:1 8b-Q3_G128:1; do
+      t=${v%:*} e=${v#*:}; [ -f "$W/$t.gguf" ] || continue
+      GGML_Q3G_MMVQ_F32Y=$e timeout 200 "$NCU" --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+        --launch-skip 900 --launch-count 700 --csv "$B/llama-bench" -m "$W/$t.gguf" -p 0 -n 6 -r 1 -ngl 99 \
+        >"$O/ncu-$t$([ "$e" = 0 ] && echo -f32y0).csv" 2>>"$O/ncu.log"
+      echo "ncu $t F32Y=$e rc=$?"
     done
   else
-    echo "no nsys on this machine: no per-kernel profile"
+    echo "no ncu on this machine: no per-kernel profile"
   fi
   ;;
 *) echo "usage: $0 make SRC.gguf DIR BIN | bench DIR BIN OUT"; exit 2 ;;

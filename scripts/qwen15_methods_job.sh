@@ -115,7 +115,8 @@ fi
 P=$!
 # Issue 11 on the real model, only if the device budget allows (SPEED_BY: seconds since the job started): decode
 # tg128 / prefill pp512 (llama-bench) and batch 1/2/4/8 decode (llama-batched-bench, ours with the batch 2..8 kernel
-# on and off, and with q/k/v fused into one tensor; ours also with GGML_Q3G_MMVQ_F32Y=1), F16 and stock files beside ours, alone on GPU 0 and outside MPS
+# on and off, and with q/k/v fused into one tensor; ours also without batch 1's float-activation path,
+# GGML_Q3G_MMVQ_F32Y=0), F16 and stock files beside ours, alone on GPU 0 and outside MPS
 # (CUDA_MPS_PIPE_DIRECTORY naming no daemon: the process makes an ordinary context).
 speed() {
   if [ "$DEV" != cuda ] || [ $(( $(date +%s) - T_START )) -ge ${SPEED_BY:-1200} ]; then log "speed stage skipped (budget)"; return; fi
@@ -126,15 +127,15 @@ speed() {
   S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/rtn-g128-fqkv.gguf $HOME/gg/laq-g64.gguf $HOME/gg/kd-gptq-q3k.gguf $HOME/gg/kd-gptq-q3km.gguf"
   $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
     >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
-  # our type again with GGML_Q3G_MMVQ_F32Y=1 (no quantize kernel before each mat-vec), linked under -f32y names
-  mkdir -p ~/gg/f32y
-  for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/f32y/$f-f32y.gguf; done
-  GGML_Q3G_MMVQ_F32Y=1 $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in ~/gg/f32y/*.gguf; do echo -m $f; done) \
-    >~/results/llama-bench-$MODEL-f32y.json 2>~/logs/llama-bench-f32y.log; log "llama-bench F32Y rc=$?"
+  # our type again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec), under -f32y0 names
+  mkdir -p ~/gg/f32y0
+  for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/f32y0/$f-f32y0.gguf; done
+  GGML_Q3G_MMVQ_F32Y=0 $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in ~/gg/f32y0/*.gguf; do echo -m $f; done) \
+    >~/results/llama-bench-$MODEL-f32y0.json 2>~/logs/llama-bench-f32y0.log; log "llama-bench F32Y=0 rc=$?"
   for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf ~/gg/rtn-g128-fqkv.gguf w0:$HOME/gg/rtn-g128.gguf \
-           ~/gg/f32y/rtn-g128-f32y.gguf ~/gg/f32y/rtn-g128-fqkv-f32y.gguf; do
+           ~/gg/f32y0/rtn-g128-f32y0.gguf ~/gg/f32y0/rtn-g128-fqkv-f32y0.gguf; do
     w=1; case $f in w0:*) w=0 f=${f#w0:};; esac
-    GGML_Q3G_MMVQ_F32Y=$(case $f in *-f32y.gguf) echo 1;; *) echo 0;; esac) \
+    GGML_Q3G_MMVQ_F32Y=$(case $f in *-f32y0.gguf) echo 0;; *) echo 1;; esac) \
     GGML_Q3G_MMVQ_WROW=$w $SPEED_CPUS $B/llama-batched-bench -m $f -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
       --output-format jsonl 2>>~/logs/batched-bench.log | grep '^{"n_kv_max' | sed "s|^{|{\"file\": \"$(basename $f)\", \"wrow\": $w, |" \
       >>~/results/batched-bench-$MODEL.jsonl

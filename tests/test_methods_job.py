@@ -66,24 +66,25 @@ def test_methods_job_stages(tmp_path, ngpu):
     shapes = [line for line in llama.splitlines() if "llama-batched-bench" in line and "/shapes/" in line]
     assert {line.rsplit("GPU=", 1)[1] for line in shapes} == {"0"}
     assert any("4b-Q3_G128-fqkv.gguf" in line for line in shapes) and any("8b-Q3_G128.gguf" in line for line in shapes)
-    # our files again through the float-activation mat-vec (GGML_Q3G_MMVQ_F32Y=1), under -f32y names; nothing else
-    f32y = [line for line in llama.splitlines() if " F32Y=1 " in line and not line.startswith("llama-perplexity ")]
-    assert all(".gguf" not in w or w.endswith("-f32y.gguf") for line in f32y for w in line.split()), f32y
+    # our files again without batch 1's float-activation mat-vec (GGML_Q3G_MMVQ_F32Y=0), under -f32y0 names; nothing
+    # else runs with it off
+    f32y0 = [line for line in llama.splitlines() if " F32Y=0 " in line and not line.startswith("llama-perplexity ")]
+    assert all(".gguf" not in w or w.endswith("-f32y0.gguf") for line in f32y0 for w in line.split()), f32y0
     # and end to end: the RTN file's news KLD with and without it, against compare_gguf's F16 log-probs
     kld = [line for line in llama.splitlines() if line.startswith("llama-perplexity -m ") and "rtn-g128.gguf" in line]
     assert len(kld) == 2 and {ln.split(" F32Y=")[1].split()[0] for ln in kld} == {"0", "1"}, kld
     assert all("qwen15-f16-news.logits --kl-divergence" in ln for ln in kld), kld
-    for name in ("rtn-g128-f32y.gguf", "rtn-g128-fqkv-f32y.gguf", "4b-Q3_G128-f32y.gguf", "4b-Q3_G128-fqkv-f32y.gguf",
-                 "8b-Q3_G128-f32y.gguf"):
-        assert any(line.startswith("llama-bench ") and name in line for line in f32y), name
-        assert any(line.startswith("llama-batched-bench ") and name in line for line in f32y), name
+    for name in ("rtn-g128-f32y0.gguf", "rtn-g128-fqkv-f32y0.gguf", "4b-Q3_G128-f32y0.gguf",
+                 "4b-Q3_G128-fqkv-f32y0.gguf", "8b-Q3_G128-f32y0.gguf"):
+        assert any(line.startswith("llama-bench ") and name in line for line in f32y0), name
+        assert any(line.startswith("llama-batched-bench ") and name in line for line in f32y0), name
     results = tmp_path / "home" / "results"
     assert (results / "bench-report.md").exists() and (results / "batched-bench-qwen15.jsonl").exists()
 
 
 def test_speed_only_job(tmp_path):
     """SPEED_ONLY=1: only the RTN lane (and its fused-q/k/v twin), compare_gguf with the three stock files the speed
-    stage times, then the speeds (the F32Y path too) and the shapes: no method lane, no GSM bench."""
+    stage times, then the speeds (without the F32Y path too) and the shapes: no method lane, no GSM bench."""
     job, py, llama = run_job(tmp_path, 2, SPEED_ONLY="1", BENCH_GSM="0")
     assert "all done" in job and "rtn-g128 rc=0" in job and "convert --fuse-qkv rc=0" in job, job
     assert not [n for n in LANES if n != "rtn-g128" and f"{n} rc=" in job], job
@@ -93,4 +94,4 @@ def test_speed_only_job(tmp_path):
     lines = job.splitlines()
     first = {k: next(i for i, ln in enumerate(lines) if k in ln) for k in ("compare rc=", "llama-bench rc=")}
     assert first["compare rc="] < first["llama-bench rc="], job  # speeds wait for compare's F16 and stock files
-    assert any(" F32Y=1 " in line and "rtn-g128-f32y.gguf" in line for line in llama.splitlines())
+    assert any(" F32Y=0 " in line and "rtn-g128-f32y0.gguf" in line for line in llama.splitlines())
