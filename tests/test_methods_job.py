@@ -73,7 +73,7 @@ def test_methods_job_stages(tmp_path, ngpu):
     # and end to end: the RTN file's news KLD with and without it, against compare_gguf's F16 log-probs
     kld = [line for line in llama.splitlines() if line.startswith("llama-perplexity -m ") and "rtn-g128.gguf" in line]
     assert len(kld) == 2 and {ln.split(" F32Y=")[1].split()[0] for ln in kld} == {"0", "1"}, kld
-    assert all("qwen15-f16-news.logits --kl-divergence" in ln for ln in kld), kld
+    assert all("qwen15-f16-news.logits --kl-divergence" in ln and " -ub 1 " in ln for ln in kld), kld  # batch-1 mat-vecs
     for name in ("rtn-g128-f32y0.gguf", "rtn-g128-fqkv-f32y0.gguf", "4b-Q3_G128-f32y0.gguf",
                  "4b-Q3_G128-fqkv-f32y0.gguf", "8b-Q3_G128-f32y0.gguf"):
         assert any(line.startswith("llama-bench ") and name in line for line in f32y0), name
