@@ -160,7 +160,8 @@ template <int W> static float warp_reduce_max(float v) {
     warp_bar[w]->arrive_and_wait();
     return m;
 }
-// fabsf, fmaxf, roundf: the C library's (<cmath>), which round and compare as CUDA's do
+// fabsf, fmaxf, roundf: the C library's (<cmath>), which round and compare as CUDA's do; rsqrtf exact (CUDA's: 2 ulp)
+static float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 alignas(16) int4 q3g_wrow_act[1 << 16];
 // the fusion epilogue's GLU ops (ggml.h's names; unary.cuh's formulas)
 enum ggml_glu_op { GGML_GLU_OP_REGLU, GGML_GLU_OP_GEGLU, GGML_GLU_OP_SWIGLU, GGML_GLU_OP_SWIGLU_OAI, GGML_GLU_OP_GEGLU_ERF,
@@ -298,14 +299,15 @@ template <ggml_type type, int R, bool F32Y, int FZ>
 static void launch1(const void * x, const float * yf, float * dst, int K, int nrows, int stride_row_x, int gridx,
                     const q3g_fusion_args & fz) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
-    emulate(gridx, 1, 1, q3g_wrow_col_bytes<G>(K/G), 0xEF, [&] {
+    emulate(gridx, 1, 1, q3g_wrow_smem_bytes<G, F32Y>(1, K/G), 0xEF, [&] {
         mul_mat_vec_q3g_wrow<type, 1, R, F32Y, FZ>(x, yf, dst, K, nrows, stride_row_x, 0, 0, {1, 0, 0}, 0, 0, 0, {1, 0, 0}, 0, 0, 0, fz);
     });
 }
 // the fused batch-1 calls (FZ 1: + x_bias; FZ 2: gate matrix, gate bias, GLU) against the epilogue applied to two
 // plain F32Y mat-vecs (up rows, gate rows) of the same kernel: bit for bit
+// norm: src1 is a deferred rms_norm(x)*w (every launch stages it from x)
 template <ggml_type type, typename block_t>
-static double run_fused(std::mt19937 & rng, int K, int nrows, int gridx, int fz_kind, ggml_glu_op op) {
+static double run_fused(std::mt19937 & rng, int K, int nrows, int gridx, int fz_kind, ggml_glu_op op, bool norm = false) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
     const int nkb = K/G, stride_row_x = nkb + 2;
     std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
@@ -327,10 +329,14 @@ static double run_fused(std::mt19937 & rng, int K, int nrows, int gridx, int fz_
     for (int k = 0; k < K; ++k) ((float *) y4.data())[k] = nd(rng);
     std::vector<float> xb(nrows), gb(nrows);
     for (int i = 0; i < nrows; ++i) { xb[i] = u(rng); gb[i] = u(rng); }
+    std::vector<float4> nw4(K/4 + 1);
+    for (int k = 0; k < K; ++k) ((float *) nw4.data())[k] = 0.5f + std::fabs(u(rng));
+    q3g_fusion_args plain;
+    if (norm) { plain.norm_w = (const float *) nw4.data(); plain.norm_eps = 0.25f; }
     std::vector<float> up(nrows + 4, -1.0f), gate(nrows + 4, -1.0f), fused(nrows + 4, -12345.0f);
-    launch1<type, 1, true, 0>(xu.data(), (const float *) y4.data(), up.data(), K, nrows, stride_row_x, gridx, {});
-    launch1<type, 1, true, 0>(xg.data(), (const float *) y4.data(), gate.data(), K, nrows, stride_row_x, gridx, {});
-    q3g_fusion_args fz; fz.x_bias = xb.data(); fz.glu_op = op; fz.glu_limit = 0.5f;
+    launch1<type, 1, true, 0>(xu.data(), (const float *) y4.data(), up.data(), K, nrows, stride_row_x, gridx, plain);
+    launch1<type, 1, true, 0>(xg.data(), (const float *) y4.data(), gate.data(), K, nrows, stride_row_x, gridx, plain);
+    q3g_fusion_args fz = plain; fz.x_bias = xb.data(); fz.glu_op = op; fz.glu_limit = 0.5f;
     if (fz_kind == 2) { fz.gate = xg.data(); fz.gate_bias = gb.data(); }
     if (fz_kind == 2) launch1<type, 2, true, 2>(xu.data(), (const float *) y4.data(), fused.data(), K, nrows, stride_row_x, gridx, fz);
     else              launch1<type, 1, true, 1>(xu.data(), (const float *) y4.data(), fused.data(), K, nrows, stride_row_x, gridx, fz);
@@ -349,6 +355,52 @@ static double run_fused(std::mt19937 & rng, int K, int nrows, int gridx, int fz_
     }
     for (int i = nrows; i < nrows + 4; ++i) if (fused[i] != -12345.0f) { fprintf(stderr, "stray fused write\n"); return 1.0; }
     return 0.0;
+}
+// the deferred RMS norm (norm_w): the kernel on x against the plain F32Y kernel on y = rms_norm(x)*w computed as
+// rms_norm_f32 does; they differ only by the plain path's fp16 Q8_1 scales and sums (2^-11 relative a block) and rare
+// q rounding ties, so |diff| / sum_j max|w_i.| |y_j| (max over the weight block) must stay under 1e-3. eps = 2 against mean(x^2) ~ 5 (x1) .. 130 (x5): a dropped
+// eps or scale, or an unscaled sum, is far outside it. Returns 0 (pass) or 1.
+template <ggml_type type, typename block_t>
+static double run_norm(std::mt19937 & rng, int K, int nrows, int gridx, float xscale) {
+    constexpr int G = ggml_cuda_type_traits<type>::qk;
+    const int nkb = K/G, stride_row_x = nkb + 1;
+    std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
+    std::uniform_real_distribution<float> u(-1, 1);
+    std::vector<block_t> xw((size_t) stride_row_x*nrows);
+    for (auto & b : xw) {
+        uint8_t * p = (uint8_t *) &b; for (size_t i = 0; i < sizeof b; ++i) p[i] = (uint8_t) byte(rng);
+        b.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); b.m.b = f2h(0.2f*u(rng));
+        if constexpr (q3g_wrow_type<type>::P) { for (int s = 0; s < 2; ++s) { const int i = slot(rng); b.pi[s] = (uint8_t) (i < G ? i : 255); b.pv[s].b = f2h(2.0f*u(rng)); }
+                                                if (b.pi[0] == b.pi[1]) b.pi[1] = 255; }
+    }
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float4> x4(K/4 + 1), w4(K/4 + 1), y4(K/4 + 1);
+    float * x = (float *) x4.data(), * w = (float *) w4.data(), * y = (float *) y4.data();
+    for (int k = 0; k < K; ++k) { x[k] = xscale*nd(rng)*(k % 97 == 0 ? 20.0f : 1.0f); w[k] = 0.2f + 2.0f*std::fabs(u(rng)); }
+    for (int k = 0; k < 32; ++k) x[64 + k] = 0.0f;  // an all-zero block
+    const float eps = 2.0f;
+    float ss = 0.0f; for (int k = 0; k < K; ++k) ss += x[k]*x[k];
+    const float scale = 1.0f/std::sqrt(ss/K + eps);
+    for (int k = 0; k < K; ++k) y[k] = scale*x[k]*w[k];
+    std::vector<float> ref(nrows + 4, -12345.0f), got(nrows + 4, -12345.0f);
+    launch1<type, 1, true, 0>(xw.data(), y, ref.data(), K, nrows, stride_row_x, gridx, {});
+    q3g_fusion_args fz; fz.norm_w = w; fz.norm_eps = eps;
+    launch1<type, 1, true, 0>(xw.data(), x, got.data(), K, nrows, stride_row_x, gridx, fz);
+    // per row: |y| against a bound on the weight block's |w_ij| (7d + |m|, or a slot's |pv|)
+    double worst = 0;
+    for (int r = 0; r < nrows; ++r) {
+        double bound = 0;
+        for (int kb = 0; kb < nkb; ++kb) {
+            const block_t & b = xw[(size_t) r*stride_row_x + kb];
+            double wmax = 7.0*std::fabs(h2f(b.d.b)) + std::fabs(h2f(b.m.b));
+            if constexpr (q3g_wrow_type<type>::P) for (int s = 0; s < 2; ++s) wmax = std::max(wmax, (double) std::fabs(h2f(b.pv[s].b)));
+            for (int j = 0; j < G; ++j) bound += wmax*std::fabs(y[kb*G + j]);
+        }
+        worst = std::max(worst, std::fabs((double) got[r] - ref[r])/bound);
+    }
+    for (int i = nrows; i < nrows + 4; ++i) if (got[i] != -12345.0f) { fprintf(stderr, "stray norm write\n"); return 1.0; }
+    printf("  norm K=%d: max |diff| / sum|w y| = %.2e (bound 1e-3)\n", K, worst);
+    return worst < 1e-3 ? 0.0 : 1.0;
 }
 int main() {
     std::mt19937 rng(5);
@@ -378,6 +430,12 @@ int main() {
     rep("F32Y fused geglu  G64   K=1152 rows 19 grid 1",  run_fused<GGML_TYPE_Q3_G64,   block_q3_g64>(rng, 1152, 19, 1, 2, GGML_GLU_OP_GEGLU));
     rep("F32Y fused clamp  G128P K=1024 rows 9 grid 3",   run_fused<GGML_TYPE_Q3_G128P, block_q3_g128p>(rng, 1024, 9, 3, 2, GGML_GLU_OP_SWIGLU_CLAMP));
     rep("F32Y fused oai    G64P  K=640  rows 5 grid 1",   run_fused<GGML_TYPE_Q3_G64P,  block_q3_g64p>(rng, 640, 5, 1, 2, GGML_GLU_OP_SWIGLU_OAI));
+    // the deferred RMS norm: staged from x (0 = pass, 1 = fail), and the fused calls with it, bit for bit
+    rep("F32Y norm  G128  K=5120 rows 37 grid 2",   run_norm<GGML_TYPE_Q3_G128,  block_q3_g128>(rng, 5120, 37, 2, 1.0f));
+    rep("F32Y norm  G64   K=2112 rows 19 grid 1 x5", run_norm<GGML_TYPE_Q3_G64,   block_q3_g64>(rng, 2112, 19, 1, 5.0f));
+    rep("F32Y norm  G128P K=2560 rows 9 grid 3",    run_norm<GGML_TYPE_Q3_G128P, block_q3_g128p>(rng, 2560, 9, 3, 1.0f));
+    rep("F32Y norm fused swiglu G128 K=2560 rows 37", run_fused<GGML_TYPE_Q3_G128, block_q3_g128>(rng, 2560, 37, 2, 2, GGML_GLU_OP_SWIGLU, true));
+    rep("F32Y norm fused bias   G64P K=1152 rows 19", run_fused<GGML_TYPE_Q3_G64P, block_q3_g64p>(rng, 1152, 19, 1, 1, GGML_GLU_OP_SWIGLU, true));
     printf("worst %.3e -> %s\n", worst, worst < 1e-5 ? "PASS" : "FAIL");
     return worst < 1e-5 ? 0 : 1;
 }

@@ -82,8 +82,13 @@ PACE
   [ -f $RS/llama-bench-qwen15.json ] && python3 scripts/speed_table.py $RS/llama-bench-qwen15*.json $ROOF \
     --batched $RS/batched-bench-qwen15.jsonl -o $RS/speed-qwen15.md >/dev/null 2>&1
   for n in 4b 8b; do [ -s $RS/shapes/llama-bench-$n.json ] && python3 scripts/speed_table.py $RS/shapes/llama-bench-$n.json \
-    $(ls $RS/shapes/llama-bench-$n-f32y0.json 2>/dev/null) $ROOF \
+    $(ls $RS/shapes/llama-bench-$n-f32y0.json $RS/shapes/llama-bench-$n-norm0.json 2>/dev/null) $ROOF \
     -o $RS/speed-$n.md >/dev/null 2>&1; done
+  # per-kernel time a token (ncu dumps of the shapes and of qwen15, where the machine has ncu)
+  ls $RS/shapes/ncu-*.csv >/dev/null 2>&1 && python3 scripts/ncu_breakdown.py $RS/shapes/ncu-*.csv --layers 36 \
+    --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --md $RS/ncu-shapes.md --csv-out $RS/ncu-shapes.csv >/dev/null 2>&1
+  ls $RS/ncu-qwen15-*.csv >/dev/null 2>&1 && python3 scripts/ncu_breakdown.py $RS/ncu-qwen15-*.csv --layers 28 \
+    --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --md $RS/ncu-qwen15.md --csv-out $RS/ncu-qwen15.csv >/dev/null 2>&1
   [ -s $RS/shapes/batched-bench-shapes.jsonl ] && python3 scripts/speed_table.py --batched $RS/shapes/batched-bench-shapes.jsonl \
     -o $RS/speed-shapes-batched.md >/dev/null 2>&1
   cp ~/results/gguf.json ~/results/gguf.md ~/results/gguf-*.png ~/results/bench-report.md ~/results/method-table.md "$OUT/" 2>/dev/null  # $OUT takes 8 files: the rest is in logs.tgz

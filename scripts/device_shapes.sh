@@ -11,8 +11,9 @@
 #                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours (fused too):
 #                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again without batch
 #                               1's float-activation path, GGML_Q3G_MMVQ_F32Y=0 (OUT/llama-bench-*-f32y0.json, batched
-#                               rows *-f32y0.gguf); where ncu exists, each kernel's time over ~one token of a 4B and an
-#                               8B decode (OUT/ncu-*.csv, read by scripts/ncu_breakdown.py)
+#                               rows *-f32y0.gguf), and with it but the RMS norms launched, GGML_Q3G_F32Y_NORM=0
+#                               (OUT/llama-bench-*-norm0.json); where ncu exists, each kernel's time over ~one token of a
+#                               4B and an 8B decode (OUT/ncu-*.csv, read by scripts/ncu_breakdown.py)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
 # NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
@@ -55,13 +56,17 @@ bench)
       >"$O/llama-bench-$n.json" 2>"$O/llama-bench-$n.log"
     echo "llama-bench $n rc=$?"
     # our files again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec, as before F32Y became
-    # the default), linked under -f32y0 names in a folder of their own so that their rows stay apart
-    mkdir -p "$W/f32y0"
-    for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/f32y0/$n-$t-f32y0.gguf"; done
-    # shellcheck disable=SC2046
-    GGML_Q3G_MMVQ_F32Y=0 "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/f32y0/$n"-*.gguf; do echo -m "$f"; done) \
-      >"$O/llama-bench-$n-f32y0.json" 2>"$O/llama-bench-$n-f32y0.log"
-    echo "llama-bench $n F32Y=0 rc=$?"
+    # the default) and with GGML_Q3G_F32Y_NORM=0 (F32Y, but the RMS norms launched), linked under -f32y0 / -norm0
+    # names in folders of their own so that their rows stay apart
+    for v in f32y0:GGML_Q3G_MMVQ_F32Y norm0:GGML_Q3G_F32Y_NORM; do
+      s=${v%%:*} e=${v#*:}
+      mkdir -p "$W/$s"
+      for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/$s/$n-$t-$s.gguf"; done
+      # shellcheck disable=SC2046
+      env "$e=0" "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/$s/$n"-*.gguf; do echo -m "$f"; done) \
+        >"$O/llama-bench-$n-$s.json" 2>"$O/llama-bench-$n-$s.log"
+      echo "llama-bench $n $e=0 rc=$?"
+    done
     for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y0/$n-Q3_G128-f32y0 f32y0/$n-Q3_G128-fqkv-f32y0; do
       case $t in f32y0/*) f=$W/$t.gguf name=${t#f32y0/}.gguf env=0;; *) f=$W/$n-$t.gguf name=$n-$t.gguf env=1;; esac
       [ -f "$f" ] || continue
@@ -75,12 +80,13 @@ bench)
   # (ncu serializes them), caches and clocks as they are; seconds a file
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ]; then
-    for v in 4b-F16:1 4b-Q4_0:1 4b-Q3_G128:1 4b-Q3_G128:0 4b-Q3_G128-fqkv:1 8b-Q4_0:1 8b-Q3_G128:1; do
-      t=${v%:*} e=${v#*:}; [ -f "$W/$t.gguf" ] || continue
-      GGML_Q3G_MMVQ_F32Y=$e timeout 200 "$NCU" --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+    for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm0 4b-Q3_G128-fqkv: 8b-Q4_0: 8b-Q3_G128:; do
+      t=${v%:*} s=${v#*:}; [ -f "$W/$t.gguf" ] || continue
+      GGML_Q3G_MMVQ_F32Y=$([ "$s" = f32y0 ] && echo 0 || echo 1) GGML_Q3G_F32Y_NORM=$([ "$s" = norm0 ] && echo 0 || echo 1) \
+      timeout 200 "$NCU" --metrics gpu__time_duration.sum --cache-control none --clock-control none \
         --launch-skip 900 --launch-count 700 --csv "$B/llama-bench" -m "$W/$t.gguf" -p 0 -n 6 -r 1 -ngl 99 \
-        >"$O/ncu-$t$([ "$e" = 0 ] && echo -f32y0).csv" 2>>"$O/ncu.log"
-      echo "ncu $t F32Y=$e rc=$?"
+        >"$O/ncu-$t${s:+-$s}.csv" 2>>"$O/ncu.log"
+      echo "ncu $t ${s:-default} rc=$?"
     done
   else
     echo "no ncu on this machine: no per-kernel profile"
