@@ -11,8 +11,8 @@
 #                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours (fused too):
 #                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again without batch
 #                               1's float-activation path, GGML_Q3G_MMVQ_F32Y=0 (OUT/llama-bench-*-f32y0.json, batched
-#                               rows *-f32y0.gguf), and with it but the RMS norms launched, GGML_Q3G_F32Y_NORM=0
-#                               (OUT/llama-bench-*-norm0.json); where ncu exists, each kernel's time over ~one token of a
+#                               rows *-f32y0.gguf), and with the RMS norms left to it, GGML_Q3G_F32Y_NORM=1
+#                               (OUT/llama-bench-*-norm1.json); where ncu exists, each kernel's time over ~one token of a
 #                               4B and an 8B decode (OUT/ncu-*.csv, read by scripts/ncu_breakdown.py)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
@@ -56,16 +56,16 @@ bench)
       >"$O/llama-bench-$n.json" 2>"$O/llama-bench-$n.log"
     echo "llama-bench $n rc=$?"
     # our files again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec, as before F32Y became
-    # the default) and with GGML_Q3G_F32Y_NORM=0 (F32Y, but the RMS norms launched), linked under -f32y0 / -norm0
-    # names in folders of their own so that their rows stay apart
-    for v in f32y0:GGML_Q3G_MMVQ_F32Y norm0:GGML_Q3G_F32Y_NORM; do
+    # the default) and with GGML_Q3G_F32Y_NORM=1 (the RMS norms left to the F32Y mat-vecs), linked under -f32y0 /
+    # -norm1 names in folders of their own so that their rows stay apart
+    for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 norm1:GGML_Q3G_F32Y_NORM=1; do
       s=${v%%:*} e=${v#*:}
       mkdir -p "$W/$s"
       for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/$s/$n-$t-$s.gguf"; done
       # shellcheck disable=SC2046
-      env "$e=0" "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/$s/$n"-*.gguf; do echo -m "$f"; done) \
+      env "$e" "$B/llama-bench" -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in "$W/$s/$n"-*.gguf; do echo -m "$f"; done) \
         >"$O/llama-bench-$n-$s.json" 2>"$O/llama-bench-$n-$s.log"
-      echo "llama-bench $n $e=0 rc=$?"
+      echo "llama-bench $n $e rc=$?"
     done
     for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y0/$n-Q3_G128-f32y0 f32y0/$n-Q3_G128-fqkv-f32y0; do
       case $t in f32y0/*) f=$W/$t.gguf name=${t#f32y0/}.gguf env=0;; *) f=$W/$n-$t.gguf name=$n-$t.gguf env=1;; esac
@@ -80,9 +80,9 @@ bench)
   # (ncu serializes them), caches and clocks as they are; seconds a file
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ]; then
-    for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm0 4b-Q3_G128-fqkv: 8b-Q4_0: 8b-Q3_G128:; do
+    for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm1 4b-Q3_G128-fqkv: 4b-Q3_G128-fqkv:norm1 8b-Q4_0: 8b-Q3_G128: 8b-Q3_G128:norm1; do
       t=${v%:*} s=${v#*:}; [ -f "$W/$t.gguf" ] || continue
-      GGML_Q3G_MMVQ_F32Y=$([ "$s" = f32y0 ] && echo 0 || echo 1) GGML_Q3G_F32Y_NORM=$([ "$s" = norm0 ] && echo 0 || echo 1) \
+      GGML_Q3G_MMVQ_F32Y=$([ "$s" = f32y0 ] && echo 0 || echo 1) GGML_Q3G_F32Y_NORM=$([ "$s" = norm1 ] && echo 1 || echo 0) \
       timeout 200 "$NCU" --metrics gpu__time_duration.sum --cache-control none --clock-control none \
         --launch-skip 900 --launch-count 700 --csv "$B/llama-bench" -m "$W/$t.gguf" -p 0 -n 6 -r 1 -ngl 99 \
         >"$O/ncu-$t${s:+-$s}.csv" 2>>"$O/ncu.log"
