@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 from pathlib import Path
 
 CATEGORIES = ("mat-vec", "quantize activations", "norm", "attention", "rope/kv", "other")
@@ -256,7 +257,14 @@ def main() -> None:
     ap.add_argument("--png", default=None)
     ap.add_argument("--csv-out", default=None)
     a = ap.parse_args()
-    res = {label(f): breakdown(parse(Path(f).read_text()), a.layers) for f in a.csv_files}
+    res = {}
+    for f in a.csv_files:  # a dump cut short (timeout, ncu error) is named and left out, not the whole table
+        try:
+            res[label(f)] = breakdown(parse(Path(f).read_text()), a.layers)
+        except (ValueError, KeyError) as e:
+            print(f"{f}: skipped ({e})", file=sys.stderr)
+    if not res:
+        sys.exit("no dump with a repeating layer period")
     md = markdown(res, a.layers, a.card, a.note)
     if a.md:
         Path(a.md).write_text(md)
