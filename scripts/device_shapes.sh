@@ -67,10 +67,12 @@ bench)
         >"$O/llama-bench-$n-$s.json" 2>"$O/llama-bench-$n-$s.log"
       echo "llama-bench $n $e rc=$?"
     done
-    for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y0/$n-Q3_G128-f32y0 f32y0/$n-Q3_G128-fqkv-f32y0; do
-      case $t in f32y0/*) f=$W/$t.gguf name=${t#f32y0/}.gguf env=0;; *) f=$W/$n-$t.gguf name=$n-$t.gguf env=1;; esac
+    for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y0/$n-Q3_G128-f32y0 f32y0/$n-Q3_G128-fqkv-f32y0 \
+             norm1/$n-Q3_G128-fqkv-norm1; do
+      case $t in */*) f=$W/$t.gguf name=${t#*/}.gguf;; *) f=$W/$n-$t.gguf name=$n-$t.gguf;; esac
       [ -f "$f" ] || continue
-      GGML_Q3G_MMVQ_F32Y=$env "$B/llama-batched-bench" -m "$f" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
+      GGML_Q3G_MMVQ_F32Y=$(case $t in f32y0/*) echo 0;; *) echo 1;; esac) GGML_Q3G_F32Y_NORM=$(case $t in norm1/*) echo 1;; *) echo 0;; esac) \
+      "$B/llama-batched-bench" -m "$f" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
         --output-format jsonl 2>>"$O/batched-bench-shapes.log" | grep '^{"n_kv_max' \
         | sed "s|^{|{\"file\": \"$name\", |" >>"$O/batched-bench-shapes.jsonl"
     done
