@@ -1,10 +1,12 @@
 // Standalone Q3_G128 x Q8_1 mat-vec microbenchmark (issue 11): the current ggml kernel (patch 0005) against
 // bandwidth-oriented candidates, an F16 mat-vec, a pure-read kernel and a D2D copy, at Qwen3-4B decoder
-// shapes, batch 1/2/4/8. Each variant is checked against a host reference before timing.
+// shapes (--qwen15: Qwen2.5-Coder-1.5B's, K = 1536), batch 1/2/4/8. Each variant is checked against a host reference
+// before timing.
 //   GPU:  nvcc -O3 -std=c++17 -arch=native scripts/cuda_q3g_mmvq_bench.cu -o /tmp/q3gb && /tmp/q3gb [--quick]
 //   host: g++ -O2 -std=c++17 -x c++ scripts/cuda_q3g_mmvq_bench.cu -o /tmp/q3gb_cpu && /tmp/q3gb_cpu --cpu-selftest DIR
 //   no GPU: the nvcc binary's --q4-host-emu runs the batch-1 "q4*" kernels' logic on the CPU against the reference
-// Batch-1-only candidates "q4_ldg", "q4_ldg_auto", "q4_cpa_auto", "q4il_auto_repack" (section (e)): one thread per
+// Batch-1-only candidates "q4_ldg", "q4_ldg_auto", "q4_cpa_auto", "q4il_auto_repack" (section (e); they need K/128 a
+// multiple of 4, so at --qwen15 their down matrix, K = 8960, fails the check and is not a result): one thread per
 // 4 weight blocks (208 B = 13 x 16-B loads), one wave of small CTAs; the last one uses a repacked weight layout.
 // Output: one JSON line per (variant, shape, batch), then one "model" line per (variant, batch).
 #include <algorithm>
@@ -747,11 +749,18 @@ __global__ void k_fill_f16(half * x, size_t n, uint32_t seed) {
 
 // ==================================== host driver ====================================
 struct Shape { const char * name; int K, N, per_layer; };
-static const Shape SHAPES[] = {
+static const Shape SHAPES_4B[6] = {
     {"q", 2560, 4096, 1}, {"k_v", 2560, 1024, 2}, {"o", 4096, 2560, 1},
     {"gate_up", 2560, 9728, 2}, {"down", 9728, 2560, 1}, {"output", 2560, 49152, 0},
 };
-static const int NLAYER = 36;
+// --qwen15: Qwen2.5-Coder-1.5B's linears (K = 1536: 12 blocks a row; its output matrix is Q6_K in the deployed files)
+static const Shape SHAPES_QWEN15[6] = {
+    {"q", 1536, 1536, 1}, {"k_v", 1536, 256, 2}, {"o", 1536, 1536, 1},
+    {"gate_up", 1536, 8960, 2}, {"down", 8960, 1536, 1}, {"output", 1536, 151936, 0},
+};
+static const Shape * SHAPES = SHAPES_4B;
+static int NLAYER = 36;
+static const char * MODEL = "qwen3-4b-shape";
 static int g_nsm = 0, g_iters = 200, g_reps = 5;
 static size_t g_pool_bytes = (size_t) 1 << 30;
 
@@ -844,7 +853,8 @@ static int q4_host_emu() {
     std::mt19937 rng(5);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     int nfail = 0;
-    for (const Shape & sh : SHAPES) {
+    for (int si = 0; si < 6; ++si) {
+        const Shape & sh = SHAPES[si];
         const int K = sh.K, N = sh.N, nkb = K / QK, Q = nkb / 4;
         std::vector<uint32_t> wmat((size_t) N * nkb * 13);
         for (size_t b = 0; b < (size_t) N * nkb; ++b) {
@@ -972,7 +982,8 @@ int main(int argc, char ** argv) {
         else if (!strcmp(argv[i], "--quick")) { quick = true; g_iters = 50; g_reps = 3; }
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
         else if (!strcmp(argv[i], "--iters") && i + 1 < argc) g_iters = atoi(argv[++i]);
-        else { fprintf(stderr, "usage: %s [--quick] [--iters N] [--only variant] | --cpu-selftest [DIR] | --q4-host-emu\n", argv[0]); return 2; }
+        else if (!strcmp(argv[i], "--qwen15")) { SHAPES = SHAPES_QWEN15; NLAYER = 28; MODEL = "qwen2.5-1.5b-shape"; }
+        else { fprintf(stderr, "usage: %s [--quick] [--qwen15] [--iters N] [--only variant] | --cpu-selftest [DIR] | --q4-host-emu\n", argv[0]); return 2; }
     }
     g_log = stderr;
     if (cpu_selftest(nullptr) != 0) return 1;
@@ -1103,8 +1114,8 @@ int main(int argc, char ** argv) {
         f16_us = tot[f16i];
         for (int vi = 0; vi < nv; ++vi) {
             if (tot[vi] < 0) continue;
-            printf("{\"model\":\"qwen3-4b-shape\",\"variant\":\"%s\",\"batch\":%d,\"matvec_us_per_step\":%.1f,\"x_f16\":%.3f}\n",
-                   VARIANTS[vi].name, BATCHES[bi], tot[vi], f16_us > 0 ? f16_us / tot[vi] : 0.0);
+            printf("{\"model\":\"%s\",\"variant\":\"%s\",\"batch\":%d,\"matvec_us_per_step\":%.1f,\"x_f16\":%.3f}\n",
+                   MODEL, VARIANTS[vi].name, BATCHES[bi], tot[vi], f16_us > 0 ? f16_us / tot[vi] : 0.0);
         }
     }
     printf("{\"checks_failed\":%d}\n", nfail);
