@@ -295,12 +295,12 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
     return worst;
 }
 // one launch of the kernel over a grid (batch 1, one channel and sample), the emulation's way
-template <ggml_type type, int R, bool F32Y, int FZ>
+template <ggml_type type, int R, bool F32Y, int FZ, int L = 32>
 static void launch1(const void * x, const float * yf, float * dst, int K, int nrows, int stride_row_x, int gridx,
                     const q3g_fusion_args & fz) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
     emulate(gridx, 1, 1, q3g_wrow_smem_bytes<G, F32Y>(1, K/G), 0xEF, [&] {
-        mul_mat_vec_q3g_wrow<type, 1, R, F32Y, FZ>(x, yf, dst, K, nrows, stride_row_x, 0, 0, {1, 0, 0}, 0, 0, 0, {1, 0, 0}, 0, 0, 0, fz);
+        mul_mat_vec_q3g_wrow<type, 1, R, F32Y, FZ, L>(x, yf, dst, K, nrows, stride_row_x, 0, 0, {1, 0, 0}, 0, 0, 0, {1, 0, 0}, 0, 0, 0, fz);
     });
 }
 // the fused batch-1 calls (FZ 1: + x_bias; FZ 2: gate matrix, gate bias, GLU) against the epilogue applied to two
@@ -402,6 +402,52 @@ static double run_norm(std::mt19937 & rng, int K, int nrows, int gridx, float xs
     printf("  norm K=%d: max |diff| / sum|w y| = %.2e (bound 1e-3)\n", K, worst);
     return worst < 1e-3 ? 0.0 : 1.0;
 }
+// 16 lanes a row (two rows a warp, rows of < 16 weight blocks) against 32: the same sums in the same lane order, so
+// bit for bit, plain, + bias, gate + GLU and with the deferred norm; odd row counts (a lane group past the last
+// row) and grids smaller than the row groups. Returns 0 (pass) or 1.
+template <ggml_type type, typename block_t>
+static double run_lpr(std::mt19937 & rng, int K, int nrows, int gridx, bool norm) {
+    constexpr int G = ggml_cuda_type_traits<type>::qk;
+    const int nkb = K/G, stride_row_x = nkb + 3;
+    std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
+    std::uniform_real_distribution<float> u(-1, 1);
+    auto blocks = [&] {
+        std::vector<block_t> v((size_t) stride_row_x*nrows);
+        for (auto & b : v) {
+            uint8_t * p = (uint8_t *) &b; for (size_t i = 0; i < sizeof b; ++i) p[i] = (uint8_t) byte(rng);
+            b.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); b.m.b = f2h(0.2f*u(rng));
+            if constexpr (q3g_wrow_type<type>::P) { for (int s = 0; s < 2; ++s) { const int i = slot(rng); b.pi[s] = (uint8_t) (i < G ? i : 255); b.pv[s].b = f2h(2.0f*u(rng)); }
+                                                    if (b.pi[0] == b.pi[1]) b.pi[1] = 255; }
+        }
+        return v;
+    };
+    std::vector<block_t> xu = blocks(), xg = blocks();
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float4> y4(K/4 + 1), w4(K/4 + 1);
+    for (int k = 0; k < K; ++k) { ((float *) y4.data())[k] = 3.0f*nd(rng); ((float *) w4.data())[k] = 0.5f + std::fabs(u(rng)); }
+    std::vector<float> xb(nrows), gb(nrows);
+    for (int i = 0; i < nrows; ++i) { xb[i] = u(rng); gb[i] = u(rng); }
+    const float * y = (const float *) y4.data();
+    for (int fz_kind = 0; fz_kind < 3; ++fz_kind) {
+        q3g_fusion_args fz;
+        if (norm) { fz.norm_w = (const float *) w4.data(); fz.norm_eps = 1e-5f; }
+        if (fz_kind >= 1) { fz.x_bias = xb.data(); }
+        if (fz_kind == 2) { fz.gate = xg.data(); fz.gate_bias = gb.data(); fz.glu_op = GGML_GLU_OP_SWIGLU; }
+        std::vector<float> a(nrows + 4, -12345.0f), b(nrows + 4, -12345.0f);
+        if (fz_kind == 0) { launch1<type, 1, true, 0>(xu.data(), y, a.data(), K, nrows, stride_row_x, gridx, fz);
+                            launch1<type, 1, true, 0, 16>(xu.data(), y, b.data(), K, nrows, stride_row_x, gridx, fz); }
+        if (fz_kind == 1) { launch1<type, 1, true, 1>(xu.data(), y, a.data(), K, nrows, stride_row_x, gridx, fz);
+                            launch1<type, 1, true, 1, 16>(xu.data(), y, b.data(), K, nrows, stride_row_x, gridx, fz); }
+        if (fz_kind == 2) { launch1<type, 2, true, 2>(xu.data(), y, a.data(), K, nrows, stride_row_x, gridx, fz);
+                            launch1<type, 2, true, 2, 16>(xu.data(), y, b.data(), K, nrows, stride_row_x, gridx, fz); }
+        for (int i = 0; i < nrows; ++i) if (a[i] == -12345.0f) { fprintf(stderr, "lpr32 row %d unwritten\n", i); return 1.0; }
+        if (memcmp(a.data(), b.data(), a.size()*sizeof(float)) != 0) {
+            for (int i = 0; i < nrows + 4; ++i) if (a[i] != b[i]) { fprintf(stderr, "16 lanes a row, fz %d, row %d: %.9g vs %.9g\n", fz_kind, i, b[i], a[i]); break; }
+            return 1.0;
+        }
+    }
+    return 0.0;
+}
 int main() {
     std::mt19937 rng(5);
     double worst = 0;
@@ -436,6 +482,12 @@ int main() {
     rep("F32Y norm  G128P K=2560 rows 9 grid 3",    run_norm<GGML_TYPE_Q3_G128P, block_q3_g128p>(rng, 2560, 9, 3, 1.0f));
     rep("F32Y norm fused swiglu G128 K=2560 rows 37", run_fused<GGML_TYPE_Q3_G128, block_q3_g128>(rng, 2560, 37, 2, 2, GGML_GLU_OP_SWIGLU, true));
     rep("F32Y norm fused bias   G64P K=1152 rows 19", run_fused<GGML_TYPE_Q3_G64P, block_q3_g64p>(rng, 1152, 19, 1, 1, GGML_GLU_OP_SWIGLU, true));
+    // 16 lanes a row (< 16 weight blocks: qwen2.5-1.5B's K = 1536) against 32, bit for bit (0 = pass, 1 = fail)
+    rep("F32Y 16 lanes/row G128  K=1536 rows 37 grid 1", run_lpr<GGML_TYPE_Q3_G128,  block_q3_g128>(rng, 1536, 37, 1, false));
+    rep("F32Y 16 lanes/row G128  K=1536 rows 21 grid 2 norm", run_lpr<GGML_TYPE_Q3_G128, block_q3_g128>(rng, 1536, 21, 2, true));
+    rep("F32Y 16 lanes/row G64   K=640  rows 17 grid 3", run_lpr<GGML_TYPE_Q3_G64,   block_q3_g64>(rng, 640, 17, 3, false));
+    rep("F32Y 16 lanes/row G128P K=1024 rows 9 grid 1",  run_lpr<GGML_TYPE_Q3_G128P, block_q3_g128p>(rng, 1024, 9, 1, false));
+    rep("F32Y 16 lanes/row G64P  K=896  rows 33 grid 2 norm", run_lpr<GGML_TYPE_Q3_G64P, block_q3_g64p>(rng, 896, 33, 2, true));
     printf("worst %.3e -> %s\n", worst, worst < 1e-5 ? "PASS" : "FAIL");
     return worst < 1e-5 ? 0 : 1;
 }

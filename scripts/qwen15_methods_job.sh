@@ -127,11 +127,16 @@ speed() {
   S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/rtn-g128-fqkv.gguf $HOME/gg/laq-g64.gguf $HOME/gg/kd-gptq-q3k.gguf $HOME/gg/kd-gptq-q3km.gguf"
   $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
     >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
-  # our type again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec), under -f32y0 names
-  mkdir -p ~/gg/f32y0
-  for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/f32y0/$f-f32y0.gguf; done
-  GGML_Q3G_MMVQ_F32Y=0 $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in ~/gg/f32y0/*.gguf; do echo -m $f; done) \
-    >~/results/llama-bench-$MODEL-f32y0.json 2>~/logs/llama-bench-f32y0.log; log "llama-bench F32Y=0 rc=$?"
+  # our type again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec), with F32Y on every
+  # matrix (GGML_Q3G_F32Y_MIN_K=1: qwen15's K = 1536 rows take 16 lanes each) and with that and the RMS norms left to
+  # it (GGML_Q3G_F32Y_NORM=1), under -f32y0 / -mink1 / -mink1norm1 names
+  for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 mink1:GGML_Q3G_F32Y_MIN_K=1 mink1norm1:GGML_Q3G_F32Y_MIN_K=1,GGML_Q3G_F32Y_NORM=1; do
+    local sfx=${v%%:*} envs=${v#*:}
+    mkdir -p ~/gg/$sfx
+    for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/$sfx/$f-$sfx.gguf; done
+    env ${envs//,/ } $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in ~/gg/$sfx/*.gguf; do echo -m $f; done) \
+      >~/results/llama-bench-$MODEL-$sfx.json 2>~/logs/llama-bench-$sfx.log; log "llama-bench ${envs//,/ } rc=$?"
+  done
   for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf ~/gg/rtn-g128-fqkv.gguf w0:$HOME/gg/rtn-g128.gguf \
            ~/gg/f32y0/rtn-g128-f32y0.gguf ~/gg/f32y0/rtn-g128-fqkv-f32y0.gguf; do
     w=1; case $f in w0:*) w=0 f=${f#w0:};; esac
