@@ -44,13 +44,13 @@ for f in "${FILES[@]}"; do
         # everything but ptxas' per-kernel info lines (so: warnings, errors, spills)
         grep -v -e '^$' -e '^ptxas info' -e '^ *[0-9]* bytes stack frame, 0 bytes spill stores, 0 bytes spill loads$' \
             "$OUT/$b.sm$arch.log" | head -40 || true
-        # per kernel of ours at batch 1..8 (mul_mat_vec_q3g_wrow<type, ncols_dst, R, F32Y, FZ>): registers and stack frame
-        awk '/Compiling entry function/ { want = ($0 ~ /q3g_wrow/); if (want) { match($0, /ggml_type[0-9]+ELi[0-9]+ELi[0-9]+ELb[01]ELi[0-9]+/); k = substr($0, RSTART, RLENGTH) } }
+        # per kernel of ours at batch 1..8 (mul_mat_vec_q3g_wrow<type, ncols_dst, R, F32Y, FZ, LPR>): registers and stack frame
+        awk '/Compiling entry function/ { want = ($0 ~ /q3g_wrow/); if (want) { match($0, /ggml_type[0-9]+ELi[0-9]+ELi[0-9]+ELb[01]ELi[0-9]+ELi[0-9]+/); k = substr($0, RSTART, RLENGTH) } }
              want && /bytes stack frame/ { st = $1 }
              want && /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); print k, "regs", substr($0, RSTART + 5, RLENGTH - 5), "stack", st }' \
             "$OUT/$b.sm$arch.log" > "$OUT/$b.sm$arch.q3g_wrow.txt"
         if [ -s "$OUT/$b.sm$arch.q3g_wrow.txt" ]; then
-            echo "     q3g_wrow kernels: $(wc -l < "$OUT/$b.sm$arch.q3g_wrow.txt"), max regs $(awk '{print $3}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1), max stack frame $(awk '{print $5}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1) B (ggml_type96..99 = Q3_G128, G64, G128P, G64P; ELi<ncols_dst>ELi<R>ELb<F32Y>ELi<FZ>): $OUT/$b.sm$arch.q3g_wrow.txt"
+            echo "     q3g_wrow kernels: $(wc -l < "$OUT/$b.sm$arch.q3g_wrow.txt"), max regs $(awk '{print $3}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1), max stack frame $(awk '{print $5}' "$OUT/$b.sm$arch.q3g_wrow.txt" | sort -n | tail -1) B (ggml_type96..99 = Q3_G128, G64, G128P, G64P; ELi<ncols_dst>ELi<R>ELb<F32Y>ELi<FZ>ELi<LPR>): $OUT/$b.sm$arch.q3g_wrow.txt"
         fi
     done
 done
