@@ -303,6 +303,23 @@ static void launch1(const void * x, const float * yf, float * dst, int K, int nr
         mul_mat_vec_q3g_wrow<type, 1, R, F32Y, FZ, L>(x, yf, dst, K, nrows, stride_row_x, 0, 0, {1, 0, 0}, 0, 0, 0, {1, 0, 0}, 0, 0, 0, fz);
     });
 }
+// n weight blocks of random bytes with sane d and m; P types get two distinct slots (or 255: unused)
+template <ggml_type type, typename block_t>
+static std::vector<block_t> random_blocks(std::mt19937 & rng, size_t n) {
+    constexpr int G = ggml_cuda_type_traits<type>::qk;
+    std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
+    std::uniform_real_distribution<float> u(-1, 1);
+    std::vector<block_t> v(n);
+    for (auto & b : v) {
+        uint8_t * p = (uint8_t *) &b; for (size_t i = 0; i < sizeof b; ++i) p[i] = (uint8_t) byte(rng);
+        b.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); b.m.b = f2h(0.2f*u(rng));
+        if constexpr (q3g_wrow_type<type>::P) {
+            for (int s = 0; s < 2; ++s) { const int i = slot(rng); b.pi[s] = (uint8_t) (i < G ? i : 255); b.pv[s].b = f2h(2.0f*u(rng)); }
+            if (b.pi[0] == b.pi[1]) b.pi[1] = 255;
+        }
+    }
+    return v;
+}
 // the fused batch-1 calls (FZ 1: + x_bias; FZ 2: gate matrix, gate bias, GLU) against the epilogue applied to two
 // plain F32Y mat-vecs (up rows, gate rows) of the same kernel: bit for bit
 // norm: src1 is a deferred rms_norm(x)*w (every launch stages it from x)
@@ -310,20 +327,9 @@ template <ggml_type type, typename block_t>
 static double run_fused(std::mt19937 & rng, int K, int nrows, int gridx, int fz_kind, ggml_glu_op op, bool norm = false) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
     const int nkb = K/G, stride_row_x = nkb + 2;
-    std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
     std::uniform_real_distribution<float> u(-1, 1);
-    auto blocks = [&] {
-        std::vector<block_t> v((size_t) stride_row_x*nrows);
-        for (auto & b : v) {
-            uint8_t * p = (uint8_t *) &b; for (size_t i = 0; i < sizeof b; ++i) p[i] = (uint8_t) byte(rng);
-            b.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); b.m.b = f2h(0.2f*u(rng));
-            if constexpr (q3g_wrow_type<type>::P) for (int s = 0; s < 2; ++s) {
-                const int i = slot(rng); b.pi[s] = (uint8_t) (i < G ? i : 255); b.pv[s].b = f2h(2.0f*u(rng)); }
-        }
-        return v;
-    };
-    std::vector<block_t> xu = blocks(), xg = blocks();
-    if constexpr (q3g_wrow_type<type>::P) for (auto * v : {&xu, &xg}) for (auto & b : *v) if (b.pi[0] == b.pi[1]) b.pi[1] = 255;
+    std::vector<block_t> xu = random_blocks<type, block_t>(rng, (size_t) stride_row_x*nrows);
+    std::vector<block_t> xg = random_blocks<type, block_t>(rng, (size_t) stride_row_x*nrows);
     std::vector<float4> y4(K/4 + 1);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     for (int k = 0; k < K; ++k) ((float *) y4.data())[k] = nd(rng);
@@ -364,15 +370,8 @@ template <ggml_type type, typename block_t>
 static double run_norm(std::mt19937 & rng, int K, int nrows, int gridx, float xscale) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
     const int nkb = K/G, stride_row_x = nkb + 1;
-    std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
     std::uniform_real_distribution<float> u(-1, 1);
-    std::vector<block_t> xw((size_t) stride_row_x*nrows);
-    for (auto & b : xw) {
-        uint8_t * p = (uint8_t *) &b; for (size_t i = 0; i < sizeof b; ++i) p[i] = (uint8_t) byte(rng);
-        b.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); b.m.b = f2h(0.2f*u(rng));
-        if constexpr (q3g_wrow_type<type>::P) { for (int s = 0; s < 2; ++s) { const int i = slot(rng); b.pi[s] = (uint8_t) (i < G ? i : 255); b.pv[s].b = f2h(2.0f*u(rng)); }
-                                                if (b.pi[0] == b.pi[1]) b.pi[1] = 255; }
-    }
+    std::vector<block_t> xw = random_blocks<type, block_t>(rng, (size_t) stride_row_x*nrows);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     std::vector<float4> x4(K/4 + 1), w4(K/4 + 1), y4(K/4 + 1);
     float * x = (float *) x4.data(), * w = (float *) w4.data(), * y = (float *) y4.data();
@@ -409,19 +408,9 @@ template <ggml_type type, typename block_t>
 static double run_lpr(std::mt19937 & rng, int K, int nrows, int gridx, bool norm) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
     const int nkb = K/G, stride_row_x = nkb + 3;
-    std::uniform_int_distribution<int> byte(0, 255), slot(0, 300);
     std::uniform_real_distribution<float> u(-1, 1);
-    auto blocks = [&] {
-        std::vector<block_t> v((size_t) stride_row_x*nrows);
-        for (auto & b : v) {
-            uint8_t * p = (uint8_t *) &b; for (size_t i = 0; i < sizeof b; ++i) p[i] = (uint8_t) byte(rng);
-            b.d.b = f2h(0.01f + 0.05f*std::fabs(u(rng))); b.m.b = f2h(0.2f*u(rng));
-            if constexpr (q3g_wrow_type<type>::P) { for (int s = 0; s < 2; ++s) { const int i = slot(rng); b.pi[s] = (uint8_t) (i < G ? i : 255); b.pv[s].b = f2h(2.0f*u(rng)); }
-                                                    if (b.pi[0] == b.pi[1]) b.pi[1] = 255; }
-        }
-        return v;
-    };
-    std::vector<block_t> xu = blocks(), xg = blocks();
+    std::vector<block_t> xu = random_blocks<type, block_t>(rng, (size_t) stride_row_x*nrows);
+    std::vector<block_t> xg = random_blocks<type, block_t>(rng, (size_t) stride_row_x*nrows);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     std::vector<float4> y4(K/4 + 1), w4(K/4 + 1);
     for (int k = 0; k < K; ++k) { ((float *) y4.data())[k] = 3.0f*nd(rng); ((float *) w4.data())[k] = 0.5f + std::fabs(u(rng)); }
