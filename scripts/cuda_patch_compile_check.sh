@@ -364,8 +364,9 @@ static double run_fused(std::mt19937 & rng, int K, int nrows, int gridx, int fz_
 }
 // the deferred RMS norm (norm_w): the kernel on x against the plain F32Y kernel on y = rms_norm(x)*w computed as
 // rms_norm_f32 does; they differ only by the plain path's fp16 Q8_1 scales and sums (2^-11 relative a block) and rare
-// q rounding ties, so |diff| / sum_j max|w_i.| |y_j| (max over the weight block) must stay under 1e-3. eps = 2 against mean(x^2) ~ 5 (x1) .. 130 (x5): a dropped
-// eps or scale, or an unscaled sum, is far outside it. Returns 0 (pass) or 1.
+// q rounding ties, so |diff| / sum_j max|w_i.| |y_j| (max over the weight block) must stay under 1e-3. eps = 2
+// against mean(x^2) ~ 5 (x1) .. 130 (x5): a dropped eps or scale, or an unscaled sum, is far outside it. Returns 0
+// (pass) or 1.
 template <ggml_type type, typename block_t>
 static double run_norm(std::mt19937 & rng, int K, int nrows, int gridx, float xscale) {
     constexpr int G = ggml_cuda_type_traits<type>::qk;
