@@ -14,10 +14,25 @@
 #                               rows *-f32y0.gguf), and with the RMS norms left to it, GGML_Q3G_F32Y_NORM=1
 #                               (OUT/llama-bench-*-norm1.json); where ncu exists, each kernel's time over ~one token of a
 #                               4B and an 8B decode (OUT/ncu-*.csv, read by scripts/ncu_breakdown.py)
+#   ncu BIN FILE.gguf OUT.csv   that per-kernel profile of one file, under the caller's environment (the methods job's
+#                               qwen15 rows)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
 # NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
 if [ -n "${SHAPES:-}" ]; then SHAPES=("$SHAPES"); else SHAPES=("4b 2560 9728 36 32 8" "8b 4096 12288 36 32 8"); fi
+# the environment of a variant of our files: f32y0 (no float-activation path at batch 1), norm1 (the RMS norms left
+# to it), "" (the default)
+variant_env() {
+  case $1 in f32y0) echo GGML_Q3G_MMVQ_F32Y=0;; norm1) echo GGML_Q3G_F32Y_NORM=1;; *) echo GGML_Q3G_MMVQ_F32Y=1;; esac
+}
+# where a decode step's time goes, per kernel (Nsight Compute: the H200 machines have ncu, not nsys): 700 launches (a
+# bit over one token: ~19 kernels x 36 layers) after the first 900, each kernel timed alone (ncu serializes them),
+# caches and clocks as they are; seconds a file. ncu_profile BIN FILE.gguf OUT.csv
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+ncu_profile() {
+  timeout 200 "$NCU" --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+    --launch-skip 900 --launch-count 700 --csv "$1/llama-bench" -m "$2" -p 0 -n 6 -r 1 -ngl 99 >"$3" 2>>"$(dirname "$3")/ncu.log"
+}
 case ${1:-} in
 make)
   SRC=$2 W=$3 B=$4
@@ -58,8 +73,8 @@ bench)
     # our files again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec, as before F32Y became
     # the default) and with GGML_Q3G_F32Y_NORM=1 (the RMS norms left to the F32Y mat-vecs), linked under -f32y0 /
     # -norm1 names in folders of their own so that their rows stay apart
-    for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 norm1:GGML_Q3G_F32Y_NORM=1; do
-      s=${v%%:*} e=${v#*:}
+    for s in f32y0 norm1; do
+      e=$(variant_env $s)
       mkdir -p "$W/$s"
       for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/$s/$n-$t-$s.gguf"; done
       # shellcheck disable=SC2046
@@ -71,28 +86,25 @@ bench)
              norm1/$n-Q3_G128-fqkv-norm1; do
       case $t in */*) f=$W/$t.gguf name=${t#*/}.gguf;; *) f=$W/$n-$t.gguf name=$n-$t.gguf;; esac
       [ -f "$f" ] || continue
-      GGML_Q3G_MMVQ_F32Y=$(case $t in f32y0/*) echo 0;; *) echo 1;; esac) GGML_Q3G_F32Y_NORM=$(case $t in norm1/*) echo 1;; *) echo 0;; esac) \
-      "$B/llama-batched-bench" -m "$f" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
+      env $(variant_env "${t%/*}") "$B/llama-batched-bench" -m "$f" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
         --output-format jsonl 2>>"$O/batched-bench-shapes.log" | grep '^{"n_kv_max' \
         | sed "s|^{|{\"file\": \"$name\", |" >>"$O/batched-bench-shapes.jsonl"
     done
   done
-  # where a decode step's time goes, per kernel, where the machine has Nsight Compute (the H200 machines have ncu, not
-  # nsys): 700 launches (a bit over one token: ~19 kernels x 36 layers) after the first 900, each kernel timed alone
-  # (ncu serializes them), caches and clocks as they are; seconds a file
-  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  # per kernel (ncu_profile), where the machine has ncu
   if [ -n "$NCU" ]; then
     for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm1 4b-Q3_G128-fqkv: 4b-Q3_G128-fqkv:norm1 8b-Q4_0: 8b-Q3_G128: 8b-Q3_G128:norm1; do
       t=${v%:*} s=${v#*:}; [ -f "$W/$t.gguf" ] || continue
-      GGML_Q3G_MMVQ_F32Y=$([ "$s" = f32y0 ] && echo 0 || echo 1) GGML_Q3G_F32Y_NORM=$([ "$s" = norm1 ] && echo 1 || echo 0) \
-      timeout 200 "$NCU" --metrics gpu__time_duration.sum --cache-control none --clock-control none \
-        --launch-skip 900 --launch-count 700 --csv "$B/llama-bench" -m "$W/$t.gguf" -p 0 -n 6 -r 1 -ngl 99 \
-        >"$O/ncu-$t${s:+-$s}.csv" 2>>"$O/ncu.log"
+      (export $(variant_env "$s"); ncu_profile "$B" "$W/$t.gguf" "$O/ncu-$t${s:+-$s}.csv")
       echo "ncu $t ${s:-default} rc=$?"
     done
   else
     echo "no ncu on this machine: no per-kernel profile"
   fi
   ;;
-*) echo "usage: $0 make SRC.gguf DIR BIN | bench DIR BIN OUT"; exit 2 ;;
+ncu)
+  [ -n "$NCU" ] || { echo "no ncu on this machine: no per-kernel profile"; exit 0; }
+  ncu_profile "$2" "$3" "$4"
+  ;;
+*) echo "usage: $0 make SRC.gguf DIR BIN | bench DIR BIN OUT | ncu BIN FILE.gguf OUT.csv"; exit 2 ;;
 esac

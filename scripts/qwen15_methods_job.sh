@@ -146,21 +146,17 @@ speed() {
       >>~/results/batched-bench-$MODEL.jsonl
   done
   log "batched-bench done"
-  # per kernel (ncu, where the machine has it; scripts/ncu_breakdown.py reads the CSVs): the RTN file as deployed
-  # (F32Y for K >= 2048, i.e. only the down matrix at qwen15's 1536), with F32Y on every matrix (MIN_K=1), that and
-  # the RMS norms left to it (GGML_Q3G_F32Y_NORM=1), and off; stock Q4_0 beside it (ours decoded 10 % slower there
-  # in run 16, 610 against 674 tok/s)
-  local NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  if [ -n "$NCU" ]; then
-    for v in rtn-g128-default:1:2048:0 rtn-g128-f32y0:0:2048:0 rtn-g128-mink1:1:1:0 rtn-g128-mink1norm1:1:1:1 Q4_0:1:2048:0; do
-      IFS=: read -r t e k nm <<<"$v"
-      local f=~/gg/rtn-g128.gguf; [ $t = Q4_0 ] && f=$G-Q4_0.gguf
-      GGML_Q3G_MMVQ_F32Y=$e GGML_Q3G_F32Y_MIN_K=$k GGML_Q3G_F32Y_NORM=$nm timeout 200 $SPEED_CPUS "$NCU" --metrics gpu__time_duration.sum \
-        --cache-control none --clock-control none --launch-skip 900 --launch-count 700 --csv \
-        $B/llama-bench -m $f -p 0 -n 6 -r 1 -ngl 99 >~/results/ncu-$MODEL-$t.csv 2>>~/logs/ncu.log
-      log "ncu $t rc=$?"
-    done
-  fi
+  # per kernel (scripts/device_shapes.sh ncu, where the machine has ncu; scripts/ncu_breakdown.py reads the CSVs): the
+  # RTN file as deployed (F32Y for K >= 2048, i.e. only the down matrix at qwen15's 1536), with F32Y on every matrix
+  # (MIN_K=1), that and the RMS norms left to it (GGML_Q3G_F32Y_NORM=1), and off; stock Q4_0 beside it (ours decoded
+  # 10 % slower there in run 16, 610 against 674 tok/s)
+  for v in rtn-g128-default:1:2048:0 rtn-g128-f32y0:0:2048:0 rtn-g128-mink1:1:1:0 rtn-g128-mink1norm1:1:1:1 Q4_0:1:2048:0; do
+    IFS=: read -r t e k nm <<<"$v"
+    local f=~/gg/rtn-g128.gguf; [ $t = Q4_0 ] && f=$G-Q4_0.gguf
+    GGML_Q3G_MMVQ_F32Y=$e GGML_Q3G_F32Y_MIN_K=$k GGML_Q3G_F32Y_NORM=$nm $SPEED_CPUS bash scripts/device_shapes.sh ncu $B $f \
+      ~/results/ncu-$MODEL-$t.csv >>~/logs/ncu.log 2>&1
+    log "ncu $t rc=$?"
+  done
   # the F32Y path end to end (qwen2's q/k/v fused with their bias, gate/up with the GLU, the rest plain): the RTN file's
   # news KLD against compare_gguf's F16 log-probs, with it on every matrix (MIN_K=1, the RMS norms left to it) and
   # without it. -ub 1: one token a ubatch, so every mat-mul is a batch-1 mat-vec (run 16's check used -b 512
