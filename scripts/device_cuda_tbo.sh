@@ -18,13 +18,11 @@ B=$(ls -d "$C"/llama/build-*-cuda-*/bin 2>/dev/null | head -1)
 [ -x "$B/test-backend-ops" ] || { echo "no CUDA build with test-backend-ops under $C/llama" >>"$O/tbo.log"; exit 1; }
 T=$B/test-backend-ops
 # MUL_MAT and the fused mat-vec calls (bias, gate/up + GLU: MUL_MAT_VEC_FUSION) with batch 1's float-activation
-# path (the default: our mat-vec quantizes the activations itself; GGML_Q3G_F32Y_MIN_K=1 so that the tests' small K
-# take it too) and without it (GGML_Q3G_MMVQ_F32Y=0)
-# Q3G_RMS_NORM_MUL_MAT with GGML_Q3G_F32Y_NORM=1 (all runs): the RMS norm left to the F32Y mat-vecs (without F32Y the
-# norm is launched as before)
+# path (the default: our mat-vec quantizes the activations itself, at every K) and without it (GGML_Q3G_MMVQ_F32Y=0);
+# Q3G_RMS_NORM_MUL_MAT: the RMS norm left to the F32Y mat-vecs (the default; without F32Y the norm is launched)
 for op in MUL_MAT GET_ROWS MUL_MAT_VEC_FUSION Q3G_RMS_NORM_MUL_MAT MUL_MAT:f32y0 MUL_MAT_VEC_FUSION:f32y0 Q3G_RMS_NORM_MUL_MAT:f32y0; do
   f=${op#*:}; op=${op%%:*}; log=$O/tbo-test-$op$([ "$f" = f32y0 ] && echo -f32y0).log
-  GGML_Q3G_MMVQ_F32Y=$([ "$f" = f32y0 ] && echo 0 || echo 1) GGML_Q3G_F32Y_MIN_K=1 GGML_Q3G_F32Y_NORM=1 "$T" test -o $op -b CUDA0 -p q3_g >"$log" 2>&1; rc=$?
+  GGML_Q3G_MMVQ_F32Y=$([ "$f" = f32y0 ] && echo 0 || echo 1) "$T" test -o $op -b CUDA0 -p q3_g >"$log" 2>&1; rc=$?
   plain=$(sed 's/\x1b\[[0-9;]*m//g' "$log")  # the counts ignore colour codes
   echo "test $op$([ "$f" = f32y0 ] && echo " F32Y=0") rc=$rc $(grep -c '): OK' <<<"$plain") OK $(grep -c '): FAIL' <<<"$plain") FAIL" >>"$O/tbo.log"
 done

@@ -11,8 +11,9 @@
 #                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours (fused too):
 #                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again without batch
 #                               1's float-activation path, GGML_Q3G_MMVQ_F32Y=0 (OUT/llama-bench-*-f32y0.json, batched
-#                               rows *-f32y0.gguf), and with the RMS norms left to it, GGML_Q3G_F32Y_NORM=1
-#                               (OUT/llama-bench-*-norm1.json); where ncu exists, each kernel's time over ~one token of a
+#                               rows *-f32y0.gguf), with the RMS norms launched rather than left to it,
+#                               GGML_Q3G_F32Y_NORM=0 (OUT/llama-bench-*-norm0.json), and without the L2 prefetch of
+#                               the first weight rows, GGML_Q3G_PREFETCH=0 (-pf0); where ncu exists, each kernel's time over ~one token of a
 #                               4B and an 8B decode (OUT/ncu-*.csv, read by scripts/ncu_breakdown.py)
 #   ncu BIN FILE.gguf OUT.csv   that per-kernel profile of one file, under the caller's environment (the methods job's
 #                               qwen15 rows)
@@ -20,10 +21,10 @@
 set -u
 # NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
 if [ -n "${SHAPES:-}" ]; then SHAPES=("$SHAPES"); else SHAPES=("4b 2560 9728 36 32 8" "8b 4096 12288 36 32 8"); fi
-# the environment of a variant of our files: f32y0 (no float-activation path at batch 1), norm1 (the RMS norms left
-# to it), "" (the default)
+# the environment of a variant of our files: f32y0 (no float-activation path at batch 1), norm0 (the RMS norms
+# launched, not left to it), pf0 (no L2 prefetch of the first weight rows), "" (the defaults)
 variant_env() {
-  case $1 in f32y0) echo GGML_Q3G_MMVQ_F32Y=0;; norm1) echo GGML_Q3G_F32Y_NORM=1;; *) echo GGML_Q3G_MMVQ_F32Y=1;; esac
+  case $1 in f32y0) echo GGML_Q3G_MMVQ_F32Y=0;; norm0) echo GGML_Q3G_F32Y_NORM=0;; pf0) echo GGML_Q3G_PREFETCH=0;; *) echo GGML_Q3G_MMVQ_F32Y=1;; esac
 }
 # where a decode step's time goes, per kernel (Nsight Compute: the H200 machines have ncu, not nsys): 700 launches (a
 # bit over one token: ~19 kernels x 36 layers) after the first 900, each kernel timed alone (ncu serializes them),
@@ -50,13 +51,13 @@ make)
     n=$1
     [ -f "$W/$n-F16.gguf" ] || python3 "$SYNTH" "$SRC" "$W/$n-F16.gguf.tmp" "$2" "$3" "$4" "$5" "$6" >/dev/null || exit 1
     [ -f "$W/$n-F16.gguf" ] || mv "$W/$n-F16.gguf.tmp" "$W/$n-F16.gguf"
-    types="Q3_G128 Q4_0 Q3_K_S"
-    [ "$n" = 4b ] && types="$types IQ3_S"  # IQ3_S's search is slow: one shape
+    types=${TYPES:-Q3_G128 Q4_0 Q3_K_S}  # TYPES / FQKV_TYPES: fewer files where device time is short
+    [ "$n" = 4b ] && [ -z "${TYPES:-}" ] && types="$types IQ3_S"  # IQ3_S's search is slow: one shape
     for t in $types; do quant "$W/$n-F16.gguf" "$n-$t" "$t"; done
     if [ "$n" = "${SHAPES_FUSE:-4b}" ]; then  # q/k/v as one attn_qkv (scripts/fuse_qkv_gguf.py), then the same types
       [ -f "$W/$n-F16-fqkv.gguf" ] || { python3 "$(dirname "$0")/fuse_qkv_gguf.py" "$W/$n-F16.gguf" "$W/$n-F16-fqkv.gguf.tmp" \
         >"$W/fuse-$n.log" 2>&1 && mv "$W/$n-F16-fqkv.gguf.tmp" "$W/$n-F16-fqkv.gguf"; } || echo "fuse $n failed (see $W/fuse-$n.log)"
-      [ -f "$W/$n-F16-fqkv.gguf" ] && for t in Q3_G128 Q4_0; do quant "$W/$n-F16-fqkv.gguf" "$n-$t-fqkv" "$t"; done
+      [ -f "$W/$n-F16-fqkv.gguf" ] && for t in ${FQKV_TYPES:-Q3_G128 Q4_0}; do quant "$W/$n-F16-fqkv.gguf" "$n-$t-fqkv" "$t"; done
     fi
     echo "shape $n ready: $(cd "$W" && ls $n-*.gguf | tr '\n' ' ')"
   done
@@ -71,9 +72,9 @@ bench)
       >"$O/llama-bench-$n.json" 2>"$O/llama-bench-$n.log"
     echo "llama-bench $n rc=$?"
     # our files again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec, as before F32Y became
-    # the default) and with GGML_Q3G_F32Y_NORM=1 (the RMS norms left to the F32Y mat-vecs), linked under -f32y0 /
-    # -norm1 names in folders of their own so that their rows stay apart
-    for s in f32y0 norm1; do
+    # the default), with GGML_Q3G_F32Y_NORM=0 (the RMS norms launched, not left to the F32Y mat-vecs) and with
+    # GGML_Q3G_PREFETCH=0, linked under -f32y0 / -norm0 / -pf0 names in folders of their own so that their rows stay apart
+    for s in f32y0 norm0 pf0; do
       e=$(variant_env $s)
       mkdir -p "$W/$s"
       for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/$s/$n-$t-$s.gguf"; done
@@ -83,7 +84,7 @@ bench)
       echo "llama-bench $n $e rc=$?"
     done
     for t in F16 Q4_0 Q3_G128 Q4_0-fqkv Q3_G128-fqkv f32y0/$n-Q3_G128-f32y0 f32y0/$n-Q3_G128-fqkv-f32y0 \
-             norm1/$n-Q3_G128-fqkv-norm1; do
+             pf0/$n-Q3_G128-pf0 pf0/$n-Q3_G128-fqkv-pf0; do
       case $t in */*) f=$W/$t.gguf name=${t#*/}.gguf;; *) f=$W/$n-$t.gguf name=$n-$t.gguf;; esac
       [ -f "$f" ] || continue
       env $(variant_env "${t%/*}") "$B/llama-batched-bench" -m "$f" -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
@@ -93,7 +94,7 @@ bench)
   done
   # per kernel (ncu_profile), where the machine has ncu
   if [ -n "$NCU" ]; then
-    for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm1 4b-Q3_G128-fqkv: 4b-Q3_G128-fqkv:norm1 8b-Q4_0: 8b-Q3_G128: 8b-Q3_G128:norm1; do
+    for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm0 4b-Q3_G128:pf0 4b-Q3_G128-fqkv: 8b-Q4_0: 8b-Q3_G128: 8b-Q3_G128:pf0; do
       t=${v%:*} s=${v#*:}; [ -f "$W/$t.gguf" ] || continue
       (export $(variant_env "$s"); ncu_profile "$B" "$W/$t.gguf" "$O/ncu-$t${s:+-$s}.csv")
       echo "ncu $t ${s:-default} rc=$?"

@@ -127,10 +127,10 @@ speed() {
   S="$G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf $G-IQ3_S+imat.gguf $G-Q3_K_M+imat.gguf $HOME/gg/rtn-g128.gguf $HOME/gg/rtn-g128-fqkv.gguf $HOME/gg/laq-g64.gguf $HOME/gg/kd-gptq-q3k.gguf $HOME/gg/kd-gptq-q3km.gguf"
   $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in $S; do [ -f $f ] && echo -m $f; done) \
     >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
-  # our type again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec), with F32Y on every
-  # matrix (GGML_Q3G_F32Y_MIN_K=1: qwen15's K = 1536 rows take 16 lanes each) and with that and the RMS norms left to
-  # it (GGML_Q3G_F32Y_NORM=1), under -f32y0 / -mink1 / -mink1norm1 names
-  for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 mink1:GGML_Q3G_F32Y_MIN_K=1 mink1norm1:GGML_Q3G_F32Y_MIN_K=1,GGML_Q3G_F32Y_NORM=1; do
+  # our type again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec), with the RMS norms
+  # launched rather than left to F32Y (GGML_Q3G_F32Y_NORM=0) and without the L2 prefetch of the first weight rows
+  # (GGML_Q3G_PREFETCH=0), under -f32y0 / -norm0 / -pf0 names
+  for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 norm0:GGML_Q3G_F32Y_NORM=0 pf0:GGML_Q3G_PREFETCH=0; do
     local sfx=${v%%:*} envs=${v#*:}
     mkdir -p ~/gg/$sfx
     for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/$sfx/$f-$sfx.gguf; done
@@ -147,22 +147,22 @@ speed() {
   done
   log "batched-bench done"
   # per kernel (scripts/device_shapes.sh ncu, where the machine has ncu; scripts/ncu_breakdown.py reads the CSVs): the
-  # RTN file as deployed (F32Y for K >= 2048, i.e. only the down matrix at qwen15's 1536), with F32Y on every matrix
-  # (MIN_K=1), that and the RMS norms left to it (GGML_Q3G_F32Y_NORM=1), and off; stock Q4_0 beside it (ours decoded
-  # 10 % slower there in run 16, 610 against 674 tok/s)
-  for v in rtn-g128-default:1:2048:0 rtn-g128-f32y0:0:2048:0 rtn-g128-mink1:1:1:0 rtn-g128-mink1norm1:1:1:1 Q4_0:1:2048:0; do
-    IFS=: read -r t e k nm <<<"$v"
+  # RTN file as deployed (F32Y on every matrix, the RMS norms left to it, the L2 prefetch), with the norms launched
+  # (NORM=0), without the prefetch (PF=0), with F32Y off; stock Q4_0 beside it (ours decoded 7 % slower there in
+  # run 17, 626 against 673 tok/s)
+  for v in rtn-g128-default:1:1:1 rtn-g128-norm0:1:0:1 rtn-g128-pf0:1:1:0 rtn-g128-f32y0:0:1:1 Q4_0:1:1:1; do
+    IFS=: read -r t e nm pf <<<"$v"
     local f=~/gg/rtn-g128.gguf; [ $t = Q4_0 ] && f=$G-Q4_0.gguf
-    GGML_Q3G_MMVQ_F32Y=$e GGML_Q3G_F32Y_MIN_K=$k GGML_Q3G_F32Y_NORM=$nm $SPEED_CPUS bash scripts/device_shapes.sh ncu $B $f \
+    GGML_Q3G_MMVQ_F32Y=$e GGML_Q3G_F32Y_NORM=$nm GGML_Q3G_PREFETCH=$pf $SPEED_CPUS bash scripts/device_shapes.sh ncu $B $f \
       ~/results/ncu-$MODEL-$t.csv >>~/logs/ncu.log 2>&1
     log "ncu $t rc=$?"
   done
   # the F32Y path end to end (qwen2's q/k/v fused with their bias, gate/up with the GLU, the rest plain): the RTN file's
-  # news KLD against compare_gguf's F16 log-probs, with it on every matrix (MIN_K=1, the RMS norms left to it) and
+  # news KLD against compare_gguf's F16 log-probs, as deployed (every matrix, the RMS norms left to it) and
   # without it. -ub 1: one token a ubatch, so every mat-mul is a batch-1 mat-vec (run 16's check used -b 512
   # ubatches, the mat-mat path: it could not see F32Y)
   for e in 0 1; do
-    GGML_Q3G_MMVQ_F32Y=$e GGML_Q3G_F32Y_MIN_K=1 GGML_Q3G_F32Y_NORM=$e $SPEED_CPUS $B/llama-perplexity -m ~/gg/rtn-g128.gguf --kl-divergence-base $LOGITS/$MODEL-f16-news.logits \
+    GGML_Q3G_MMVQ_F32Y=$e $SPEED_CPUS $B/llama-perplexity -m ~/gg/rtn-g128.gguf --kl-divergence-base $LOGITS/$MODEL-f16-news.logits \
       --kl-divergence -ngl 99 -c 512 -b 512 -ub 1 -t 4 >~/results/kld-rtn-g128-f32y$e.log 2>&1
     log "KLD rtn-g128 F32Y=$e rc=$? $(grep -E 'Mean +KLD' ~/results/kld-rtn-g128-f32y$e.log | tr -s ' ')"
   done
