@@ -60,6 +60,14 @@ shared_tools=$(cd "$(dirname "$0")/../.." && pwd)/shared/tools
 mkdir -p "$out/tools"
 if [ -f "$shared_tools/synth_gguf.py" ]; then cp "$shared_tools/synth_gguf.py" "$out/tools/"
 else echo "note: no $shared_tools/synth_gguf.py: the jobs' synthetic-shape speeds will be skipped"; fi
+# and Qwen's vocabulary alone (5.9 MB, from the pinned sdist: llama-src.tar.xz leaves models/ out), for a synthetic
+# shape without a staged model (scripts/device_speed_quick.sh)
+if [ ! -f "$out/tools/ggml-vocab-qwen2.gguf" ]; then
+  sdist=$($PY -c "from quant2gguf import cache, llama; p = llama.pin()
+print(cache.pip_download(p['package'], p['version'], p['sha256'], sdist=True))")
+  tar -xzf "$sdist" -C "$tmp" --wildcards '*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf' \
+    && cp "$tmp"/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf "$out/tools/"
+fi
 
 for m in "${models[@]}"; do
   [ -f "$out/model/$m.sha256" ] && continue

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11 in a short GPU session (under 10 device minutes left): the patched CUDA build, the synthetic Qwen3-4B shape
-# (scripts/device_shapes.sh make; the vocabulary comes from the pinned source's models/ggml-vocab-qwen2.gguf, so no
-# model is staged), test-backend-ops for our types under the build's defaults, and llama-bench tg128 / batched-bench
+# (scripts/device_shapes.sh make; the vocabulary comes from .device/tools/ggml-vocab-qwen2.gguf, which
+# scripts/device_bundle.sh takes from the pinned sdist, so no model is staged), test-backend-ops for our types under the build's defaults, and llama-bench tg128 / batched-bench
 # of ours against F16 and Q4_0, ours again under each environment of VARIANTS (NAME=ENV pairs, space-separated).
 #   prep   carry .device/llama-src.tar.xz .device/whl .device/tools: wheels, source, the CUDA build and then the 4B
 #          files, both in the background (the F16 file is written while the build runs)
@@ -23,10 +23,10 @@ prep)
   setsid nohup bash -c "python3 -m quant2gguf llama build --cuda -j $(( $(nproc) - 2 )) >~/logs/llama-build.log 2>&1; touch ~/logs/build.done" \
     </dev/null >/dev/null 2>&1 &
   # the F16 file needs no build; the quantized ones wait for llama-quantize
-  setsid nohup bash -c "python3 tools/synth_gguf.py $SRC/models/ggml-vocab-qwen2.gguf $W/4b-F16.gguf.tmp 2560 9728 36 32 8 \
+  setsid nohup bash -c "python3 tools/synth_gguf.py tools/ggml-vocab-qwen2.gguf $W/4b-F16.gguf.tmp 2560 9728 36 32 8 \
       && mv $W/4b-F16.gguf.tmp $W/4b-F16.gguf; while [ ! -e ~/logs/build.done ]; do sleep 2; done; \
       SHAPES='4b 2560 9728 36 32 8' TYPES='Q3_G128 Q4_0' FQKV_TYPES='Q3_G128' SYNTH=tools/synth_gguf.py \
-      bash scripts/device_shapes.sh make $SRC/models/ggml-vocab-qwen2.gguf $W \$(ls -d $QUANT2GGUF_CACHE/llama/build-*-cuda-*/bin | head -1); \
+      bash scripts/device_shapes.sh make tools/ggml-vocab-qwen2.gguf $W \$(ls -d $QUANT2GGUF_CACHE/llama/build-*-cuda-*/bin | head -1); \
       touch ~/logs/shapes.done" </dev/null >~/logs/shapes.log 2>&1 &
   echo "build and shapes started"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
