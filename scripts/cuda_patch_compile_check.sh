@@ -200,7 +200,7 @@ static void q8_ref(const float * x, block_q8_1 & b) {
     for (int j = 0; j < 32; ++j) b.qs[j] = amax == 0.0f ? 0 : (int8_t) std::round(x[j] / d);
     b.ds.x.b = f2h(d); b.ds.y.b = f2h(sum);
 }
-template <ggml_type type, typename block_t, int NC, int R, bool F32Y = false>
+template <ggml_type type, typename block_t, int NC, int R, bool F32Y = false, int L = 32>
 static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, int nch_dst, int ns_x, int ns_dst, bool slots) {
     constexpr int G = ggml_cuda_type_traits<type>::qk, NQ = G/32;
     constexpr bool P = q3g_wrow_type<type>::P;
@@ -259,7 +259,7 @@ static double run(std::mt19937 & rng, int K, int nrows, int gridx, int nch_x, in
     if (nbytes > (int) sizeof q3g_wrow_act) { fprintf(stderr, "smem too small\n"); std::abort(); }
     const uint3 cr = {(unsigned) (nch_dst/nch_x), 0, 0}, sr = {(unsigned) (ns_dst/ns_x), 0, 0};
     emulate(gridx, nch_dst, ns_dst, nbytes, 0xAB, [&] {
-        mul_mat_vec_q3g_wrow<type, NC, R, false>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
+        mul_mat_vec_q3g_wrow<type, NC, R, false, 0, L>(x.data(), y.data(), dst.data(), K, nrows, stride_row_x, stride_col_y, stride_col_dst,
             cr, stride_channel_x, stride_channel_y, stride_channel_dst, sr, stride_sample_x, stride_sample_y, stride_sample_dst, {});
     });
     if constexpr (F32Y) {
@@ -453,6 +453,13 @@ int main() {
     rep("G128P nc2 R1 K=384  rows 9 grid 1 slots",  run<GGML_TYPE_Q3_G128P, block_q3_g128p, 2, 1>(rng, 384, 9, 1, 1, 1, 1, 1, true));
     rep("G64P  nc4 R2 K=2176 rows 17 grid 2 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 4, 2>(rng, 2176, 17, 2, 1, 2, 1, 3, true));
     rep("G64P  nc8 R2 K=64   rows 3 grid 1 slots",  run<GGML_TYPE_Q3_G64P,  block_q3_g64p,  8, 2>(rng, 64, 3, 1, 1, 1, 1, 1, true));
+    // 16 lanes a row at batch 2..8 (GGML_Q3G_WROW_LPR16, rows of < 16 weight blocks): odd rows (a lane group past the
+    // last row), grid smaller than the row groups, broadcast, slots
+    rep("LPR16 G128  nc2 R1 K=1536 rows 37 grid 1 bc", run<GGML_TYPE_Q3_G128,  block_q3_g128,  2, 1, false, 16>(rng, 1536, 37, 1, 2, 4, 1, 2, false));
+    rep("LPR16 G128  nc8 R1 K=1536 rows 21 grid 2",    run<GGML_TYPE_Q3_G128,  block_q3_g128,  8, 1, false, 16>(rng, 1536, 21, 2, 1, 1, 1, 1, false));
+    rep("LPR16 G64   nc5 R1 K=896  rows 19 grid 1",    run<GGML_TYPE_Q3_G64,   block_q3_g64,   5, 1, false, 16>(rng, 896, 19, 1, 1, 1, 1, 1, false));
+    rep("LPR16 G128P nc3 R1 K=1024 rows 9 grid 1 slots", run<GGML_TYPE_Q3_G128P, block_q3_g128p, 3, 1, false, 16>(rng, 1024, 9, 1, 2, 2, 1, 1, true));
+    rep("LPR16 G64P  nc4 R1 K=640  rows 17 grid 3 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 4, 1, false, 16>(rng, 640, 17, 3, 1, 2, 1, 3, true));
     // F32Y (float src1 quantized in the kernel): bit-identical to the Q8_1 path on q8_ref's blocks, batch 1 and more
     rep("F32Y G128  nc1 R1 K=5120 rows 37 grid 1 bc",  run<GGML_TYPE_Q3_G128,  block_q3_g128,  1, 1, true>(rng, 5120, 37, 1, 2, 4, 1, 2, false));
     rep("F32Y G128  nc1 R1 K=256  rows 11 grid 2",     run<GGML_TYPE_Q3_G128,  block_q3_g128,  1, 1, true>(rng, 256, 11, 2, 1, 1, 1, 1, false));
