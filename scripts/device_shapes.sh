@@ -12,10 +12,11 @@
 #                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again without batch
 #                               1's float-activation path, GGML_Q3G_MMVQ_F32Y=0 (OUT/llama-bench-*-f32y0.json, batched
 #                               rows *-f32y0.gguf), with the RMS norms launched rather than left to it,
-#                               GGML_Q3G_F32Y_NORM=0 (OUT/llama-bench-*-norm0.json), and without the L2 prefetch of
-#                               the first weight rows, GGML_Q3G_PREFETCH=0 (-pf0), and with the down matrix (K >
-#                               8192) back on the quantize kernel, GGML_Q3G_F32Y_MAX_K=8192 (-maxk8k); where ncu exists, each kernel's time over ~one token of a
-#                               4B and an 8B decode (OUT/ncu-*.csv, read by scripts/ncu_breakdown.py)
+#                               GGML_Q3G_F32Y_NORM=0 (OUT/llama-bench-*-norm0.json), without the L2 prefetch of the
+#                               first weight rows, GGML_Q3G_PREFETCH=0 (-pf0), and with the down matrix (K > 8192) back
+#                               on the quantize kernel, GGML_Q3G_F32Y_MAX_K=8192 (-maxk8k); where ncu exists, each
+#                               kernel's time over ~one token of a 4B and an 8B decode (OUT/ncu-*.csv, read by
+#                               scripts/ncu_breakdown.py)
 #   ncu BIN FILE.gguf OUT.csv   that per-kernel profile of one file, under the caller's environment (the methods job's
 #                               qwen15 rows)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.

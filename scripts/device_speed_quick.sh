@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 11 in a short GPU session (under 10 device minutes left): the patched CUDA build, the synthetic Qwen3-4B shape
-# (scripts/device_shapes.sh make; the vocabulary comes from .device/tools/ggml-vocab-qwen2.gguf, which
-# scripts/device_bundle.sh takes from the pinned sdist, so no model is staged), test-backend-ops for our types under the build's defaults, and llama-bench tg128 / batched-bench
-# of ours against F16 and Q4_0, ours again under each environment of VARIANTS (NAME=ENV pairs, space-separated).
+# (scripts/device_shapes.sh make; the vocabulary is .device/tools/ggml-vocab-qwen2.gguf, which scripts/device_bundle.sh
+# takes from the pinned sdist, so no model is staged), test-backend-ops for our types under the build's defaults, and
+# llama-bench tg128 / llama-batched-bench of ours against F16 and Q4_0, ours again under each environment of VARIANTS
+# (NAME=ENV pairs, space-separated).
 #   prep   carry .device/llama-src.tar.xz .device/whl .device/tools: wheels, source, the CUDA build and then the 4B
 #          files, both in the background (the F16 file is written while the build runs)
 #   run    waits for them (at most WAIT seconds, default 500), then tests and benches: $OUT/quick.md and raw logs
@@ -36,11 +37,11 @@ run)
   echo "waited $(( $(date +%s) - T0 )) s"; tail -3 ~/logs/llama-build.log; cat ~/logs/shapes.log
   B=$(bin); [ -x "$B/llama-bench" ] || { echo "no build"; exit 1; }
   M=$OUT/quick.md
-  echo "# quick speed run, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F)" >"$M"
+  echo "# quick speed run, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F), $B" >"$M"
   for op in MUL_MAT MUL_MAT_VEC_FUSION Q3G_RMS_NORM_MUL_MAT GET_ROWS; do
     CUDA_VISIBLE_DEVICES=0 "$B/test-backend-ops" test -o $op -b CUDA0 -p q3_g >"$OUT/tbo-$op.log" 2>&1; rc=$?
     plain=$(sed 's/\x1b\[[0-9;]*m//g' "$OUT/tbo-$op.log")
-    echo "- test-backend-ops $op rc=$rc: $(grep -c '): OK' <<<"$plain") OK, $(grep -c '): FAIL' <<<"$plain") FAIL" | tee -a "$M"
+    echo "- test-backend-ops $op rc=$rc: $(grep -c '): OK' <<<"$plain") OK, $(grep -c '): FAIL' <<<"$plain") FAIL" >>"$M"
   done
   f() { for x in "$@"; do [ -f "$W/4b-$x.gguf" ] && echo -m "$W/4b-$x.gguf"; done; }
   echo -e "\n## llama-bench tg128 -r 5, defaults\n" >>"$M"
