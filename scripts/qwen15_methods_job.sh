@@ -129,9 +129,10 @@ speed() {
     >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
   # our type again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec), with the RMS norms
   # launched rather than left to F32Y (GGML_Q3G_F32Y_NORM=0) and without the L2 prefetch of the first weight rows
-  # (GGML_Q3G_PREFETCH=0), and with the down matrix (K = 8960) back on the quantize kernel (GGML_Q3G_F32Y_MAX_K=8192),
-  # under -f32y0 / -norm0 / -pf0 / -maxk8k names
-  for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 norm0:GGML_Q3G_F32Y_NORM=0 pf0:GGML_Q3G_PREFETCH=0 maxk8k:GGML_Q3G_F32Y_MAX_K=8192; do
+  # (GGML_Q3G_PREFETCH=0), and with the down matrix (K = 8960) back on the quantize kernel (GGML_Q3G_F32Y_MAX_K=8192)
+  # or on F32Y with two rows a warp (GGML_Q3G_F32Y_R2_MIN_K=8192), under -f32y0 / -norm0 / -pf0 / -maxk8k / -r2k8k names
+  for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 norm0:GGML_Q3G_F32Y_NORM=0 pf0:GGML_Q3G_PREFETCH=0 maxk8k:GGML_Q3G_F32Y_MAX_K=8192 \
+           r2k8k:GGML_Q3G_F32Y_R2_MIN_K=8192; do
     local sfx=${v%%:*} envs=${v#*:}
     mkdir -p ~/gg/$sfx
     for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/$sfx/$f-$sfx.gguf; done
