@@ -26,10 +26,12 @@ WHL2="pyarrow==26.0.1 fsspec==2026.9.0"
 mkdir -p "$out/whl" "$out/whl2" "$out/data" "$out/model"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 quiet() { grep -v "is ignored" || true; }  # pip warns about every missing local index
+# the pinned llama-cpp-python sdist (quant2gguf's cache): its path
+sdist_path() { $PY -c "from quant2gguf import cache, llama; p = llama.pin()
+print(cache.pip_download(p['package'], p['version'], p['sha256'], sdist=True))"; }
 
 if [ ! -f "$out/llama-src.tar.xz" ]; then
-  sdist=$($PY -c "from quant2gguf import cache, llama; p = llama.pin()
-print(cache.pip_download(p['package'], p['version'], p['sha256'], sdist=True))")
+  sdist=$(sdist_path)
   tar -xzf "$sdist" -C "$tmp"
   (cd "$tmp"/llama_cpp_python-*/vendor/llama.cpp && tar --exclude=./build --exclude=./.git --exclude=./models \
      --exclude=./docs --exclude=./media --exclude='tools/server/public*' -cJf - .) > "$out/llama-src.tar.xz"
@@ -63,8 +65,7 @@ else echo "note: no $shared_tools/synth_gguf.py: the jobs' synthetic-shape speed
 # and Qwen's vocabulary alone (5.9 MB, from the pinned sdist: llama-src.tar.xz leaves models/ out), for a synthetic
 # shape without a staged model (scripts/device_speed_quick.sh)
 if [ ! -f "$out/tools/ggml-vocab-qwen2.gguf" ]; then
-  sdist=$($PY -c "from quant2gguf import cache, llama; p = llama.pin()
-print(cache.pip_download(p['package'], p['version'], p['sha256'], sdist=True))")
+  sdist=$(sdist_path)
   tar -xzf "$sdist" -C "$tmp" --wildcards '*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf' \
     && cp "$tmp"/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf "$out/tools/"
 fi
