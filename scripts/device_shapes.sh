@@ -20,6 +20,7 @@
 #                               scripts/ncu_breakdown.py)
 #   ncu BIN FILE.gguf OUT.csv   that per-kernel profile of one file, under the caller's environment (the methods job's
 #                               qwen15 rows)
+#   env NAME                    the environment of variant NAME (variant_env; the methods job's variants too)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
 # NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
@@ -27,9 +28,9 @@ if [ -n "${SHAPES:-}" ]; then SHAPES=("$SHAPES"); else SHAPES=("4b 2560 9728 36 
 # the environment of a variant of our files: f32y0 (no float-activation path at batch 1), norm0 (the RMS norms
 # launched, not left to it), pf0 (no L2 prefetch of the first weight rows), maxk8k (F32Y only up to K = 8192: the
 # down matrices of Qwen3-4B/8B and qwen15 take the quantize kernel), r2k8k (those down matrices on F32Y with two rows
-# a warp), "" (the defaults)
+# a warp), l16 (the batch 2..8 kernel with 16 lanes a row below 16 weight blocks), anything else (the defaults)
 variant_env() {
-  case $1 in f32y0) echo GGML_Q3G_MMVQ_F32Y=0;; norm0) echo GGML_Q3G_F32Y_NORM=0;; pf0) echo GGML_Q3G_PREFETCH=0;; maxk8k) echo GGML_Q3G_F32Y_MAX_K=8192;; r2k8k) echo GGML_Q3G_F32Y_R2_MIN_K=8192;; *) echo GGML_Q3G_MMVQ_F32Y=1;; esac
+  case $1 in f32y0) echo GGML_Q3G_MMVQ_F32Y=0;; norm0) echo GGML_Q3G_F32Y_NORM=0;; pf0) echo GGML_Q3G_PREFETCH=0;; maxk8k) echo GGML_Q3G_F32Y_MAX_K=8192;; r2k8k) echo GGML_Q3G_F32Y_R2_MIN_K=8192;; l16) echo GGML_Q3G_WROW_LPR16=1;; *) echo GGML_Q3G_MMVQ_F32Y=1;; esac
 }
 # where a decode step's time goes, per kernel (Nsight Compute: the H200 machines have ncu, not nsys): 700 launches (a
 # bit over one token: ~19 kernels x 36 layers) after the first 900, each kernel timed alone (ncu serializes them),
@@ -113,5 +114,6 @@ ncu)
   [ -n "$NCU" ] || { echo "no ncu on this machine: no per-kernel profile"; exit 0; }
   ncu_profile "$2" "$3" "$4"
   ;;
-*) echo "usage: $0 make SRC.gguf DIR BIN | bench DIR BIN OUT | ncu BIN FILE.gguf OUT.csv"; exit 2 ;;
+env) variant_env "$2" ;;
+*) echo "usage: $0 make SRC.gguf DIR BIN | bench DIR BIN OUT | ncu BIN FILE.gguf OUT.csv | env NAME"; exit 2 ;;
 esac

@@ -131,13 +131,13 @@ speed() {
   # launched rather than left to F32Y (GGML_Q3G_F32Y_NORM=0) and without the L2 prefetch of the first weight rows
   # (GGML_Q3G_PREFETCH=0), and with the down matrix (K = 8960) back on the quantize kernel (GGML_Q3G_F32Y_MAX_K=8192)
   # or on F32Y with two rows a warp (GGML_Q3G_F32Y_R2_MIN_K=8192), under -f32y0 / -norm0 / -pf0 / -maxk8k / -r2k8k names
-  for v in f32y0:GGML_Q3G_MMVQ_F32Y=0 norm0:GGML_Q3G_F32Y_NORM=0 pf0:GGML_Q3G_PREFETCH=0 maxk8k:GGML_Q3G_F32Y_MAX_K=8192 \
-           r2k8k:GGML_Q3G_F32Y_R2_MIN_K=8192; do
-    local sfx=${v%%:*} envs=${v#*:}
+  # (each variant's environment: scripts/device_shapes.sh env)
+  for sfx in f32y0 norm0 pf0 maxk8k r2k8k; do
+    local envs; envs=$(bash scripts/device_shapes.sh env $sfx)
     mkdir -p ~/gg/$sfx
     for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/$sfx/$f-$sfx.gguf; done
-    env ${envs//,/ } $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in ~/gg/$sfx/*.gguf; do echo -m $f; done) \
-      >~/results/llama-bench-$MODEL-$sfx.json 2>~/logs/llama-bench-$sfx.log; log "llama-bench ${envs//,/ } rc=$?"
+    env $envs $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in ~/gg/$sfx/*.gguf; do echo -m $f; done) \
+      >~/results/llama-bench-$MODEL-$sfx.json 2>~/logs/llama-bench-$sfx.log; log "llama-bench $envs rc=$?"
   done
   # -l16: the batch 2..8 kernel with 16 lanes a row (GGML_Q3G_WROW_LPR16=1; qwen15's K = 1536 is 12 weight blocks)
   mkdir -p ~/gg/l16
@@ -145,9 +145,8 @@ speed() {
   for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf ~/gg/rtn-g128-fqkv.gguf w0:$HOME/gg/rtn-g128.gguf \
            ~/gg/f32y0/rtn-g128-f32y0.gguf ~/gg/f32y0/rtn-g128-fqkv-f32y0.gguf ~/gg/l16/rtn-g128-l16.gguf ~/gg/l16/rtn-g128-fqkv-l16.gguf; do
     w=1; case $f in w0:*) w=0 f=${f#w0:};; esac
-    GGML_Q3G_MMVQ_F32Y=$(case $f in *-f32y0.gguf) echo 0;; *) echo 1;; esac) \
-    GGML_Q3G_WROW_LPR16=$(case $f in *-l16.gguf) echo 1;; *) echo 0;; esac) \
-    GGML_Q3G_MMVQ_WROW=$w $SPEED_CPUS $B/llama-batched-bench -m $f -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
+    # a linked variant's folder names its environment (f32y0, l16); any other folder gives the defaults
+    env $(bash scripts/device_shapes.sh env "$(basename "$(dirname "$f")")") GGML_Q3G_MMVQ_WROW=$w $SPEED_CPUS $B/llama-batched-bench -m $f -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
       --output-format jsonl 2>>~/logs/batched-bench.log | grep '^{"n_kv_max' | sed "s|^{|{\"file\": \"$(basename $f)\", \"wrow\": $w, |" \
       >>~/results/batched-bench-$MODEL.jsonl
   done
@@ -156,10 +155,9 @@ speed() {
   # RTN file as deployed (F32Y on every matrix, the RMS norms left to it, the L2 prefetch), with the norms launched
   # (NORM=0), without the prefetch (PF=0), with F32Y off; stock Q4_0 beside it (ours decoded 7 % slower there in
   # run 17, 626 against 673 tok/s)
-  for v in rtn-g128-default:1:1:1 rtn-g128-norm0:1:0:1 rtn-g128-pf0:1:1:0 rtn-g128-f32y0:0:1:1 Q4_0:1:1:1; do
-    IFS=: read -r t e nm pf <<<"$v"
-    local f=~/gg/rtn-g128.gguf; [ $t = Q4_0 ] && f=$G-Q4_0.gguf
-    GGML_Q3G_MMVQ_F32Y=$e GGML_Q3G_F32Y_NORM=$nm GGML_Q3G_PREFETCH=$pf $SPEED_CPUS bash scripts/device_shapes.sh ncu $B $f \
+  for v in default norm0 pf0 f32y0 Q4_0; do
+    local t=rtn-g128-$v f=~/gg/rtn-g128.gguf; [ $v = Q4_0 ] && t=Q4_0 f=$G-Q4_0.gguf
+    env $(bash scripts/device_shapes.sh env $v) $SPEED_CPUS bash scripts/device_shapes.sh ncu $B $f \
       ~/results/ncu-$MODEL-$t.csv >>~/logs/ncu.log 2>&1
     log "ncu $t rc=$?"
   done
