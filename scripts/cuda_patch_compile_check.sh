@@ -453,7 +453,7 @@ int main() {
     rep("G128P nc2 R1 K=384  rows 9 grid 1 slots",  run<GGML_TYPE_Q3_G128P, block_q3_g128p, 2, 1>(rng, 384, 9, 1, 1, 1, 1, 1, true));
     rep("G64P  nc4 R2 K=2176 rows 17 grid 2 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 4, 2>(rng, 2176, 17, 2, 1, 2, 1, 3, true));
     rep("G64P  nc8 R2 K=64   rows 3 grid 1 slots",  run<GGML_TYPE_Q3_G64P,  block_q3_g64p,  8, 2>(rng, 64, 3, 1, 1, 1, 1, 1, true));
-    // 16 lanes a row at batch 2..8 (GGML_Q3G_WROW_LPR16, rows of < 16 weight blocks): odd rows (a lane group past the
+    // 16 lanes a row at batch 2..8 (rows of < 16 weight blocks; GGML_Q3G_WROW_LPR16=0 turns it off): odd rows (a lane group past the
     // last row), grid smaller than the row groups, broadcast, slots
     rep("LPR16 G128  nc2 R1 K=1536 rows 37 grid 1 bc", run<GGML_TYPE_Q3_G128,  block_q3_g128,  2, 1, false, 16>(rng, 1536, 37, 1, 2, 4, 1, 2, false));
     rep("LPR16 G128  nc8 R1 K=1536 rows 21 grid 2",    run<GGML_TYPE_Q3_G128,  block_q3_g128,  8, 1, false, 16>(rng, 1536, 21, 2, 1, 1, 1, 1, false));
@@ -465,9 +465,6 @@ int main() {
     rep("F32Y G128  nc1 R1 K=256  rows 11 grid 2",     run<GGML_TYPE_Q3_G128,  block_q3_g128,  1, 1, true>(rng, 256, 11, 2, 1, 1, 1, 1, false));
     rep("F32Y G128  nc3 R2 K=4352 rows 37 grid 2 bc",  run<GGML_TYPE_Q3_G128,  block_q3_g128,  3, 2, true>(rng, 4352, 37, 2, 2, 4, 1, 2, false));
     rep("F32Y G64   nc1 R1 K=2112 rows 33 grid 1 bc",  run<GGML_TYPE_Q3_G64,   block_q3_g64,   1, 1, true>(rng, 2112, 33, 1, 1, 3, 2, 2, false));
-    // two rows a warp at batch 1 (GGML_Q3G_F32Y_R2_MIN_K: large K, few rows), odd rows, grid smaller than the groups
-    rep("F32Y G128  nc1 R2 K=8960 rows 37 grid 2",     run<GGML_TYPE_Q3_G128,  block_q3_g128,  1, 2, true>(rng, 8960, 37, 2, 1, 1, 1, 1, false));
-    rep("F32Y G64P  nc1 R2 K=4160 rows 19 grid 1 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 1, 2, true>(rng, 4160, 19, 1, 1, 2, 1, 3, true));
     rep("F32Y G128P nc1 R1 K=4224 rows 21 grid 1 slots", run<GGML_TYPE_Q3_G128P, block_q3_g128p, 1, 1, true>(rng, 4224, 21, 1, 2, 2, 1, 1, true));
     rep("F32Y G64P  nc8 R2 K=2176 rows 17 grid 2 slots bc", run<GGML_TYPE_Q3_G64P, block_q3_g64p, 8, 2, true>(rng, 2176, 17, 2, 1, 2, 1, 3, true));
     // the fused batch-1 calls through F32Y: + bias (q/k/v of qwen2), gate + GLU (ffn gate/up), bit for bit

@@ -20,10 +20,10 @@ T=$B/test-backend-ops
 # MUL_MAT and the fused mat-vec calls (bias, gate/up + GLU: MUL_MAT_VEC_FUSION) with batch 1's float-activation
 # path (the default: our mat-vec quantizes the activations itself, at every K) and without it (GGML_Q3G_MMVQ_F32Y=0);
 # Q3G_RMS_NORM_MUL_MAT: the RMS norm left to the F32Y mat-vecs (the default; without F32Y the norm is launched);
-# MUL_MAT with the batch 2..8 kernel at 16 lanes a row where K has fewer than 16 weight blocks (GGML_Q3G_WROW_LPR16=1)
-for op in MUL_MAT GET_ROWS MUL_MAT_VEC_FUSION Q3G_RMS_NORM_MUL_MAT MUL_MAT:f32y0 MUL_MAT_VEC_FUSION:f32y0 Q3G_RMS_NORM_MUL_MAT:f32y0 MUL_MAT:l16; do
+# MUL_MAT with the batch 2..8 kernel at 32 lanes a row where K has fewer than 16 weight blocks too (GGML_Q3G_WROW_LPR16=0)
+for op in MUL_MAT GET_ROWS MUL_MAT_VEC_FUSION Q3G_RMS_NORM_MUL_MAT MUL_MAT:f32y0 MUL_MAT_VEC_FUSION:f32y0 Q3G_RMS_NORM_MUL_MAT:f32y0 MUL_MAT:l32; do
   f=${op#*:}; op=${op%%:*}; [ "$f" = "$op" ] && f=; log=$O/tbo-test-$op${f:+-$f}.log
-  GGML_Q3G_MMVQ_F32Y=$([ "$f" = f32y0 ] && echo 0 || echo 1) GGML_Q3G_WROW_LPR16=$([ "$f" = l16 ] && echo 1 || echo 0) \
+  GGML_Q3G_MMVQ_F32Y=$([ "$f" = f32y0 ] && echo 0 || echo 1) GGML_Q3G_WROW_LPR16=$([ "$f" = l32 ] && echo 0 || echo 1) \
     "$T" test -o $op -b CUDA0 -p q3_g >"$log" 2>&1; rc=$?
   plain=$(sed 's/\x1b\[[0-9;]*m//g' "$log")  # the counts ignore colour codes
   echo "test $op${f:+ $f} rc=$rc $(grep -c '): OK' <<<"$plain") OK $(grep -c '): FAIL' <<<"$plain") FAIL" >>"$O/tbo.log"

@@ -13,9 +13,8 @@
 #                               1's float-activation path, GGML_Q3G_MMVQ_F32Y=0 (OUT/llama-bench-*-f32y0.json, batched
 #                               rows *-f32y0.gguf), with the RMS norms launched rather than left to it,
 #                               GGML_Q3G_F32Y_NORM=0 (OUT/llama-bench-*-norm0.json), without the L2 prefetch of the
-#                               first weight rows, GGML_Q3G_PREFETCH=0 (-pf0), and with the down matrix (K > 8192) back
-#                               on the quantize kernel, GGML_Q3G_F32Y_MAX_K=8192 (-maxk8k), or on F32Y with two rows a
-#                               warp, GGML_Q3G_F32Y_R2_MIN_K=8192 (-r2k8k); where ncu exists, each
+#                               first weight rows, GGML_Q3G_PREFETCH=0 (-pf0), and with F32Y at every K, the 4B down
+#                               matrix too (-kall: GGML_Q3G_F32Y_MAX_K past any K); where ncu exists, each
 #                               kernel's time over ~one token of a 4B and an 8B decode (OUT/ncu-*.csv, read by
 #                               scripts/ncu_breakdown.py)
 #   ncu BIN FILE.gguf OUT.csv   that per-kernel profile of one file, under the caller's environment (the methods job's
@@ -26,11 +25,11 @@ set -u
 # NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
 if [ -n "${SHAPES:-}" ]; then SHAPES=("$SHAPES"); else SHAPES=("4b 2560 9728 36 32 8" "8b 4096 12288 36 32 8"); fi
 # the environment of a variant of our files: f32y0 (no float-activation path at batch 1), norm0 (the RMS norms
-# launched, not left to it), pf0 (no L2 prefetch of the first weight rows), maxk8k (F32Y only up to K = 8192: the
-# down matrices of Qwen3-4B/8B and qwen15 take the quantize kernel), r2k8k (those down matrices on F32Y with two rows
-# a warp), l16 (the batch 2..8 kernel with 16 lanes a row below 16 weight blocks), anything else (the defaults)
+# launched, not left to it), pf0 (no L2 prefetch of the first weight rows), kall (F32Y at every K: the down matrices
+# of qwen15 and the Qwen3-4B shape, K > 8192 on fewer than 3 CTAs an SM, too), l32 (the batch 2..8 kernel with 32
+# lanes a row below 16 weight blocks too), anything else (the defaults)
 variant_env() {
-  case $1 in f32y0) echo GGML_Q3G_MMVQ_F32Y=0;; norm0) echo GGML_Q3G_F32Y_NORM=0;; pf0) echo GGML_Q3G_PREFETCH=0;; maxk8k) echo GGML_Q3G_F32Y_MAX_K=8192;; r2k8k) echo GGML_Q3G_F32Y_R2_MIN_K=8192;; l16) echo GGML_Q3G_WROW_LPR16=1;; *) echo GGML_Q3G_MMVQ_F32Y=1;; esac
+  case $1 in f32y0) echo GGML_Q3G_MMVQ_F32Y=0;; norm0) echo GGML_Q3G_F32Y_NORM=0;; pf0) echo GGML_Q3G_PREFETCH=0;; kall) echo GGML_Q3G_F32Y_MAX_K=1000000000;; l32) echo GGML_Q3G_WROW_LPR16=0;; *) echo GGML_Q3G_MMVQ_F32Y=1;; esac
 }
 # where a decode step's time goes, per kernel (Nsight Compute: the H200 machines have ncu, not nsys): 700 launches (a
 # bit over one token: ~19 kernels x 36 layers) after the first 900, each kernel timed alone (ncu serializes them),
@@ -79,9 +78,9 @@ bench)
     echo "llama-bench $n rc=$?"
     # our files again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec, as before F32Y became
     # the default), with GGML_Q3G_F32Y_NORM=0 (the RMS norms launched, not left to the F32Y mat-vecs) and with
-    # GGML_Q3G_PREFETCH=0, with GGML_Q3G_F32Y_MAX_K=8192 and with GGML_Q3G_F32Y_R2_MIN_K=8192, linked under -f32y0 /
-    # -norm0 / -pf0 / -maxk8k / -r2k8k names in folders of their own so that their rows stay apart
-    for s in f32y0 norm0 pf0 maxk8k r2k8k; do
+    # GGML_Q3G_PREFETCH=0 and with F32Y at every K (kall), linked under -f32y0 / -norm0 / -pf0 / -kall names in
+    # folders of their own so that their rows stay apart
+    for s in f32y0 norm0 pf0 kall; do
       e=$(variant_env $s)
       mkdir -p "$W/$s"
       for t in Q3_G128 Q3_G128-fqkv; do [ -f "$W/$n-$t.gguf" ] && ln -sf "../$n-$t.gguf" "$W/$s/$n-$t-$s.gguf"; done
@@ -101,7 +100,7 @@ bench)
   done
   # per kernel (ncu_profile), where the machine has ncu
   if [ -n "$NCU" ]; then
-    for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm0 4b-Q3_G128:pf0 4b-Q3_G128:maxk8k 4b-Q3_G128:r2k8k 4b-Q3_G128-fqkv: 8b-Q4_0: 8b-Q3_G128: 8b-Q3_G128:pf0; do
+    for v in 4b-F16: 4b-Q4_0: 4b-Q3_G128: 4b-Q3_G128:f32y0 4b-Q3_G128:norm0 4b-Q3_G128:pf0 4b-Q3_G128:kall 4b-Q3_G128-fqkv: 8b-Q4_0: 8b-Q3_G128: 8b-Q3_G128:pf0; do
       t=${v%:*} s=${v#*:}; [ -f "$W/$t.gguf" ] || continue
       (export $(variant_env "$s"); ncu_profile "$B" "$W/$t.gguf" "$O/ncu-$t${s:+-$s}.csv")
       echo "ncu $t ${s:-default} rc=$?"

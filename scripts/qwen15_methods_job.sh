@@ -129,23 +129,23 @@ speed() {
     >~/results/llama-bench-$MODEL.json 2>~/logs/llama-bench.log; log "llama-bench rc=$?"
   # our type again with GGML_Q3G_MMVQ_F32Y=0 (a quantize kernel before each batch-1 mat-vec), with the RMS norms
   # launched rather than left to F32Y (GGML_Q3G_F32Y_NORM=0) and without the L2 prefetch of the first weight rows
-  # (GGML_Q3G_PREFETCH=0), and with the down matrix (K = 8960) back on the quantize kernel (GGML_Q3G_F32Y_MAX_K=8192)
-  # or on F32Y with two rows a warp (GGML_Q3G_F32Y_R2_MIN_K=8192), under -f32y0 / -norm0 / -pf0 / -maxk8k / -r2k8k names
-  # (each variant's environment: scripts/device_shapes.sh env)
-  for sfx in f32y0 norm0 pf0 maxk8k r2k8k; do
+  # (GGML_Q3G_PREFETCH=0), and with the down matrix (K = 8960) on F32Y too (-kall), under -f32y0 / -norm0 / -pf0 /
+  # -kall names (each variant's environment: scripts/device_shapes.sh env)
+  for sfx in f32y0 norm0 pf0 kall; do
     local envs; envs=$(bash scripts/device_shapes.sh env $sfx)
     mkdir -p ~/gg/$sfx
     for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/$sfx/$f-$sfx.gguf; done
     env $envs $SPEED_CPUS $B/llama-bench -ngl 99 -t 4 -p 512 -n 128 -r 3 -o json $(for f in ~/gg/$sfx/*.gguf; do echo -m $f; done) \
       >~/results/llama-bench-$MODEL-$sfx.json 2>~/logs/llama-bench-$sfx.log; log "llama-bench $envs rc=$?"
   done
-  # -l16: the batch 2..8 kernel with 16 lanes a row (GGML_Q3G_WROW_LPR16=1; qwen15's K = 1536 is 12 weight blocks)
-  mkdir -p ~/gg/l16
-  for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/l16/$f-l16.gguf; done
+  # -l32: the batch 2..8 kernel with 32 lanes a row where K has fewer than 16 weight blocks too (GGML_Q3G_WROW_LPR16=0;
+  # qwen15's K = 1536 is 12 weight blocks)
+  mkdir -p ~/gg/l32
+  for f in rtn-g128 rtn-g128-fqkv; do [ -f ~/gg/$f.gguf ] && ln -sf ../$f.gguf ~/gg/l32/$f-l32.gguf; done
   for f in $G-F16.gguf $G-Q4_0.gguf $G-Q3_K_S+imat.gguf ~/gg/rtn-g128.gguf ~/gg/rtn-g128-fqkv.gguf w0:$HOME/gg/rtn-g128.gguf \
-           ~/gg/f32y0/rtn-g128-f32y0.gguf ~/gg/f32y0/rtn-g128-fqkv-f32y0.gguf ~/gg/l16/rtn-g128-l16.gguf ~/gg/l16/rtn-g128-fqkv-l16.gguf; do
+           ~/gg/f32y0/rtn-g128-f32y0.gguf ~/gg/f32y0/rtn-g128-fqkv-f32y0.gguf ~/gg/l32/rtn-g128-l32.gguf ~/gg/l32/rtn-g128-fqkv-l32.gguf; do
     w=1; case $f in w0:*) w=0 f=${f#w0:};; esac
-    # a linked variant's folder names its environment (f32y0, l16); any other folder gives the defaults
+    # a linked variant's folder names its environment (f32y0, l32); any other folder gives the defaults
     env $(bash scripts/device_shapes.sh env "$(basename "$(dirname "$f")")") GGML_Q3G_MMVQ_WROW=$w $SPEED_CPUS $B/llama-batched-bench -m $f -t 4 -ngl 99 -c 4096 -npp 128 -ntg 128 -npl 1,2,4,8 \
       --output-format jsonl 2>>~/logs/batched-bench.log | grep '^{"n_kv_max' | sed "s|^{|{\"file\": \"$(basename $f)\", \"wrow\": $w, |" \
       >>~/results/batched-bench-$MODEL.jsonl
