@@ -29,14 +29,12 @@ OUT=${OUT:-$PWD/device_out}
 mkdir -p ~/stage ~/logs "$OUT"
 case ${1:-} in
 prep)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl || exit 1
   cp -rn .device/data ~/stage/ && cp .device/model/qwen15.sha256 ~/stage/
   cp -r .device/tools ~/stage/ 2>/dev/null || echo "no .device/tools carried: the synthetic-shape speeds will be skipped"
-  export PYTHONPATH=/tmp/site QUANT2GGUF_CACHE=$HOME/q2gcache
-  (cd "$R" && python3 -m pip install -q --no-deps --no-build-isolation -e .) >~/logs/install.log 2>&1 || { tail ~/logs/install.log; exit 1; }
-  (cd "$R" && python3 -c "from quant2gguf import llama; print('source:', llama.source_dir('$T/.device/llama-src.tar.xz'))") || exit 1
-  (cd "$R" && setsid nohup python3 -m quant2gguf llama build --cuda -j $(( $(nproc) * 3 / 4 )) >~/logs/llama-build.log 2>&1 </dev/null &)
-  echo "CUDA build started"
+  # shellcheck source=scripts/device_common.sh
+  . "$R"/scripts/device_common.sh
+  device_install .device/whl "$R" || exit 1
+  device_build "$R" "$T/.device/llama-src.tar.xz" $(( $(nproc) * 3 / 4 )) || exit 1
   # issue 11's mat-vec microbenchmark (< 2 min) while the GPU is idle: staging and the build use CPUs only
   # (run from a copy in ~/mmvq: the working tree is re-laid by the stage calls while it compiles)
   mkdir -p ~/results/cuda ~/mmvq/scripts && cp "$R"/scripts/device_cuda_mmvq.sh "$R"/scripts/cuda_q3g_mmvq_bench.cu ~/mmvq/scripts/
