@@ -10,7 +10,8 @@ holds in a stock llama.cpp type (quantize --target) is written with that ggml ty
 blocks verbatim (rows moved whole), so an unpatched llama.cpp and plain gguf-py read the file.
 With fuse_qkv a layer's q, k and v (same type and width) are written as one attn_qkv tensor, their rows
 stacked: the pinned llama.cpp loads a fused QKV for every architecture here and runs one mat-vec instead of
-three, the same rows and so the same outputs. The file is written to a temp name, read back and checked
+three, the same rows and so the same outputs. By default (fuse_qkv None) that is done where q, k and v are our
+types, which need the patched llama.cpp anyway; a stock-type file keeps the layout every runtime reads (Ollama). The file is written to a temp name, read back and checked
 against the checkpoint, then renamed. Rules: docs/GGUF.md.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, gguf_types
 from .cache import atomic_path
 from .quantizer import PackedCodes, QuantizedWeight
 from .stock_quant import StockWeight
@@ -82,7 +83,7 @@ def vendored_gguf():
     The PyPI `gguf` release differs from the tree's (constants, tensor name maps), and the
     converter must run against its own; the tree's is a superset, so it replaces any PyPI one
     already imported. Everything here that reads or writes GGUF goes through this."""
-    from . import gguf_types, llama
+    from . import llama
     mod = _ensure_package("gguf", llama.source_dir() / "gguf-py" / "gguf")
     gguf_types.register()
     return mod
@@ -235,7 +236,6 @@ def _type_name(t) -> str:
 def _check_quantized(reader, expected: dict[str, tuple[QuantizedWeight, int]], path: Path) -> None:
     """Every quantized tensor present with our type and shape, and a sample of its rows dequantizing
     bit-exactly to the checkpoint's own dequantization (rows already in GGUF order)."""
-    from . import gguf_types
     tensors = {t.name: t for t in reader.tensors}
     for name, (q, qtype) in expected.items():
         t = tensors.get(name)
@@ -268,7 +268,6 @@ def _check_quantized(reader, expected: dict[str, tuple[QuantizedWeight, int]], p
 def qtype_for(q: QuantizedWeight) -> int:
     """The ggml type id for a quantized weight: a StockWeight's stock type, else ours (fewer
     protected slots than the type holds are padded with empty ones by gguf_types.pack)."""
-    from . import gguf_types
     if isinstance(q, StockWeight):
         return int(stock_type(q.qtype).qtype)
     slots = 0 if q.slots == 0 else 2 if q.slots <= 2 else q.slots
@@ -298,7 +297,6 @@ def sample_rows(n: int) -> np.ndarray:
 
 
 def _blocks(q: QuantizedWeight, qtype: int) -> np.ndarray:
-    from . import gguf_types
     packed = q.blocks.numpy() if isinstance(q, StockWeight) else gguf_types.pack(q, qtype)
     return np.ascontiguousarray(packed, dtype=np.uint8)
 
@@ -383,7 +381,6 @@ class FusedBlocks(LazyBlocks):
 
 
 def _row_bytes(q: QuantizedWeight, qtype: int) -> int:
-    from . import gguf_types
     return int(q.blocks.shape[1]) if isinstance(q, StockWeight) else gguf_types.qtype(qtype).row_bytes(q.shape[1])
 
 
@@ -419,7 +416,7 @@ QKV = re.compile(r"blk\.(\d+)\.attn_([qkv])\.weight")  # what fuse_qkv stacks, a
 
 
 def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer_pre: str | None,
-                    extra_kv: dict[str, object], fuse_qkv: bool = False):
+                    extra_kv: dict[str, object], fuse_qkv: bool | None = None):
     """A subclass of the architecture's converter class that writes quantized linears as our types.
     `quantized`: a dict, or checkpoint.QuantizedTensors (read one weight at a time, shapes from header)."""
 
@@ -460,7 +457,8 @@ def _exporter_class(base, gguf, quantized: dict[str, QuantizedWeight], tokenizer
             qtype = qtype_for(head)
             load = lambda: _take_rows(quantized[hf], rows) if moved else quantized[hf]  # noqa: E731
             part = (load, (n, k), qtype, _row_bytes(head, qtype))
-            m = QKV.fullmatch(new_name) if fuse_qkv else None
+            fuse = qtype in gguf_types.BY_ID if fuse_qkv is None else fuse_qkv  # None: where ours
+            m = QKV.fullmatch(new_name) if fuse else None
             if m is None:
                 return self._add(new_name, LazyBlocks(*part))
             self.qkv.setdefault(m[1], {})[m[2]] = (new_name, part)
@@ -569,7 +567,7 @@ def _model_class(conversion, ckpt: Path):
 # ------------------------------------------------------------------------------ convert -------
 
 def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_pre: str | None = None,
-            embd_type: str = "keep", threads: int = 2, fuse_qkv: bool = False) -> dict:
+            embd_type: str = "keep", threads: int = 2, fuse_qkv: bool | None = None) -> dict:
     """Write checkpoint `ckpt` as GGUF `out`; returns size, tensor counts per type, the type of each
     class of tensors that are not ours, bits per weight and every tensor's type.
 
@@ -578,7 +576,8 @@ def convert(ckpt: str | Path, out: str | Path, outtype: str = "f16", tokenizer_p
     q4_k), "auto" (what llama-quantize gives them in a stock IQ3_S file) or "auto:TYPE" (... in a
     stock TYPE file); set by the patched llama-quantize, which copies every other tensor unchanged.
     tokenizer_pre forces llama.cpp's BPE pre-tokenizer name (e.g. "gpt-2") for tokenizers its
-    converter does not know. fuse_qkv: each layer's q, k, v as one attn_qkv tensor (module docstring)."""
+    converter does not know. fuse_qkv: each layer's q, k, v as one attn_qkv tensor; None (default): where
+    they are our types (module docstring)."""
     ckpt = Path(ckpt)
     _embd_ref(embd_type)  # refuse a bad value before any work
     man, quantized = checkpoint.load_quantized(ckpt, lazy=True)  # each weight read when written
@@ -603,7 +602,7 @@ def convert_hf(folder: str | Path, out: str | Path, outtype: str = "f16", tokeni
 
 def _write_gguf(folder: Path, out: Path, outtype: str, quantized: dict[str, QuantizedWeight],
                 tokenizer_pre: str | None, kv: dict, embd_type: str = "keep", threads: int = 2,
-                fuse_qkv: bool = False) -> dict:
+                fuse_qkv: bool | None = None) -> dict:
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if out.is_dir():

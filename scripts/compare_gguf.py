@@ -77,8 +77,9 @@ def convert_process(ck: Path, out: Path, embd_type: str, threads: int, tokenizer
                     log: Path | None = None) -> dict:
     """`quant2gguf convert` in a process of its own (its own interpreter lock and torch threads), `threads` for
     torch/OpenMP and llama-quantize; returns the info the command prints. A failure raises with the log's tail."""
+    # q/k/v kept apart: the methods job converts its fused twin (rtn-g128-fqkv) for the speed stage; same rows, same KLD
     cmd = [sys.executable, "-m", "quant2gguf", "convert", str(ck), "-o", str(out), "--embd-type", embd_type,
-           "--threads", str(threads)] + (["--tokenizer-pre", tokenizer_pre] if tokenizer_pre else [])
+           "--threads", str(threads), "--no-fuse-qkv"] + (["--tokenizer-pre", tokenizer_pre] if tokenizer_pre else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if log:

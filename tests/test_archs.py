@@ -115,7 +115,13 @@ def test_every_method_quantizes_evaluates_and_converts(arch, method, tmp_path):
     res = evaluate(ckpt, ntokens=128, seqlen=32, device="cpu")
     assert np.isfinite(res["ppl"]) and res["kld"] is not None and np.isfinite(res["kld"])
     info = export.convert(ckpt, tmp_path / "model.gguf", tokenizer_pre=PRE)
-    assert info["n_quantized"] == 2 * len(get_arch(arch).linears)
+    assert info["n_quantized"] == 2 * gguf_linears(arch)
+
+
+def gguf_linears(arch: str) -> int:
+    """Quantized tensors a layer has in convert's default GGUF: separate q/k/v of ours become one attn_qkv."""
+    lin = get_arch(arch).linears
+    return len(lin) - (2 if "self_attn.q_proj" in lin else 0)
 
 
 # ------------------------------------------------------------------ end to end through llama.cpp
@@ -151,15 +157,16 @@ def converted(request, tmp_path_factory, bin_dir):
 
 @pytest.mark.slow  # needs the llama.cpp build (cached; minutes the first time)
 def test_convert_layout(converted):
-    """Every decoder linear is ours; phi3's stay fused (attn_qkv, ffn_up of 2*ff rows), gemma3's
-    norms are written as 1 + w."""
+    """Every decoder linear is ours, q/k/v as one attn_qkv (phi3's already are; convert fuses the others by
+    default); phi3's ffn_up stays fused (2*ff rows), gemma3's norms are written as 1 + w."""
     arch, ckpt, gguf, info = converted
     cfg = json.loads((ckpt / "config.json").read_text())
-    n_lin = len(get_arch(arch).linears) * cfg["num_hidden_layers"]
+    n_lin = gguf_linears(arch) * cfg["num_hidden_layers"]
     assert info["n_quantized"] == n_lin and info["tensors"]["Q3_G64"] == n_lin
     t = {x.name: x for x in export.read_gguf(gguf).tensors}
+    assert "blk.0.attn_qkv.weight" in t and "blk.0.attn_q.weight" not in t
     if arch == "phi3":
-        assert "blk.0.attn_qkv.weight" in t and "blk.0.attn_q.weight" not in t and "blk.0.ffn_gate.weight" not in t
+        assert "blk.0.ffn_gate.weight" not in t
         assert list(t["blk.0.ffn_up.weight"].shape) == [cfg["hidden_size"], 2 * cfg["intermediate_size"]]
     if arch == "gemma3_text":
         from safetensors import safe_open

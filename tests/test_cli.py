@@ -178,6 +178,17 @@ def test_existing_output_needs_force(cmd, tmp_path, monkeypatch):
     assert old.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("flag,want", [([], None), (["--fuse-qkv"], True), (["--no-fuse-qkv"], False)])
+def test_convert_fuse_qkv_flag(flag, want, tmp_path, monkeypatch):
+    """No flag leaves the choice to export.convert (fused where q/k/v are our types); the pair forces it."""
+    import quant2gguf.export as X
+    seen = {}
+    monkeypatch.setattr(X, "convert", lambda *a, **k: seen.update(k) or {"path": str(a[1])})
+    r = _run("convert", tmp_path / "ck", "-o", tmp_path / "m.gguf", *flag)
+    assert r.exit_code == 0, r.output
+    assert seen["fuse_qkv"] is want
+
+
 def test_eval_json_force_overwrites_atomically(tmp_path, monkeypatch):
     import quant2gguf.evaluate as E
     monkeypatch.setattr(E, "evaluate", lambda *a, **k: {"ppl": 1.5})

@@ -153,7 +153,7 @@ def test_convert_process_writes_what_convert_writes(tmp_path):
 
     from quant2gguf import export
     ck = make_checkpoint("qwen2", tmp_path, 64)
-    want = export.convert(ck, tmp_path / "in-process.gguf", tokenizer_pre=PRE)
+    want = export.convert(ck, tmp_path / "in-process.gguf", tokenizer_pre=PRE, fuse_qkv=False)  # as compare_gguf asks
     info = convert_process(ck, tmp_path / "process.gguf", "keep", 1, PRE, log=tmp_path / "convert.log")
     assert (tmp_path / "process.gguf").read_bytes() == (tmp_path / "in-process.gguf").read_bytes()
     assert info["tensors"] == want["tensors"] and info["n_quantized"] == want["n_quantized"] > 0

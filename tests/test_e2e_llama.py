@@ -170,7 +170,7 @@ def test_smollm2_matches_torch(bin_dir, tmp_path):
     ckpt = checkpoint.save(tmp_path / "ckpt", model, tok, quantized, {"method": "rtn", "bits": 3, "group_size": 64})
     del model
     info = export.convert(ckpt, tmp_path / "smol.gguf")
-    assert info["tensors"]["Q3_G64"] == 210 and info["bpw_quantized"] == 3.5
+    assert info["tensors"]["Q3_G64"] == 5 * 30 and info["bpw_quantized"] == 3.5  # q/k/v as one attn_qkv a layer
     text = tmp_path / "news.txt"
     text.write_text("\n\n".join(news_articles("eval")))
     base = tmp_path / "logits.bin"

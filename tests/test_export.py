@@ -50,7 +50,8 @@ def converted(request, tmp_path_factory):
     arch, g, slots, tname = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_checkpoint(arch, root, g, slots)
-    info = export.convert(ckpt, root / "model.gguf", tokenizer_pre=PRE)
+    # q/k/v apart, tensor for tensor against the reference (fused: test_fused_qkv_is_the_three_tensors_stacked)
+    info = export.convert(ckpt, root / "model.gguf", tokenizer_pre=PRE, fuse_qkv=False)
     # llama.cpp's converter alone, on the dequantized weights: the reference
     model, tok, _, _ = checkpoint.load_model(ckpt)
     model.save_pretrained(root / "deq")
@@ -280,7 +281,7 @@ def test_embd_auto_576_wide_is_q8_0(tmp_path, tie):
     info = export.convert(ckpt, tmp_path / "auto.gguf", tokenizer_pre=PRE, embd_type="auto")
     types = {n: t.tensor_type.name for n, t in _tensors(info["path"]).items() if n in export.EMBD_TENSORS}
     assert types == ({"token_embd.weight": "Q8_0"} if tie else {"token_embd.weight": "IQ4_NL", "output.weight": "Q8_0"})
-    assert info["tensors"]["Q3_G64"] == info["n_quantized"] == 7
+    assert info["tensors"]["Q3_G64"] == info["n_quantized"] == 5  # q/k/v as one attn_qkv, o, gate, up, down
 
 
 def test_a_changed_tensor_fails_loudly(small_ckpt, tmp_path):
@@ -341,7 +342,7 @@ def test_fused_qkv_is_the_three_tensors_stacked(arch, g, odd_v, tmp_path):
     (llama's q/k rope permutation applied to each part), checked against the checkpoint like any tensor; a layer
     whose v has another type keeps three tensors; nothing else changes."""
     ckpt = _mixed_checkpoint(tmp_path, arch, g, odd_v)
-    plain_info = export.convert(ckpt, tmp_path / "plain.gguf", tokenizer_pre=PRE)
+    plain_info = export.convert(ckpt, tmp_path / "plain.gguf", tokenizer_pre=PRE, fuse_qkv=False)
     info = export.convert(ckpt, tmp_path / "fused.gguf", tokenizer_pre=PRE, fuse_qkv=True)
     plain, fused = _tensors(plain_info["path"]), _tensors(info["path"])
     layers = {int(export.QKV.fullmatch(n)[1]) for n in plain if export.QKV.fullmatch(n)}
@@ -379,6 +380,19 @@ def test_fused_qkv_runs_in_llama_cpp_as_the_plain_file(small_ckpt, tmp_path):
     assert abs(ppl[True] / ppl[False] - 1) < 1e-4, ppl
 
 
+def test_convert_fuses_qkv_of_our_types_by_default(tmp_path):
+    """convert's default writes q/k/v of our types as one attn_qkv (the file needs the patched llama.cpp anyway, and
+    one mat-vec is faster there); fuse_qkv=False (--no-fuse-qkv) keeps three. Stock-type q/k/v stay apart by
+    default (test_stock_target's mixed file), as Ollama reads them."""
+    ckpt = make_checkpoint("llama", tmp_path, 64)
+    dflt = _tensors(export.convert(ckpt, tmp_path / "d.gguf", tokenizer_pre=PRE)["path"])
+    plain = _tensors(export.convert(ckpt, tmp_path / "p.gguf", tokenizer_pre=PRE, fuse_qkv=False)["path"])
+    assert {"blk.0.attn_qkv.weight", "blk.1.attn_qkv.weight"} <= set(dflt) and "blk.0.attn_q.weight" not in dflt
+    assert "blk.0.attn_q.weight" in plain and "blk.0.attn_qkv.weight" not in plain
+    assert set(dflt) - {"blk.0.attn_qkv.weight", "blk.1.attn_qkv.weight"} == \
+        set(plain) - {f"blk.{i}.attn_{x}.weight" for i in (0, 1) for x in "qkv"}
+
+
 def test_fuse_script_writes_what_convert_fuses(tmp_path):
     """scripts/fuse_qkv_gguf.py on the plain file gives `convert --fuse-qkv`'s tensors byte for byte (the route for
     files made elsewhere: stock llama-quantize outputs, synthetic shapes), and refuses nothing it cannot fuse."""
@@ -387,7 +401,7 @@ def test_fuse_script_writes_what_convert_fuses(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from fuse_qkv_gguf import fuse
     ckpt = make_checkpoint("llama", tmp_path, 64)
-    plain = export.convert(ckpt, tmp_path / "plain.gguf", tokenizer_pre=PRE)["path"]
+    plain = export.convert(ckpt, tmp_path / "plain.gguf", tokenizer_pre=PRE, fuse_qkv=False)["path"]
     fused = export.convert(ckpt, tmp_path / "fused.gguf", tokenizer_pre=PRE, fuse_qkv=True)["path"]
     assert fuse(Path(plain), tmp_path / "script.gguf") == 2
     a, b = _tensors(tmp_path / "script.gguf"), _tensors(fused)
