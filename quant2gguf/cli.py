@@ -131,7 +131,7 @@ def convert(
     tokenizer_pre: Optional[str] = typer.Option(None, help="llama.cpp pre-tokenizer name when its converter does not recognise the tokenizer (e.g. gpt-2)"),
     embd_type: str = typer.Option("keep", "--embd-type", help="type of token_embd and output (lm_head), set by llama-quantize: keep (outtype's) | q8_0 | q6_k | q5_k | q4_k | auto (as llama-quantize gives them at IQ3_S) | auto:TYPE (... at stock TYPE)"),
     threads: int = typer.Option(2, "--threads", "-t", help="llama-quantize threads (--embd-type)"),
-    fuse_qkv: Optional[bool] = typer.Option(None, "--fuse-qkv/--no-fuse-qkv", help="write each layer's q, k, v as one attn_qkv tensor (rows stacked, same values): one mat-vec instead of three in llama.cpp; default: where they are our types (a stock-type file keeps them apart, as Ollama reads it)"),
+    fuse_qkv: Optional[bool] = typer.Option(None, "--fuse-qkv/--no-fuse-qkv", help="write each layer's q, k, v as one attn_qkv tensor (rows stacked, same values): one mat-vec instead of three in llama.cpp; default: where they are our types (a stock-type file keeps them apart, the layout every runtime reads)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing OUT"),
 ):
     """Write the checkpoint as a GGUF with our 3-bit tensor types."""

@@ -11,8 +11,8 @@ blocks verbatim (rows moved whole), so an unpatched llama.cpp and plain gguf-py 
 With fuse_qkv a layer's q, k and v (same type and width) are written as one attn_qkv tensor, their rows
 stacked: the pinned llama.cpp loads a fused QKV for every architecture here and runs one mat-vec instead of
 three, the same rows and so the same outputs. By default (fuse_qkv None) that is done where q, k and v are our
-types, which need the patched llama.cpp anyway; a stock-type file keeps the layout every runtime reads (Ollama). The file is written to a temp name, read back and checked
-against the checkpoint, then renamed. Rules: docs/GGUF.md.
+types, which need the patched llama.cpp anyway; a stock-type file keeps the layout every runtime reads. The file
+is written to a temp name, read back and checked against the checkpoint, then renamed. Rules: docs/GGUF.md.
 """
 from __future__ import annotations
 
