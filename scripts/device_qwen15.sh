@@ -79,7 +79,7 @@ PACE
   RS=~/results; ROOF=$([ -f $RS/cuda/cuda_mmvq.jsonl ] && echo "--roof $RS/cuda/cuda_mmvq.jsonl")
   [ -f $RS/llama-bench-qwen15.json ] && python3 scripts/speed_table.py $RS/llama-bench-qwen15*.json $ROOF \
     --batched $RS/batched-bench-qwen15.jsonl -o $RS/speed-qwen15.md >/dev/null 2>&1
-  for n in 4b 8b; do [ -s $RS/shapes/llama-bench-$n.json ] && python3 scripts/speed_table.py $RS/shapes/llama-bench-$n.json \
+  for n in 05b 4b 8b; do [ -s $RS/shapes/llama-bench-$n.json ] && python3 scripts/speed_table.py $RS/shapes/llama-bench-$n.json \
     $(ls $RS/shapes/llama-bench-$n-f32y0.json $RS/shapes/llama-bench-$n-norm0.json $RS/shapes/llama-bench-$n-pf0.json $RS/shapes/llama-bench-$n-kall.json 2>/dev/null) $ROOF \
     -o $RS/speed-$n.md >/dev/null 2>&1; done
   # per-kernel time a token (ncu dumps of the shapes and of qwen15, where the machine has ncu)

@@ -4,12 +4,12 @@
 # vocabulary taken from SRC (synth_gguf.py of ../shared/tools, carried by the prep call in .device/tools), the F16
 # file requantized by llama-quantize to ours and stock types: decode speed does not depend on the values, so the C RTN
 # reference quantizer is enough for ours.
-#   make  SRC.gguf DIR BIN      DIR/{4b,8b}-{F16,Q3_G128,Q4_0,Q3_K_S}.gguf, DIR/4b-IQ3_S.gguf, and at 4B the F16, Q3_G128
+#   make  SRC.gguf DIR BIN      DIR/{05b,4b,8b}-{F16,Q3_G128,Q4_0,Q3_K_S}.gguf, DIR/4b-IQ3_S.gguf, and at 4B the F16, Q3_G128
 #                               and Q4_0 files with q/k/v fused into one attn_qkv (*-fqkv.gguf, scripts/fuse_qkv_gguf.py)
 #                               (CPU only; run it while the GPU trains, on CPUs nothing else uses)
 #   bench DIR BIN OUT           per shape one llama-bench (tg128 and pp512, -r 3, all layers on the GPU) over every file,
 #                               and llama-batched-bench decode at 1/2/4/8 sequences for F16, Q4_0 and ours (fused too):
-#                               OUT/llama-bench-{4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again without batch
+#                               OUT/llama-bench-{05b,4b,8b}.json, OUT/batched-bench-shapes.jsonl; ours again without batch
 #                               1's float-activation path, GGML_Q3G_MMVQ_F32Y=0 (OUT/llama-bench-*-f32y0.json, batched
 #                               rows *-f32y0.gguf), with the RMS norms launched rather than left to it,
 #                               GGML_Q3G_F32Y_NORM=0 (OUT/llama-bench-*-norm0.json), without the L2 prefetch of the
@@ -22,8 +22,9 @@
 #   env NAME                    the environment of variant NAME (variant_env; the methods job's variants too)
 # The achieved bandwidth (file bytes x tok/s) is read against the copy roof that scripts/device_cuda_mmvq.sh measures.
 set -u
-# NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine
-if [ -n "${SHAPES:-}" ]; then SHAPES=("$SHAPES"); else SHAPES=("4b 2560 9728 36 32 8" "8b 4096 12288 36 32 8"); fi
+# NAME hidden ffn layers heads kv_heads; SHAPES="tiny 256 512 2 4 2" for a check on a CPU machine. 05b is
+# Qwen2.5-0.5B's shape: K = 896 is 7 weight blocks a row, where batch 1's F32Y path has not been timed
+if [ -n "${SHAPES:-}" ]; then SHAPES=("$SHAPES"); else SHAPES=("05b 896 4864 24 14 2" "4b 2560 9728 36 32 8" "8b 4096 12288 36 32 8"); fi
 # the environment of a variant of our files: f32y0 (no float-activation path at batch 1), norm0 (the RMS norms
 # launched, not left to it), pf0 (no L2 prefetch of the first weight rows), kall (F32Y at every K: the down matrices
 # of qwen15 and the Qwen3-4B shape, K > 8192 on fewer than 3 CTAs an SM, too), l32 (the batch 2..8 kernel with 32
