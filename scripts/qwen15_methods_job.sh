@@ -152,9 +152,8 @@ speed() {
   done
   log "batched-bench done"
   # per kernel (scripts/device_shapes.sh ncu, where the machine has ncu; scripts/ncu_breakdown.py reads the CSVs): the
-  # RTN file as deployed (F32Y on every matrix, the RMS norms left to it, the L2 prefetch), with the norms launched
-  # (NORM=0), without the prefetch (PF=0), with F32Y off; stock Q4_0 beside it (ours decoded 7 % slower there in
-  # run 17, 626 against 673 tok/s)
+  # plain RTN file under the build's defaults (F32Y but for the down matrix, the RMS norms left to it, the L2
+  # prefetch), with the norms launched (norm0), without the prefetch (pf0), with F32Y off (f32y0); stock Q4_0 beside it
   for v in default norm0 pf0 f32y0 Q4_0; do
     local t=rtn-g128-$v f=~/gg/rtn-g128.gguf; [ $v = Q4_0 ] && t=Q4_0 f=$G-Q4_0.gguf
     env $(bash scripts/device_shapes.sh env $v) $SPEED_CPUS bash scripts/device_shapes.sh ncu $B $f \
